@@ -1,0 +1,204 @@
+"""The `hwnas` command line: search, report, devices, spaces, profiles."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from nas.errors import UserError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"hwnas: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input; imported lazily so that `--help` stays fast."""
+    from hw_profiles.profiles import ProfileError
+    from hw_profiles.rpc import DeviceError
+    from search_spaces.data import DatasetError
+    from search_spaces.spaces import UnknownSpace
+
+    return (UserError, ProfileError, DeviceError, DatasetError, UnknownSpace)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from nas.config import SearchConfig
+    from nas.search import search
+    from reports import write_report
+
+    config = SearchConfig(
+        out=args.out,
+        space=args.space,
+        strategy=args.strategy,
+        device=args.device,
+        trials=args.trials,
+        epochs=args.epochs,
+        dataset=args.dataset,
+        tracker=args.tracker,
+        seed=args.seed,
+        train_device=args.train_device,
+    )
+    search(config, progress=lambda line: print(line, flush=True))
+    report = write_report(Path(config.out))
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from reports import write_report
+
+    for run in args.runs:
+        run_dir = Path(run)
+        if not (run_dir / "study.db").exists():
+            raise UserError(f"{run_dir} holds no study.db: pass the --out directory of a search")
+        print(f"report: {write_report(run_dir)}")
+    return 0
+
+
+def _cmd_spaces(args: argparse.Namespace) -> int:
+    from search_spaces.spaces import get_space, list_spaces
+
+    if args.action == "show":
+        if not args.name:
+            raise UserError("`hwnas spaces show` needs a space name: see `hwnas spaces list`")
+        print(get_space(args.name).describe())
+    else:
+        for name in list_spaces():
+            print(f"{name:16s} {get_space(name).description}")
+    return 0
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    from hw_profiles.profiles import format_profile, list_profiles, load_profile
+
+    if args.action == "show":
+        if not args.name:
+            raise UserError("`hwnas profiles show` needs a profile name: see `hwnas profiles list`")
+        print(format_profile(load_profile(args.name)))
+    else:
+        for name in list_profiles():
+            profile = load_profile(name)
+            print(f"{name:24s} {profile.description}")
+    return 0
+
+
+def _tvm_command(module: str, *extra: str) -> int:
+    """Runs one of TVM's own RPC programs in the foreground, as a user would."""
+    cmd = [sys.executable, "-m", module, *extra]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from hw_profiles.rpc import parse_tracker, tracker_summary
+
+    if args.action == "tracker":
+        if args.host == "0.0.0.0":
+            print("hwnas: warning: TVM RPC has no authentication; 0.0.0.0 exposes it to the network",
+                  file=sys.stderr)
+        return _tvm_command("tvm.exec.rpc_tracker", "--host", args.host, "--port", str(args.port),
+                            "--port-end", str(args.port + 1))
+    if args.action == "serve":
+        if not args.key:
+            raise UserError("`hwnas devices serve` needs --key KEY")
+        tracker = parse_tracker(args.tracker)
+        return _tvm_command("tvm.exec.rpc_server", "--tracker", f"{tracker.host}:{tracker.port}",
+                            "--key", args.key, "--host", args.host)
+    tracker = parse_tracker(args.tracker)
+    if args.action == "list":
+        summary = tracker_summary(tracker)
+        if not summary:
+            print(f"no device is registered with the tracker at {args.tracker}")
+        for key, counts in sorted(summary.items()):
+            print(f"{key:24s} free {counts.get('free', 0)}  pending {counts.get('pending', 0)}")
+        return 0
+    if args.action == "check":
+        from hw_profiles.profiles import check_device, load_profile
+
+        if not args.name:
+            raise UserError("`hwnas devices check` needs a profile name, e.g. x86-local")
+        result = check_device(load_profile(args.name), tracker)
+        print(result)
+        return 0 if getattr(result, "ok", True) else EXIT_INTERNAL
+    raise UserError(f"unknown devices action {args.action!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hwnas", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("search", help="search a space for accurate and fast networks")
+    s.add_argument("--space", default="mbv2-sparse")
+    s.add_argument("--strategy", default="random", help="random, tpe or nsga2")
+    s.add_argument("--device", default="x86-local", help="a profile name (hwnas profiles list) or a TOML file")
+    s.add_argument("--trials", type=int, default=6)
+    s.add_argument("--epochs", type=int, default=2)
+    s.add_argument("--dataset", default="digits", help="digits, cifar10:PATH or folder:PATH")
+    s.add_argument("--tracker", default=None, help="HOST:PORT of an RPC tracker; default: start one")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-device", default="cpu", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--out", default="runs/demo", help="run directory; its name names the study")
+    s.set_defaults(func=_cmd_search)
+
+    r = sub.add_parser("report", help="render the HTML report of one or more runs")
+    r.add_argument("runs", nargs="+")
+    r.set_defaults(func=_cmd_report)
+
+    d = sub.add_parser("devices", help="run a tracker, serve a device, list or check devices")
+    d.add_argument("action", choices=["tracker", "serve", "list", "check"])
+    d.add_argument("name", nargs="?", help="profile name, for check")
+    d.add_argument("--tracker", default="127.0.0.1:9190")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=9190)
+    d.add_argument("--key", default=None)
+    d.set_defaults(func=_cmd_devices)
+
+    sp = sub.add_parser("spaces", help="list search spaces or show one's choices")
+    sp.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    sp.add_argument("name", nargs="?")
+    sp.set_defaults(func=_cmd_spaces)
+
+    p = sub.add_parser("profiles", help="list device profiles or show one")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_cmd_profiles)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("hwnas: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"hwnas: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""End to end: `hwnas search` on the embedded defaults, through TVM and RPC, to a report."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hw_profiles.profiles import load_profile
+from hw_profiles.rpc import Tracker, tracker_summary
+
+
+def hwnas(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nas.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def load(run: Path) -> optuna.Study:
+    return optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+
+
+def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "demo"
+    args = ["search", "--trials", "2", "--epochs", "1", "--out", str(run), "--seed", "3"]
+    done = hwnas(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[trial 2/2]" in done.stdout
+
+    study = load(run)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 2, [t.user_attrs.get("fail_reason") for t in study.trials]
+    assert study.metric_names == ["accuracy", "latency_ms"]
+    for t in complete:
+        accuracy, latency = t.values
+        assert 0.0 <= accuracy <= 1.0
+        assert latency > 0
+        attrs = t.user_attrs
+        assert set(attrs["arch"]) == set(t.params)
+        # The classifier is always a SparseLinear, so every candidate runs a sparse kernel.
+        assert attrs["sparse_layers"] >= 1
+        assert attrs["nnz"] < attrs["params"]
+        assert attrs["latency_p10_ms"] <= latency <= attrs["latency_p90_ms"]
+        for key in ("compile_s", "measure_s", "latency_cv", "macs"):
+            assert key in attrs
+        assert (run / "trials" / str(t.number) / "model.so").exists()
+    assert study.user_attrs["space"] == "mbv2-sparse"
+    assert json.loads((run / "config.json").read_text())["trials"] == 2
+
+    report = run / "report.html"
+    assert report.exists()
+    html = report.read_text()
+    assert "<svg" in html or "plotly" in html.lower()
+
+    # The same command with a larger budget resumes: the finished trials stay, none is repeated.
+    args[args.index("2")] = "3"
+    again = hwnas(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = load(run)
+    numbers = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    assert numbers == [0, 1, 2]
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+    rerender = hwnas("report", str(run))
+    assert rerender.returncode == 0, rerender.stderr
+    assert report.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_search_on_a_device_the_user_attached(tmp_path: Path) -> None:
+    """A tracker and a server started with TVM's own commands, as a user would start them."""
+    port = _free_port()
+    key = load_profile("x86-local").key
+    tracker = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+         "--port", str(port), "--port-end", str(port + 1)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the tracker did not start"
+                time.sleep(0.2)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+             "--key", key],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        while tracker_summary(Tracker("127.0.0.1", port)).get(key, {}).get("free", 0) < 1:
+            assert time.monotonic() < deadline, "the server did not register"
+            time.sleep(0.3)
+
+        run = tmp_path / "attached"
+        done = hwnas("search", "--trials", "1", "--epochs", "1", "--out", str(run),
+                     "--tracker", f"127.0.0.1:{port}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        study = load(run)
+        assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
+        # The device is free again once the search is over: the session was released.
+        summary = tracker_summary(Tracker("127.0.0.1", port))
+        assert summary[key]["free"] == 1
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--space", "no-such-space"], "no-such-space"),
+        (["--strategy", "annealing"], "annealing"),
+        (["--device", "no/such-board"], "no/such-board"),
+        (["--trials", "0"], "--trials"),
+        (["--dataset", "cifar10:/nonexistent/cifar"], "/nonexistent/cifar"),
+        (["--tracker", "127.0.0.1:1"], "127.0.0.1:1"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, args: list[str], words: str
+) -> None:
+    run = tmp_path / "bad"
+    done = hwnas("search", "--out", str(run), *args, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert words in lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (run / "study.db").exists()
