@@ -83,7 +83,9 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
     if args.action == "show":
         if not args.name:
-            raise UserError("`hwnas profiles show` needs a profile name: see `hwnas profiles list`")
+            raise UserError(
+                "`hwnas profiles show` needs a profile name: see `hwnas profiles list`"
+            )
         print(format_profile(load_profile(args.name)))
     else:
         for name in list_profiles():
@@ -106,16 +108,32 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
     if args.action == "tracker":
         if args.host == "0.0.0.0":
-            print("hwnas: warning: TVM RPC has no authentication; 0.0.0.0 exposes it to the network",
-                  file=sys.stderr)
-        return _tvm_command("tvm.exec.rpc_tracker", "--host", args.host, "--port", str(args.port),
-                            "--port-end", str(args.port + 1))
+            print(
+                "hwnas: warning: TVM RPC has no authentication; 0.0.0.0 exposes it to the network",
+                file=sys.stderr,
+            )
+        return _tvm_command(
+            "tvm.exec.rpc_tracker",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--port-end",
+            str(args.port + 1),
+        )
     if args.action == "serve":
         if not args.key:
             raise UserError("`hwnas devices serve` needs --key KEY")
         tracker = parse_tracker(args.tracker)
-        return _tvm_command("tvm.exec.rpc_server", "--tracker", f"{tracker.host}:{tracker.port}",
-                            "--key", args.key, "--host", args.host)
+        return _tvm_command(
+            "tvm.exec.rpc_server",
+            "--tracker",
+            f"{tracker.host}:{tracker.port}",
+            "--key",
+            args.key,
+            "--host",
+            args.host,
+        )
     tracker = parse_tracker(args.tracker)
     if args.action == "list":
         summary = tracker_summary(tracker)
@@ -143,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search a space for accurate and fast networks")
     s.add_argument("--space", default="mbv2-sparse")
     s.add_argument("--strategy", default="random", help="random, tpe or nsga2")
-    s.add_argument("--device", default="x86-local", help="a profile name (hwnas profiles list) or a TOML file")
+    s.add_argument(
+        "--device", default="x86-local", help="a profile name (hwnas profiles list) or a TOML file"
+    )
     s.add_argument("--trials", type=int, default=6)
     s.add_argument("--epochs", type=int, default=2)
     s.add_argument("--dataset", default="digits", help="digits, cifar10:PATH or folder:PATH")
-    s.add_argument("--tracker", default=None, help="HOST:PORT of an RPC tracker; default: start one")
+    s.add_argument(
+        "--tracker", default=None, help="HOST:PORT of an RPC tracker; default: start one"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--train-device", default="cpu", choices=["auto", "cpu", "cuda"])
     s.add_argument("--out", default="runs/demo", help="run directory; its name names the study")

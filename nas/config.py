@@ -1,4 +1,4 @@
-"""The resolved configuration of one search, kept beside its study so that a run can be repeated."""
+"""The resolved configuration of one search, kept beside its study to repeat the run."""
 
 from __future__ import annotations
 
@@ -44,9 +44,7 @@ class SearchConfig:
         if self.epochs <= 0:
             raise UserError(f"--epochs must be a positive number, got {self.epochs}")
         if self.train_device not in ("auto", "cpu", "cuda"):
-            raise UserError(
-                f"--train-device must be auto, cpu or cuda, got {self.train_device!r}"
-            )
+            raise UserError(f"--train-device must be auto, cpu or cuda, got {self.train_device!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

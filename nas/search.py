@@ -1,4 +1,4 @@
-"""The trial loop: ask the strategy for an arch, train it, compile it, time it on the device, tell."""
+"""The trial loop: ask for an arch, train it, compile it, time it on the device, tell."""
 
 from __future__ import annotations
 
@@ -109,7 +109,10 @@ def finished_trials(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE:
             n += 1
-        elif t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED:
+        elif (
+            t.state == optuna.trial.TrialState.FAIL
+            and t.user_attrs.get("fail_reason") != INTERRUPTED
+        ):
             n += 1
     return n
 
@@ -127,7 +130,9 @@ def connect_device(config: SearchConfig, profile: Profile) -> Iterator[Tracker]:
 def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
     """Trains, compiles and measures one candidate; records its attributes on the trial."""
     config = ctx.config
-    arch = {name: trial.suggest_categorical(name, values) for name, values in ctx.space.choices.items()}
+    arch = {
+        name: trial.suggest_categorical(name, values) for name, values in ctx.space.choices.items()
+    }
     trial.set_user_attr("arch", arch)
     trial_dir = config.run_dir / "trials" / str(trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +146,10 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
         image_size=config.image_size,
     )
     result = train_model(
-        model, ctx.data, epochs=config.epochs, seed=config.seed + trial.number,
+        model,
+        ctx.data,
+        epochs=config.epochs,
+        seed=config.seed + trial.number,
         device=config.train_device,
     )
     model = model.cpu().eval()
@@ -172,8 +180,18 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
     trial.set_user_attr("measure_number", m.number)
     trial.set_user_attr("measure_repeats", m.repeats)
     (trial_dir / "measurement.json").write_text(
-        json.dumps({"median_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms,
-                    "cv": m.cv, "number": m.number, "repeats": m.repeats, "key": m.key}, indent=2)
+        json.dumps(
+            {
+                "median_ms": m.median_ms,
+                "p10_ms": m.p10_ms,
+                "p90_ms": m.p90_ms,
+                "cv": m.cv,
+                "number": m.number,
+                "repeats": m.repeats,
+                "key": m.key,
+            },
+            indent=2,
+        )
     )
     return result.accuracy, m.median_ms
 
@@ -185,7 +203,7 @@ def _describe_failure(exc: BaseException) -> str:
 
 
 def search(config: SearchConfig, progress: Callable[[str], None] = print) -> optuna.Study:
-    """Runs the search described by `config` until the study holds `config.trials` finished trials."""
+    """Runs the search until the study holds `config.trials` finished trials."""
     space, profile, data = prepare(config)
     study = open_study(config)
     (config.run_dir / "config.json").write_text(config.to_json())
@@ -214,7 +232,9 @@ def search(config: SearchConfig, progress: Callable[[str], None] = print) -> opt
                 log.debug("trial %d failed\n%s", trial.number, traceback.format_exc())
                 trial.set_user_attr("fail_reason", reason)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                progress(_progress_line(study, done + 1, config.trials, started, f"failed: {reason}"))
+                progress(
+                    _progress_line(study, done + 1, config.trials, started, f"failed: {reason}")
+                )
                 continue
             study.tell(trial, list(values))
             note = f"acc {values[0]:.3f}  {values[1]:.3f} ms"

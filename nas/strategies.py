@@ -40,4 +40,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def distributions(choices: dict[str, tuple]) -> dict[str, optuna.distributions.BaseDistribution]:
     """The space's choices as Optuna distributions (every choice is a finite set)."""
-    return {name: optuna.distributions.CategoricalDistribution(values) for name, values in choices.items()}
+    return {
+        name: optuna.distributions.CategoricalDistribution(values)
+        for name, values in choices.items()
+    }

@@ -86,9 +86,19 @@ def test_search_on_a_device_the_user_attached(tmp_path: Path) -> None:
     port = _free_port()
     key = load_profile("x86-local").key
     tracker = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-         "--port", str(port), "--port-end", str(port + 1)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     server = None
     try:
@@ -101,17 +111,34 @@ def test_search_on_a_device_the_user_attached(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "the tracker did not start"
                 time.sleep(0.2)
         server = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
-             "--key", key],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_server",
+                "--tracker",
+                f"127.0.0.1:{port}",
+                "--key",
+                key,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         while tracker_summary(Tracker("127.0.0.1", port)).get(key, {}).get("free", 0) < 1:
             assert time.monotonic() < deadline, "the server did not register"
             time.sleep(0.3)
 
         run = tmp_path / "attached"
-        done = hwnas("search", "--trials", "1", "--epochs", "1", "--out", str(run),
-                     "--tracker", f"127.0.0.1:{port}")
+        done = hwnas(
+            "search",
+            "--trials",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+            "--tracker",
+            f"127.0.0.1:{port}",
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         study = load(run)
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
