@@ -25,10 +25,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input; imported lazily so that `--help` stays fast."""
     from hw_profiles.profiles import ProfileError
     from hw_profiles.rpc import DeviceError
+    from reports import ReportError
     from search_spaces.data import DatasetError
     from search_spaces.spaces import UnknownSpace
 
-    return (UserError, ProfileError, DeviceError, DatasetError, UnknownSpace)
+    return (UserError, ProfileError, DeviceError, DatasetError, UnknownSpace, ReportError)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -58,10 +59,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from reports import write_report
 
     for run in args.runs:
-        run_dir = Path(run)
-        if not (run_dir / "study.db").exists():
-            raise UserError(f"{run_dir} holds no study.db: pass the --out directory of a search")
-        print(f"report: {write_report(run_dir)}")
+        print(f"report: {write_report(Path(run))}")
     return 0
 
 
