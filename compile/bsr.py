@@ -1,0 +1,110 @@
+"""Block-sparse-row (BSR) weights: conversion from a dense matrix and block-shape choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Block shapes the default choice tries, fastest kernels first (row blocks reuse each
+# activation row across the block's rows; see TVM_NOTES.md).
+DEFAULT_BLOCKS: tuple[tuple[int, int], ...] = ((16, 1), (8, 1), (4, 1), (1, 8), (1, 4), (1, 1))
+# A candidate block shape "fits" the mask when at most this share of its stored values is padding.
+MIN_FILL = 0.95
+# Declared block shapes larger than this many elements are not unrolled; the default is used.
+MAX_BLOCK_ELEMENTS = 64
+
+
+@dataclass(frozen=True)
+class BsrWeight:
+    """A weight matrix (rows x cols) stored as BSR blocks of `block` = (bs_r, bs_c).
+
+    `indices[p]` is the first column of block p (not its block-column number): a last, partial
+    block column is shifted left so that it ends at `cols`, its values shifted with it.
+    Rows past `rows` in the last block row are zero padding and are never written out.
+    """
+
+    data: np.ndarray  # (nnzb, bs_r, bs_c) float32; one zero block when the matrix is empty
+    indices: np.ndarray  # (nnzb,) int32 column starts
+    indptr: np.ndarray  # (block_rows + 1,) int32
+    rows: int
+    cols: int
+    block: tuple[int, int]
+    nnz_blocks: int
+
+    @property
+    def block_rows(self) -> int:
+        return len(self.indptr) - 1
+
+
+def to_bsr(matrix: np.ndarray, block: tuple[int, int]) -> BsrWeight:
+    """Convert a dense 2-D float matrix to BSR with the given block shape."""
+    rows, cols = matrix.shape
+    bs_r, bs_c = block
+    if not (1 <= bs_c <= cols):
+        raise ValueError(f"block columns {bs_c} must be between 1 and the matrix's {cols} columns")
+    n_br = -(-rows // bs_r)
+    n_bc = -(-cols // bs_c)
+    padded = np.zeros((n_br * bs_r, n_bc * bs_c), dtype=np.float32)
+    padded[:rows, :cols] = matrix
+    blocks = padded.reshape(n_br, bs_r, n_bc, bs_c).transpose(0, 2, 1, 3)
+    nonzero = np.any(blocks != 0, axis=(2, 3))
+    block_row, block_col = np.nonzero(nonzero)
+    data = np.ascontiguousarray(blocks[block_row, block_col], dtype=np.float32)
+    starts = block_col.astype(np.int64) * bs_c
+    overhang = starts + bs_c - cols
+    for p in np.nonzero(overhang > 0)[0]:
+        # The overhanging columns hold padding zeros; rolling moves them to the front.
+        data[p] = np.roll(data[p], int(overhang[p]), axis=1)
+        starts[p] -= overhang[p]
+    indptr = np.zeros(n_br + 1, dtype=np.int32)
+    np.cumsum(nonzero.sum(axis=1), out=indptr[1:])
+    nnz_blocks = len(data)
+    if nnz_blocks == 0:
+        data = np.zeros((1, bs_r, bs_c), dtype=np.float32)
+        starts = np.zeros(1, dtype=np.int64)
+    return BsrWeight(
+        data=data,
+        indices=starts.astype(np.int32),
+        indptr=indptr,
+        rows=rows,
+        cols=cols,
+        block=(bs_r, bs_c),
+        nnz_blocks=nnz_blocks,
+    )
+
+
+def bsr_to_dense(weight: BsrWeight) -> np.ndarray:
+    """Rebuild the dense matrix (for checks and diagnostics)."""
+    bs_r, bs_c = weight.block
+    out = np.zeros((weight.block_rows * bs_r, weight.cols), dtype=np.float32)
+    for br in range(weight.block_rows):
+        for p in range(weight.indptr[br], weight.indptr[br + 1]):
+            c0 = int(weight.indices[p])
+            out[br * bs_r : (br + 1) * bs_r, c0 : c0 + bs_c] += weight.data[p]
+    return out[: weight.rows]
+
+
+def block_fill(mask: np.ndarray, block: tuple[int, int]) -> float:
+    """Share of the stored values that are real nonzeros when `mask` is blocked by `block`."""
+    rows, cols = mask.shape
+    bs_r, bs_c = block
+    n_br, n_bc = -(-rows // bs_r), -(-cols // bs_c)
+    padded = np.zeros((n_br * bs_r, n_bc * bs_c), dtype=bool)
+    padded[:rows, :cols] = mask != 0
+    blocks = padded.reshape(n_br, bs_r, n_bc, bs_c).any(axis=(1, 3))
+    stored = int(blocks.sum()) * bs_r * bs_c
+    return 1.0 if stored == 0 else float(padded.sum()) / stored
+
+
+def choose_block(mask: np.ndarray, declared: tuple[int, int] | None) -> tuple[int, int]:
+    """The layer's declared block when usable, else the first default block that fits the mask."""
+    rows, cols = mask.shape
+    if declared is not None:
+        bs_r, bs_c = int(declared[0]), int(declared[1])
+        if 1 <= bs_r and 1 <= bs_c <= cols and bs_r * bs_c <= MAX_BLOCK_ELEMENTS:
+            return (min(bs_r, rows), bs_c)
+    for bs_r, bs_c in DEFAULT_BLOCKS:
+        if bs_r <= rows and bs_c <= cols and block_fill(mask, (bs_r, bs_c)) >= MIN_FILL:
+            return (bs_r, bs_c)
+    return (1, 1)
