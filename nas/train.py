@@ -69,7 +69,8 @@ def train_model(
 ) -> TrainResult:
     """Train `model` in place on `data` with its masks pruned gradually to their targets.
 
-    Deterministic for a given seed on a given machine. Returns accuracy and mean
+    Deterministic for a given seed on a given machine (it seeds torch's global RNG). Batch-norm
+    statistics are recomputed once the masks are final. Returns accuracy and mean
     cross-entropy on the held-out split. The model ends on its original device, in eval mode,
     with pruned weights zeroed and every sparse layer at its target density.
     """
@@ -88,6 +89,8 @@ def train_model(
     model.to(run_device)
     train_x, train_y = data.train_x.to(run_device), data.train_y.to(run_device)
     n = len(train_y)
+    if n < 2:
+        raise ValueError(f"the training split has {n} sample(s); training needs at least 2")
     # A trailing batch of one sample would break batch norm; drop it.
     steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
     total_steps = epochs * steps_per_epoch
