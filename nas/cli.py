@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from nas.errors import UserError
@@ -77,7 +79,8 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
-    from hw_profiles.profiles import format_profile, list_profiles, load_profile
+    from hw_profiles.devices import format_profile, format_profile_table
+    from hw_profiles.profiles import list_profiles, load_profile
 
     if args.action == "show":
         if not args.name:
@@ -86,9 +89,7 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
             )
         print(format_profile(load_profile(args.name)))
     else:
-        for name in list_profiles():
-            profile = load_profile(name)
-            print(f"{name:24s} {profile.description}")
+        print(format_profile_table([load_profile(name) for name in list_profiles()]))
     return 0
 
 
@@ -134,20 +135,21 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         )
     tracker = parse_tracker(args.tracker)
     if args.action == "list":
-        summary = tracker_summary(tracker)
-        if not summary:
-            print(f"no device is registered with the tracker at {args.tracker}")
-        for key, counts in sorted(summary.items()):
-            print(f"{key:24s} free {counts.get('free', 0)}  pending {counts.get('pending', 0)}")
+        from hw_profiles.devices import format_devices
+        from hw_profiles.profiles import list_profiles, load_profile
+
+        profiles = [load_profile(name) for name in list_profiles()]
+        print(format_devices(tracker_summary(tracker), profiles, tracker))
         return 0
     if args.action == "check":
-        from hw_profiles.profiles import check_device, load_profile
+        from hw_profiles.devices import check_device, format_check
+        from hw_profiles.profiles import load_profile
 
         if not args.name:
             raise UserError("`hwnas devices check` needs a profile name, e.g. x86-local")
         result = check_device(load_profile(args.name), tracker)
-        print(result)
-        return 0 if getattr(result, "ok", True) else EXIT_INTERNAL
+        print(format_check(result))
+        return 0 if result.ok else EXIT_INTERNAL
     raise UserError(f"unknown devices action {args.action!r}")
 
 
@@ -208,11 +210,19 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Library deprecation chatter (optuna's experimental APIs, torch.export internals) is
+        # not the user's business; -v shows it.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("hwnas: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hwnas profiles | head`); nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if isinstance(exc, _user_errors()):
             print(f"hwnas: error: {exc}", file=sys.stderr)

@@ -1,0 +1,238 @@
+"""Timing a built library on a remote device with a stated protocol; every step is bounded in
+time and a failure comes back as `Measurement(error=...)` naming the step."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hw_profiles.profiles import Profile, Protocol
+from hw_profiles.rpc import Tracker, check_tracker, request_session
+
+__all__ = ["Measurement", "RemoteVM", "StepError", "measure_library", "run_remote", "time_remote"]
+
+# `number` never grows past this, whatever a near-zero calibration run suggests.
+_MAX_NUMBER = 1_000_000
+_CALIBRATION_ROUNDS = 12
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latency of one library on one device (ms, per call), or the error that prevented it."""
+
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    cv: float | None = None
+    number: int = 0
+    repeats: int = 0
+    key: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RemoteVM:
+    """A Relax VM loaded in a remote session, with its device and the inputs copied there."""
+
+    session: Any
+    device: Any
+    vm: Any
+    args: list[Any]
+
+
+class StepError(Exception):
+    """A remote step that failed or ran out of time; the message starts with the step."""
+
+    def __init__(self, step: str, message: str) -> None:
+        prefix = f"{step}: "
+        super().__init__(message if message.startswith(prefix) else prefix + message)
+
+
+class _Steps:
+    """The step a worker thread is in and when it began, read by the watching thread."""
+
+    def __init__(self) -> None:
+        self.name = "start"
+        self.limit_s = 0.0
+        self.started = time.monotonic()
+
+    def enter(self, name: str, limit_s: float) -> None:
+        self.name, self.limit_s, self.started = name, limit_s, time.monotonic()
+
+    def overdue(self) -> bool:
+        return self.limit_s > 0 and time.monotonic() - self.started > self.limit_s
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    # TVM's errors put the useful line last, after a traceback.
+    text = lines[-1] if lines else type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def run_remote(
+    lib_path: str | os.PathLike[str],
+    inputs: Sequence[np.ndarray],
+    profile: Profile,
+    tracker: Tracker,
+    body: Callable[[RemoteVM, Callable[[str], None]], Any],
+    *,
+    request_timeout_s: float = 30.0,
+) -> Any:
+    """Open a session on `profile.key`, load the library into a Relax VM with the inputs on the
+    device, and call `body(remote_vm, enter_step)`; returns its value or raises `StepError`
+    naming the step that failed or ran past `profile.protocol.timeout_s`. The session is
+    released whatever happens."""
+    lib_path = Path(lib_path)
+    limit = profile.protocol.timeout_s
+    steps = _Steps()
+    outcome: dict[str, Any] = {}
+
+    def enter(name: str) -> None:
+        steps.enter(name, limit)
+
+    def work() -> None:
+        remote = None
+        try:
+            steps.enter("request", request_timeout_s + 10.0)
+            # The server ends a session that outlives every step's limit, so a hung kernel
+            # frees the device even though this thread cannot be interrupted.
+            remote = request_session(
+                tracker, profile.key, request_timeout_s, session_timeout_s=limit * 8
+            )
+            enter("upload")
+            remote.upload(str(lib_path))
+            enter("load")
+            rmod = remote.load_module(lib_path.name)
+            enter("vm")
+            from tvm import relax, runtime
+
+            dev = remote.cuda(0) if profile.target.get("kind") == "cuda" else remote.cpu(0)
+            vm = relax.VirtualMachine(rmod, dev)
+            enter("inputs")
+            args = [runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
+            outcome["value"] = body(RemoteVM(remote, dev, vm, args), enter)
+        except BaseException as err:  # reported to the caller, never lost in the thread
+            # Keep only text: the traceback's frames hold the session, which must close now.
+            outcome["error"] = str(err) if isinstance(err, StepError) else _first_line(err)
+            outcome["step"] = steps.name
+        finally:
+            remote = None
+
+    thread = threading.Thread(target=work, name=f"hwnas-measure-{profile.key}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        if steps.overdue():
+            raise StepError(steps.name, f"no answer within {steps.limit_s:g}s")
+    gc.collect()  # frees any remote object left in a cycle, which releases the device
+    if "error" in outcome:
+        raise StepError(outcome["step"], outcome["error"])
+    return outcome["value"]
+
+
+def _timer(remote: RemoteVM, number: int, repeat: int, cooldown_ms: float) -> np.ndarray:
+    """Seconds per call of "main", one value per repeat (each the mean of `number` calls)."""
+    evaluator = remote.vm.time_evaluator(
+        "main",
+        remote.device,
+        number=number,
+        repeat=repeat,
+        cooldown_interval_ms=int(round(cooldown_ms)),
+        repeats_to_cooldown=1,
+    )
+    return np.asarray(evaluator(*remote.args).results, dtype=np.float64)
+
+
+def _calibrate_number(remote: RemoteVM, protocol: Protocol) -> int:
+    """The smallest `number` (roughly) for which one repeat takes at least min_repeat_ms."""
+    number = 1
+    for _ in range(_CALIBRATION_ROUNDS):
+        total_ms = float(_timer(remote, number, 1, 0.0)[0]) * number * 1e3
+        if total_ms >= protocol.min_repeat_ms or number >= _MAX_NUMBER:
+            return number
+        scale = protocol.min_repeat_ms / max(total_ms, 1e-6)
+        number = min(_MAX_NUMBER, max(number * 2, math.ceil(number * scale * 1.1)))
+    return number
+
+
+def _summarise(seconds: np.ndarray, number: int, key: str) -> Measurement:
+    ms = seconds * 1e3
+    mean = float(np.mean(ms))
+    return Measurement(
+        median_ms=float(np.median(ms)),
+        p10_ms=float(np.percentile(ms, 10)),
+        p90_ms=float(np.percentile(ms, 90)),
+        cv=float(np.std(ms) / mean) if mean > 0 else math.inf,
+        number=number,
+        repeats=len(ms),
+        key=key,
+    )
+
+
+def time_remote(remote: RemoteVM, protocol: Protocol, key: str, enter: Callable[[str], None]):
+    """Time "main" by the protocol: warm-up, calibrate `number`, time `repeats` repeats, and
+    re-measure (at most `remeasure` times) while CV > max_cv, keeping the tightest."""
+    if protocol.warmup > 0:
+        enter("warmup")
+        _timer(remote, protocol.warmup, 1, 0.0)
+    enter("calibrate")
+    number = _calibrate_number(remote, protocol)
+    enter("time")
+    best = _summarise(_timer(remote, number, protocol.repeats, protocol.cooldown_ms), number, key)
+    for attempt in range(protocol.remeasure):
+        if best.cv is not None and best.cv <= protocol.max_cv:
+            break
+        enter(f"remeasure {attempt + 1}")
+        again = _summarise(
+            _timer(remote, number, protocol.repeats, protocol.cooldown_ms), number, key
+        )
+        if again.cv is not None and best.cv is not None and again.cv < best.cv:
+            best = again
+    return best
+
+
+def measure_library(
+    lib_path: str | os.PathLike[str],
+    inputs: list[np.ndarray],
+    profile: Profile,
+    tracker: Tracker,
+    *,
+    request_timeout_s: float = 30.0,
+) -> Measurement:
+    """Latency of the library's "main" on `inputs`, on a device registered under
+    `profile.key`; never raises for a device failure (see `Measurement.error`)."""
+    lib_path = Path(lib_path)
+    if not lib_path.is_file():
+        return Measurement(key=profile.key, error=f"upload: library not found: {lib_path}")
+    try:
+        check_tracker(tracker)
+        return run_remote(
+            lib_path,
+            inputs,
+            profile,
+            tracker,
+            lambda remote, enter: time_remote(remote, profile.protocol, profile.key, enter),
+            request_timeout_s=request_timeout_s,
+        )
+    except StepError as err:
+        return Measurement(key=profile.key, error=str(err))
+    except Exception as err:  # the tracker check, or anything unforeseen: still data
+        return Measurement(key=profile.key, error=f"request: {_first_line(err)}")
