@@ -14,10 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Debian packages the tests use: Chromium for the report's browser tests.
+# Debian packages the tests use: Chromium for the report's browser tests; qemu-user and the
+# aarch64 cross compiler for the emulated ARM board (tests marked arm).
 system-deps:
-	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
-	  $(SUDO) apt-get install -y -q chromium; }
+	@command -v chromium >/dev/null && command -v qemu-aarch64-static >/dev/null && \
+	  command -v aarch64-linux-gnu-g++ >/dev/null || { $(SUDO) apt-get update -q && \
+	  $(SUDO) apt-get install -y -q chromium qemu-user-static gcc-aarch64-linux-gnu \
+	  g++-aarch64-linux-gnu; }
 
 demo: setup
 	$(VENV)/bin/hwnas search --space mbv2-sparse --strategy random --device x86-local \

@@ -34,26 +34,38 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, ProfileError, DeviceError, DatasetError, UnknownSpace, ReportError)
 
 
+SEARCH_FLAGS = (
+    "out",
+    "space",
+    "strategy",
+    "device",
+    "trials",
+    "epochs",
+    "dataset",
+    "tracker",
+    "storage",
+    "workers",
+    "seed",
+    "train_device",
+    "max_latency_ms",
+    "max_params",
+)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from nas.config import SearchConfig
     from nas.search import search
     from reports import write_report
 
-    config = SearchConfig(
-        out=args.out,
-        space=args.space,
-        strategy=args.strategy,
-        device=args.device,
-        trials=args.trials,
-        epochs=args.epochs,
-        dataset=args.dataset,
-        tracker=args.tracker,
-        seed=args.seed,
-        train_device=args.train_device,
-    )
-    search(config, progress=lambda line: print(line, flush=True))
-    report = write_report(Path(config.out))
-    print(f"report: {report}")
+    # Defaults, then the configuration file, then the flags given on the command line.
+    values = SearchConfig.from_toml(Path(args.config)) if args.config else {}
+    values.update({k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None})
+    config = SearchConfig.from_dict(values)
+    worker = args.worker_index
+    progress = (lambda line: print(line, flush=True)) if worker == 0 else (lambda line: None)
+    search(config, progress=progress, worker=worker)
+    if worker == 0:
+        print(f"report: {write_report(Path(config.out))}")
     return 0
 
 
@@ -133,6 +145,11 @@ def _cmd_devices(args: argparse.Namespace) -> int:
             "--host",
             args.host,
         )
+    if args.action == "emulate":
+        from hw_profiles.emulate import serve_emulated
+
+        serve_emulated(args.tracker, key=args.key or "qemu-aarch64", arch=args.arch, cpu=args.cpu)
+        return 0
     tracker = parse_tracker(args.tracker)
     if args.action == "list":
         from hw_profiles.devices import format_devices
@@ -159,20 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("search", help="search a space for accurate and fast networks")
-    s.add_argument("--space", default="mbv2-sparse")
-    s.add_argument("--strategy", default="random", help="random, tpe or nsga2")
-    s.add_argument(
-        "--device", default="x86-local", help="a profile name (hwnas profiles list) or a TOML file"
-    )
-    s.add_argument("--trials", type=int, default=6)
-    s.add_argument("--epochs", type=int, default=2)
-    s.add_argument("--dataset", default="digits", help="digits, cifar10:PATH or folder:PATH")
-    s.add_argument(
-        "--tracker", default=None, help="HOST:PORT of an RPC tracker; default: start one"
-    )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train-device", default="cpu", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--out", default="runs/demo", help="run directory; its name names the study")
+    s.add_argument("--config", help="a TOML file of these options (flags override it)")
+    s.add_argument("--space", help="a search space (hwnas spaces list); default mbv2-sparse")
+    s.add_argument("--strategy", help="random, tpe or nsga2; default random")
+    s.add_argument("--device", help="a profile name (hwnas profiles list) or a TOML file")
+    s.add_argument("--trials", type=int, help="finished trials the study should hold; default 6")
+    s.add_argument("--epochs", type=int, help="training epochs per candidate; default 2")
+    s.add_argument("--dataset", help="digits (default), cifar10:PATH or folder:PATH")
+    s.add_argument("--tracker", help="HOST:PORT of an RPC tracker; default: start one here")
+    s.add_argument("--storage", help="an Optuna storage URL; default sqlite in the run directory")
+    s.add_argument("--workers", type=int, help="local worker processes sharing the study")
+    s.add_argument("--seed", type=int, help="fixes sampling, the data split and initialisation")
+    s.add_argument("--train-device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--max-latency-ms", type=float, help="constraint on the measured latency")
+    s.add_argument("--max-params", type=int, help="constraint on the parameter count")
+    s.add_argument("--out", help="run directory; its name names the study; default runs/demo")
+    s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_search)
 
     r = sub.add_parser("report", help="render the HTML report of one or more runs")
@@ -180,12 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("devices", help="run a tracker, serve a device, list or check devices")
-    d.add_argument("action", choices=["tracker", "serve", "list", "check"])
+    d.add_argument("action", choices=["tracker", "serve", "list", "check", "emulate"])
     d.add_argument("name", nargs="?", help="profile name, for check")
     d.add_argument("--tracker", default="127.0.0.1:9190")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=9190)
-    d.add_argument("--key", default=None)
+    d.add_argument("--key", default=None, help="the RPC key a served device registers under")
+    d.add_argument("--arch", default="aarch64", help="emulated architecture (aarch64)")
+    d.add_argument("--cpu", default="cortex-a72", help="the emulated board's core, for emulate")
     d.set_defaults(func=_cmd_devices)
 
     sp = sub.add_parser("spaces", help="list search spaces or show one's choices")

@@ -2,40 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import optuna
 
 from nas.errors import UserError
 
+Constraints = Callable[[optuna.trial.FrozenTrial], Sequence[float]] | None
 
-def _random(seed: int) -> optuna.samplers.BaseSampler:
+
+def _random(seed: int, constraints: Constraints) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _tpe(seed: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
+def _tpe(seed: int, constraints: Constraints) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, n_startup_trials=5, constraints_func=constraints
+    )
 
 
-def _nsga2(seed: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+def _nsga2(seed: int, constraints: Constraints) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.NSGAIISampler(
+        seed=seed, population_size=8, constraints_func=constraints
+    )
 
 
-STRATEGIES: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+STRATEGIES: dict[str, Callable[[int, Constraints], optuna.samplers.BaseSampler]] = {
     "random": _random,
     "tpe": _tpe,
     "nsga2": _nsga2,
 }
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for strategy `name`, seeded so that a run can be repeated."""
+def make_sampler(
+    name: str, seed: int, constraints: Constraints = None
+) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for strategy `name`, seeded so that a run can be repeated.
+
+    `constraints` maps a finished trial to values that are <= 0 when it is feasible.
+    """
     try:
         factory = STRATEGIES[name]
     except KeyError:
         known = ", ".join(STRATEGIES)
         raise UserError(f"unknown strategy {name!r}: choose one of {known}") from None
-    return factory(seed)
+    return factory(seed, constraints)
 
 
 def distributions(choices: dict[str, tuple]) -> dict[str, optuna.distributions.BaseDistribution]:

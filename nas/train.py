@@ -1,8 +1,13 @@
-"""Training of one candidate with gradual magnitude pruning to each sparse layer's target.
+"""Training of one candidate with its masks: gradual pruning to each sparse layer's target.
 
 Sparsity follows the cubic schedule of Zhu & Gupta ("To prune, or not to prune", 2017):
 s_t = s_f * (1 - (1 - t / T)^3), from density 1 at step 0 to the target at step T (about 2/3
 of training); masks are recomputed every few steps and stay fixed for the remaining steps.
+The mask method (`search_spaces.masks.MASK_METHODS`) picks the scores (magnitude, random,
+learned) and how sparsity is shared between layers; random masks are fixed from step 0.
+With `nm_decay`, N:M layers are at N:M from step 0 while their pruned weights still take part,
+scaled by a factor that decays from `nm_decay` to 0 on the same cubic schedule (the decaying
+mask of "Progressive Gradient Flow for Robust N:M Sparsity Training", 2024).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search_spaces.data import Dataset
+from search_spaces.masks import MaskMethod, apply_method, set_masks
 from search_spaces.ops import sparse_layers
 
 __all__ = ["TrainResult", "TrainingDiverged", "pruning_sparsity", "resolve_device", "train_model"]
@@ -66,13 +72,19 @@ def train_model(
     lr: float = 2e-2,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    method: str | None = None,
+    nm_decay: float | None = None,
 ) -> TrainResult:
     """Train `model` in place on `data` with its masks pruned gradually to their targets.
 
+    `method` is a name in `MASK_METHODS` ("magnitude", "global", "random", "random-erk",
+    "scores"); None keeps each layer's own score source with per-layer targets. Under "global",
+    "random" (uniform) and "random-erk" the layers' sparsities are reallocated at the same
+    total kept count, and each layer's `sparsity` is set to its final allocation.
     Deterministic for a given seed on a given machine (it seeds torch's global RNG). Batch-norm
     statistics are recomputed once the masks are final. Returns accuracy and mean
     cross-entropy on the held-out split. The model ends on its original device, in eval mode,
-    with pruned weights zeroed and every sparse layer at its target density.
+    with pruned weights zeroed and every sparse layer at its (allocated) target density.
     """
     if epochs < 1:
         raise ValueError(f"epochs={epochs}; train for at least 1 epoch")
@@ -80,11 +92,17 @@ def train_model(
         raise ValueError(f"batch_size={batch_size}; use at least 2 (batch norm needs it)")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {optimizer!r}; use adam or sgd")
+    if nm_decay is not None and not 0.0 < nm_decay <= 1.0:
+        raise ValueError(f"nm_decay={nm_decay} is out of range; use a value in (0, 1] or None")
     start = time.perf_counter()
     run_device = resolve_device(device)
     home_device = next(model.parameters()).device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    if method is None:
+        spec = MaskMethod("layer-own", "", "layer", gradual=True)
+    else:
+        spec = apply_method(model, method)
 
     model.to(run_device)
     train_x, train_y = data.train_x.to(run_device), data.train_y.to(run_device)
@@ -97,6 +115,7 @@ def train_model(
     end_step = max(1, round(PRUNE_FRACTION * total_steps))
     prune_every = max(1, end_step // MASK_UPDATES)
     layers = sparse_layers(model)
+    pruning = _Pruning([layer for _name, layer in layers], spec, end_step, nm_decay=nm_decay)
 
     params = model.parameters()
     if optimizer == "adam":
@@ -109,7 +128,7 @@ def train_model(
         opt, max_lr=lr, total_steps=total_steps, pct_start=0.15
     )
 
-    _set_masks(layers, step=0, end_step=end_step)
+    pruning.update(0)
     model.train()
     step = 0
     for _epoch in range(epochs):
@@ -127,9 +146,10 @@ def train_model(
             schedule.step()
             step += 1
             if step <= end_step and (step % prune_every == 0 or step == end_step):
-                _set_masks(layers, step=step, end_step=end_step)
-            _zero_pruned(layers)
+                pruning.update(step)
+            pruning.zero_pruned()
 
+    pruning.finish()
     recalibrate_batchnorm(model, train_x, batch_size)
     accuracy, val_loss = evaluate(model, data.val_x, data.val_y)
     model.to(home_device)
@@ -177,13 +197,54 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return correct / len(y), total_loss / len(y)
 
 
-def _set_masks(layers: list[tuple[str, nn.Module]], step: int, end_step: int) -> None:
-    for _name, layer in layers:
-        layer.update_mask(pruning_sparsity(step, end_step, layer.sparsity))
+class _Pruning:
+    """The mask schedule of one training run: which sparsities, when, and what to zero."""
 
+    def __init__(
+        self, layers: list[nn.Module], spec: MaskMethod, end_step: int, nm_decay: float | None
+    ) -> None:
+        self.layers = layers
+        self.spec = spec
+        self.end_step = end_step
+        self.nm_decay = nm_decay
+        self.targets = [layer.sparsity for layer in layers]
+        self.final: list[float] = list(self.targets)
 
-@torch.no_grad()
-def _zero_pruned(layers: list[tuple[str, nn.Module]]) -> None:
-    """Keep pruned weights at zero so momentum cannot revive them and ranking stays monotone."""
-    for _name, layer in layers:
-        layer.weight.mul_(layer.mask)
+    def _decays(self, layer: nn.Module) -> bool:
+        return self.nm_decay is not None and layer.pattern == "nm"
+
+    def update(self, step: int) -> None:
+        """Set every mask for `step` (random masks only once, at their final sparsity)."""
+        if not self.spec.gradual and step > 0:
+            return
+        sparsities = [
+            target
+            if not self.spec.gradual or self._decays(layer)
+            else pruning_sparsity(step, self.end_step, target)
+            for layer, target in zip(self.layers, self.targets, strict=True)
+        ]
+        used = set_masks(self.layers, self.spec.allocation, sparsities)
+        if step >= self.end_step or not self.spec.gradual:
+            self.final = used
+        for layer in self.layers:
+            if self._decays(layer):
+                layer.pruned_scale = (
+                    self.nm_decay * (1.0 - min(step, self.end_step) / self.end_step) ** 3
+                )
+
+    @torch.no_grad()
+    def zero_pruned(self) -> None:
+        """Keep pruned weights at zero so momentum cannot revive them and ranking stays
+        monotone; learned-score layers and decaying N:M layers keep theirs (they may return)."""
+        for layer in self.layers:
+            if layer.method != "scores" and layer.pruned_scale == 0.0:
+                layer.weight.mul_(layer.mask)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Fix every layer at its final sparsity with pruned weights zeroed."""
+        for layer, sparsity in zip(self.layers, self.final, strict=True):
+            layer.pruned_scale = 0.0
+            layer.sparsity = sparsity
+            layer.update_mask(sparsity)
+            layer.weight.mul_(layer.mask)
