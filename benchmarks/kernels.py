@@ -1,4 +1,4 @@
-"""One 1x1-conv shape: our sparse kernel vs TVM's default dense build vs torch, in GFLOP/s.
+"""One 1x1-conv shape: our sparse kernel vs our dense kernel (through build) vs torch, in GFLOP/s.
 
 Run alone on a quiet machine: ``python benchmarks/kernels.py [--sparsity 0.9] [--block 4x1]``.
 Sparse GFLOP/s count only the nonzero multiply-adds; dense ones count them all.
@@ -84,7 +84,7 @@ def main() -> None:
     print(f"{'kernel':<22}{'ms':>9}{'GFLOP/s':>10}")
     for name, seconds, macs in [
         ("sparse (ours, nnz)", sparse_s, nnz),
-        ("dense (TVM default)", dense_s, total),
+        ("dense (hwnas kernel)", dense_s, total),
         ("dense (torch)", torch_s, total),
     ]:
         print(f"{name:<22}{seconds * 1e3:>9.3f}{2 * macs * m / seconds / 1e9:>10.1f}")

@@ -16,12 +16,15 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm.support import cc
 from tvm.target import codegen
 
+from compile.choose import KernelChooser
 from compile.errors import CompileError, OutputMismatch
+from compile.kernels import BUILD_CONFIG
 from compile.rewrite import (
+    LayerPlan,
     RewritePlan,
-    SparseLayerPlan,
     apply_rewrite,
     deploy_copy,
+    fold_batchnorm,
     kernel_symbol,
     plan_rewrite,
 )
@@ -43,9 +46,13 @@ class CompiledModel:
     sparse_layers: list[str]
     dense_layers: list[str]
     dense_reasons: dict[str, str]
-    kernels: dict[str, dict[str, Any]]  # per sparse layer: kind, block, nnz_blocks, activation
+    # Per Conv2d/Linear: impl (sparse | dense | depthwise | tvm-default), kind, activation,
+    # fused_bias; sparse layers also block, nnz_blocks, density and, when timed on this host,
+    # sparse_ms / dense_ms (the per-layer choice between the two kernels).
+    kernels: dict[str, dict[str, Any]]
     compile_seconds: float
     output_shape: tuple[int, ...]
+    folded_batchnorm: list[str] = field(default_factory=list)  # convs that absorbed a BN
     _vm: Any = field(default=None, repr=False)
 
     @property
@@ -112,11 +119,21 @@ def _num_cores(target: tvm.target.Target) -> int | None:
     return int(value) if value is not None else None
 
 
-def build(model: nn.Module, example_input: torch.Tensor, profile, *, check: bool = True):
-    """Compile `model` for `profile` with our sparse kernels for its sparse layers.
+def build(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    profile,
+    *,
+    check: bool = True,
+    kernel_choice: str = "auto",
+):
+    """Compile `model` for `profile`: every Conv2d/Linear through our scheduled kernels (sparse
+    layers through the faster of their sparse and dense kernels), BatchNorm folded.
 
-    With `check`, the built library is run on `example_input` and compared with torch
-    (rtol 1e-4); `OutputMismatch` names the worst element and sparse layer when they differ.
+    `kernel_choice` "auto" times both kernels of each sparse layer on host-runnable targets
+    (cached, see `compile.choose`); "sparse" or "dense" forces one. With `check`, the built
+    library is run on `example_input` and compared with torch (rtol 1e-4); `OutputMismatch`
+    names the worst element and sparse layer when they differ.
     """
     start = time.perf_counter()
     family = profile.family
@@ -125,9 +142,14 @@ def build(model: nn.Module, example_input: torch.Tensor, profile, *, check: bool
             f"profile family {family!r} has no sparse kernels yet; use an x86 or arm profile"
         )
     target = _make_target(profile)
+    try:
+        chooser = KernelChooser(target, _host_runnable(target), kernel_choice)
+    except ValueError as exc:
+        raise CompileError(str(exc)) from exc
     avx512 = family == "x86" and "avx512f" in _llvm_features(target)
     was_training = model.training
     deploy, sparse = deploy_copy(model)
+    folded = fold_batchnorm(deploy)
     try:
         with torch.no_grad():
             exported = torch.export.export(deploy, (example_input,))
@@ -145,8 +167,21 @@ def build(model: nn.Module, example_input: torch.Tensor, profile, *, check: bool
         if spec.kind == torch.export.graph_signature.InputKind.PARAMETER:
             weight_vars[spec.target] = spec.arg.name
     tensors = {name: value.detach().cpu().numpy() for name, value in exported.state_dict.items()}
+    layer_names = [
+        name
+        for name, module in deploy.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    ]
     plan = plan_rewrite(
-        mod["main"], weight_vars, tensors, sparse, family, _num_cores(target), avx512
+        mod["main"],
+        weight_vars,
+        tensors,
+        layer_names,
+        sparse,
+        family,
+        _num_cores(target),
+        avx512,
+        chooser,
     )
     mod = apply_rewrite(mod, plan)
     by_var = {weight_vars[name]: tvm.runtime.tensor(tensors[name]) for name in weight_vars}
@@ -154,16 +189,18 @@ def build(model: nn.Module, example_input: torch.Tensor, profile, *, check: bool
     mod["main"] = mod["main"].without_attr("params")
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     try:
-        executable = tvm.compile(mod, target=target)
+        with tvm.transform.PassContext(config=BUILD_CONFIG):
+            executable = tvm.compile(mod, target=target)
     except Exception as exc:
         raise CompileError(f"TVM build failed: {str(exc).splitlines()[0]}") from exc
 
-    sparse_names = [layer.name for layer in plan.layers]
-    dense_names = [
-        name
-        for name, module in deploy.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in sparse_names
-    ]
+    sparse_names = [layer.name for layer in plan.sparse]
+    dense_names = [name for name in layer_names if name not in sparse_names]
+    dense_reasons = {
+        name: plan.dense_reasons.get(name) or plan.untuned.get(name, "?")
+        for name in sparse
+        if name not in sparse_names
+    }
     with torch.no_grad():
         expected = model.eval()(example_input).detach().cpu().numpy()
     model.train(was_training)
@@ -174,30 +211,42 @@ def build(model: nn.Module, example_input: torch.Tensor, profile, *, check: bool
         cross_compiler=profile.cross_compiler,
         sparse_layers=sparse_names,
         dense_layers=dense_names,
-        dense_reasons=plan.dense_reasons,
+        dense_reasons=dense_reasons,
         kernels={
-            layer.name: {
-                "kind": layer.kind,
-                "block": list(layer.bsr.block),
-                "nnz_blocks": layer.bsr.nnz_blocks,
-                "density": float(np.count_nonzero(layer.bsr.data))
-                / (layer.spec.rows * layer.spec.cols),
-                "activation": layer.spec.activation,
-                "fused_bias": layer.fused_bias,
-            }
-            for layer in plan.layers
+            **{layer.name: _kernel_info(layer) for layer in plan.layers},
+            **{name: {"impl": "tvm-default", "reason": why} for name, why in plan.untuned.items()},
         },
         compile_seconds=0.0,
         output_shape=tuple(expected.shape),
+        folded_batchnorm=folded,
     )
     if check and compiled.host_runnable:
         got = compiled.run(example_input.detach().cpu().numpy())
         problem = compare_outputs(got, expected)
         if problem:
-            worst = worst_sparse_layer(model, example_input, plan, target)
-            raise OutputMismatch(problem + (f"; worst sparse layer: {worst}" if worst else ""))
+            worst = worst_layer(deploy, example_input, plan, target)
+            raise OutputMismatch(problem + (f"; worst layer: {worst}" if worst else ""))
     compiled.compile_seconds = time.perf_counter() - start
     return compiled
+
+
+def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "impl": layer.impl,
+        "kind": layer.kind,
+        "activation": layer.activation,
+        "fused_bias": layer.fused_bias,
+        "im2col": layer.im2col is not None,
+    }
+    if layer.bsr is not None:
+        rows, cols = layer.bsr.rows, layer.bsr.cols
+        info["block"] = list(layer.bsr.block)
+        info["nnz_blocks"] = layer.bsr.nnz_blocks
+        info["density"] = float(np.count_nonzero(layer.bsr.data)) / (rows * cols)
+    if layer.times_ms:
+        info["sparse_ms"] = layer.times_ms["sparse"]
+        info["dense_ms"] = layer.times_ms["dense"]
+    return info
 
 
 def compare_outputs(got: np.ndarray, expected: np.ndarray) -> str | None:
@@ -215,51 +264,63 @@ def compare_outputs(got: np.ndarray, expected: np.ndarray) -> str | None:
     )
 
 
-def _layer_reference(module: nn.Module, x: torch.Tensor, plan: SparseLayerPlan) -> np.ndarray:
+def _layer_reference(module: nn.Module, x: torch.Tensor, plan: LayerPlan) -> np.ndarray:
     with torch.no_grad():
         y = module(x)
-    if plan.spec.activation == "relu":
+    if plan.activation == "relu":
         y = torch.relu(y)
-    elif plan.spec.activation == "relu6":
+    elif plan.activation == "relu6":
         y = torch.clamp(y, 0, 6)
     return y.detach().cpu().numpy()
 
 
-def run_layer_kernel(plan: SparseLayerPlan, x: np.ndarray, target) -> np.ndarray:
-    """Build and run one layer's kernel alone on the layer's input `x` (for diagnostics)."""
-    spec = plan.spec
-    if plan.kind == "conv1x1":
-        x3 = x.reshape(spec.batch, spec.cols, spec.m)
-    else:
-        x3 = x.reshape(spec.m, spec.cols).T.reshape(1, spec.cols, spec.m)
-    lib = tvm.compile(plan.kernel, target=target)
+def run_layer_kernel(plan: LayerPlan, x: np.ndarray, target) -> np.ndarray:
+    """Build and run one layer's kernel(s) alone on the layer's input `x` (for diagnostics)."""
+    funcs = {kernel_symbol(plan.name, plan.impl): plan.kernel}
+    if plan.im2col is not None:
+        funcs[kernel_symbol(plan.name, "im2col")] = plan.im2col
+    with tvm.transform.PassContext(config=BUILD_CONFIG):
+        lib = tvm.compile(tvm.IRModule(funcs), target=target)
     dev = tvm.cpu()
-    args = [
-        np.ascontiguousarray(a)
-        for a in (x3, plan.bsr.data, plan.bsr.indices, plan.bsr.indptr, plan.bias)
-    ]
-    out = tvm.runtime.tensor(np.zeros((spec.batch, spec.rows, spec.m), np.float32), dev)
-    lib[kernel_symbol(plan.name)](*[tvm.runtime.tensor(a, dev) for a in args], out)
-    y = out.numpy()
-    if plan.kind == "conv1x1":
-        return y.reshape(spec.batch, spec.rows, *plan.input_shape[2:])
+
+    def call(symbol: str, inputs: list[np.ndarray], shape) -> np.ndarray:
+        out = tvm.runtime.tensor(np.zeros(shape, np.float32), dev)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+        lib[symbol](*args, out)
+        return out.numpy()
+
+    geo, spec = plan.geometry, plan.spec
+    symbol = kernel_symbol(plan.name, plan.impl)
+    if plan.kind == "depthwise":
+        shape = (geo.batch, geo.channels, geo.out_height, geo.out_width)
+        return call(symbol, [x, *plan.constants], shape)
+    if plan.kind == "conv":
+        if plan.im2col is not None:
+            x3 = call(kernel_symbol(plan.name, "im2col"), [x], (spec.batch, spec.cols, spec.m))
+        else:
+            x3 = x.reshape(spec.batch, spec.cols, spec.m)
+        y = call(symbol, [x3, *plan.constants], (spec.batch, spec.rows, spec.m))
+        return y.reshape(geo.batch, spec.rows, geo.out_height, geo.out_width)
+    x3 = x.reshape(spec.m, spec.cols).T.reshape(1, spec.cols, spec.m)
+    y = call(symbol, [x3, *plan.constants], (1, spec.rows, spec.m))
     return y.reshape(spec.rows, spec.m).T.reshape(*plan.input_shape[:-1], spec.rows)
 
 
-def worst_sparse_layer(model: nn.Module, example_input, plan: RewritePlan, target) -> str | None:
-    """Name the sparse layer whose kernel differs most from torch on its own captured input."""
+def worst_layer(deploy: nn.Module, example_input, plan: RewritePlan, target) -> str | None:
+    """Name the layer whose kernel differs most from torch on its own captured input, in the
+    deploy copy (sparse layers masked, BatchNorm folded) that the kernels were made from."""
     if not plan.layers:
         return None
     captured: dict[str, torch.Tensor] = {}
     hooks = [
-        model.get_submodule(layer.name).register_forward_hook(
+        deploy.get_submodule(layer.name).register_forward_hook(
             lambda _m, inputs, _out, name=layer.name: captured.__setitem__(name, inputs[0])
         )
         for layer in plan.layers
     ]
     try:
         with torch.no_grad():
-            model(example_input)
+            deploy(example_input)
     finally:
         for hook in hooks:
             hook.remove()
@@ -268,13 +329,14 @@ def worst_sparse_layer(model: nn.Module, example_input, plan: RewritePlan, targe
         x = captured.get(layer.name)
         if x is None:
             continue
-        expected = _layer_reference(model.get_submodule(layer.name), x, layer)
+        expected = _layer_reference(deploy.get_submodule(layer.name), x, layer)
         got = run_layer_kernel(layer, x.detach().cpu().numpy(), target)
         scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
         err = float(np.max(np.abs(got - expected), initial=0.0)) / scale
         if err > worst_err:
             worst_name, worst_err = layer.name, err
-    return f"{worst_name!r} (max error {worst_err:.3g} of its output's magnitude)"
+    impl = next(layer.impl for layer in plan.layers if layer.name == worst_name)
+    return f"{worst_name!r} ({impl} kernel, max error {worst_err:.3g} of its output)"
 
 
-__all__ = ["CompiledModel", "build", "compare_outputs", "kernel_symbol"]
+__all__ = ["CompiledModel", "build", "compare_outputs", "kernel_symbol", "worst_layer"]

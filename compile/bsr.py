@@ -108,3 +108,36 @@ def choose_block(mask: np.ndarray, declared: tuple[int, int] | None) -> tuple[in
         if bs_r <= rows and bs_c <= cols and block_fill(mask, (bs_r, bs_c)) >= MIN_FILL:
             return (bs_r, bs_c)
     return (1, 1)
+
+
+def pack_dense(matrix: np.ndarray, bs_r: int) -> np.ndarray:
+    """The dense kernel's weight layout: (rows / bs_r, cols, bs_r), the last row block zero-padded,
+    so that each step over k reads bs_r contiguous weights."""
+    rows, cols = matrix.shape
+    n_br = -(-rows // bs_r)
+    padded = np.zeros((n_br * bs_r, cols), dtype=np.float32)
+    padded[:rows] = matrix
+    return np.ascontiguousarray(padded.reshape(n_br, bs_r, cols).transpose(0, 2, 1))
+
+
+def full_bsr(matrix: np.ndarray, block: tuple[int, int]) -> BsrWeight:
+    """`matrix` in BSR form with every block stored, zero or not (a dense matrix's BSR twin)."""
+    pattern = to_bsr(np.ones(matrix.shape, dtype=np.float32), block)
+    bs_r, bs_c = block
+    padded = np.zeros((pattern.block_rows * bs_r, matrix.shape[1]), dtype=np.float32)
+    padded[: matrix.shape[0]] = matrix
+    data = np.empty_like(pattern.data)
+    for br in range(pattern.block_rows):
+        for p in range(pattern.indptr[br], pattern.indptr[br + 1]):
+            c0 = int(pattern.indices[p])
+            # pattern.data is 0 where a shifted last block overlaps its neighbour.
+            data[p] = pattern.data[p] * padded[br * bs_r : (br + 1) * bs_r, c0 : c0 + bs_c]
+    return BsrWeight(
+        data=data,
+        indices=pattern.indices,
+        indptr=pattern.indptr,
+        rows=pattern.rows,
+        cols=pattern.cols,
+        block=pattern.block,
+        nnz_blocks=pattern.nnz_blocks,
+    )

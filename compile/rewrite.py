@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -13,8 +13,16 @@ from torch import nn
 from tvm import relax
 from tvm.ir import Op
 
-from compile.bsr import BsrWeight, choose_block, to_bsr
-from compile.kernels import KernelSpec, sparse_matmul_kernel
+from compile.bsr import BsrWeight, choose_block, full_bsr, pack_dense, to_bsr
+from compile.choose import KernelCandidate, KernelChooser
+from compile.kernels import (
+    ConvGeometry,
+    KernelSpec,
+    dense_block_rows,
+    depthwise_conv_cpu,
+    im2col_cpu,
+    matmul_kernel,
+)
 
 try:
     from search_spaces.ops import SPARSE_LAYERS
@@ -78,28 +86,73 @@ def deploy_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[int, int] 
     return deploy, sparse
 
 
+def fold_batchnorm(model: nn.Module) -> list[str]:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential into
+    that conv's weight and bias (the BN becomes Identity); return the folded convs' names.
+
+    torch.export keeps BatchNorm as its own op (Relax `nn.batch_norm`), a whole extra pass over
+    the activations; folded, it costs nothing. A row scaling keeps the sparsity pattern.
+    """
+    folded = []
+    for seq_name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (conv_key, conv), (bn_key, bn) in zip(children, children[1:], strict=False):
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.num_features == conv.out_channels
+                and bn.running_mean is not None
+                and bn.running_var is not None
+            ):
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+                shift = -bn.running_mean.float() * scale
+                if bn.affine:
+                    scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias * scale + shift)
+            setattr(seq, bn_key, nn.Identity())
+            folded.append(f"{seq_name}.{conv_key}" if seq_name else conv_key)
+    return folded
+
+
 @dataclass
-class SparseLayerPlan:
-    """How one sparse layer is computed: its kernel, BSR constants and fused epilogue."""
+class LayerPlan:
+    """How one Conv2d/Linear is computed: its kernel(s), constants and fused epilogue."""
 
     name: str
-    kind: str  # "conv1x1" | "linear"
-    bsr: BsrWeight
-    bias: np.ndarray
-    spec: KernelSpec
+    kind: str  # "conv" | "linear" | "depthwise"
+    impl: str  # "sparse" | "dense" | "depthwise"
+    spec: KernelSpec | None  # matmul layers (conv and linear)
+    geometry: ConvGeometry | None  # conv and depthwise layers
+    constants: list[np.ndarray]  # kernel inputs after the activations, bias last
     input_var: str  # Relax var fed to the layer
     input_shape: tuple[int, ...]
     output_var: str  # last Relax var the kernel replaces (the layer, bias add or activation)
+    activation: str = "none"
     fused_bias: bool = False
+    bsr: BsrWeight | None = None  # sparse layers, whichever kernel they got
+    times_ms: dict[str, float] = field(default_factory=dict)  # sparse / dense, when timed
     kernel: object = field(repr=False, default=None)  # tvm.tirx.PrimFunc
+    im2col: object = field(repr=False, default=None)  # PrimFunc, convs that are not plain 1x1
 
 
 @dataclass
 class RewritePlan:
-    """The sparse layers that got a kernel and the reason each other sparse layer stayed dense."""
+    """Every layer that got one of our kernels, why each sparse layer that did not get a sparse
+    kernel stayed dense, and the layers left to TVM's default build (with the reason)."""
 
-    layers: list[SparseLayerPlan]
+    layers: list[LayerPlan]
     dense_reasons: dict[str, str]
+    untuned: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sparse(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.impl == "sparse"]
 
 
 _CONV2D = Op.get("relax.nn.conv2d")
@@ -161,111 +214,207 @@ class _Graph:
         )
 
 
-def _conv_problem(call: relax.Call, weight_shape: tuple[int, ...]) -> str | None:
+def _conv_geometry(
+    call: relax.Call, x_shape: tuple[int, ...], weight_shape: tuple[int, ...]
+) -> tuple[ConvGeometry | None, str]:
+    """The conv's geometry, or None and why none of our kernels computes it."""
     attrs = call.attrs
-    if len(weight_shape) != 4 or tuple(weight_shape[2:]) != (1, 1):
-        return f"{weight_shape[2]}x{weight_shape[3]} kernel (only 1x1 convolutions)"
-    if int(attrs.groups) != 1:
-        return f"grouped convolution (groups={int(attrs.groups)})"
-    if [int(s) for s in attrs.strides] != [1, 1]:
-        return "strided convolution"
-    if any(int(p) for p in attrs.padding) or [int(d) for d in attrs.dilation] != [1, 1]:
-        return "padded or dilated convolution"
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
-        return "layout other than NCHW/OIHW"
-    return None
+        return None, "layout other than NCHW/OIHW"
+    if [int(d) for d in attrs.dilation] != [1, 1]:
+        return None, "dilated convolution"
+    if len(x_shape) != 4 or len(weight_shape) != 4:
+        return None, "input is not NCHW"
+    b, c, h, w = x_shape
+    kh, kw = int(weight_shape[2]), int(weight_shape[3])
+    sh, sw = (int(s) for s in attrs.strides)
+    pt, pl, pb, pr = (int(p) for p in attrs.padding)
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        return None, "empty output"
+    return ConvGeometry(b, c, h, w, (kh, kw), (sh, sw), (pt, pl), oh, ow), ""
+
+
+def _epilogue(
+    graph: _Graph, call_var: str, bias_name: str, weight_vars: dict[str, str], tensors, rows: int
+) -> tuple[str, str, np.ndarray, bool]:
+    """The bias add and ReLU/ReLU6 that follow a layer alone and can be fused into its kernel:
+    (last var replaced, activation, bias, whether a bias add was fused)."""
+    bias = np.zeros(rows, dtype=np.float32)
+    out_var, activation, fused_bias = call_var, "none", False
+    nxt = graph.only_consumer(out_var)
+    if nxt is not None and nxt[1].op.same_as(_ADD) and bias_name in weight_vars:
+        a, b = nxt[1].args
+        other = b if isinstance(a, relax.Var) and a.name == out_var else a
+        if graph.is_var_of(other, weight_vars[bias_name], through=_RESHAPE):
+            bias = tensors[bias_name].astype(np.float32).reshape(rows)
+            out_var, fused_bias = nxt[0], True
+            nxt = graph.only_consumer(out_var)
+    if nxt is not None and nxt[1].op.same_as(_RELU):
+        out_var, activation = nxt[0], "relu"
+    elif nxt is not None and nxt[1].op.same_as(_CLIP):
+        lo, hi = (float(v.value) for v in nxt[1].args[1:3])
+        if (lo, hi) == (0.0, 6.0):
+            out_var, activation = nxt[0], "relu6"
+    return out_var, activation, bias, fused_bias
+
+
+def _vector_width(family: str, avx512: bool) -> int:
+    return 16 if family == "x86" and avx512 else (8 if family == "x86" else 4)
 
 
 def plan_rewrite(
     func: relax.Function,
     weight_vars: dict[str, str],
     tensors: dict[str, np.ndarray],
+    layers: list[str],
     sparse: dict[str, tuple[int, int] | None],
     family: str,
     num_cores: int | None,
     avx512: bool,
+    chooser: KernelChooser,
 ) -> RewritePlan:
-    """Find each sparse layer's conv2d/matmul in `func` and decide its kernel and epilogue.
+    """Plan a kernel of ours for each Conv2d/Linear named in `layers` (torch module names).
 
-    `weight_vars` maps torch parameter names to Relax parameter var names; `tensors` maps the
-    torch parameter names to the deploy copy's values.
+    A sparse layer (in `sparse`) gets the faster of its sparse and dense kernels (`chooser`);
+    every other layer its dense or depthwise kernel. `weight_vars` maps torch parameter names
+    to Relax parameter var names; `tensors` maps them to the deploy copy's values.
     """
     graph = _Graph(func)
-    layers: list[SparseLayerPlan] = []
-    dense: dict[str, str] = {}
-    for name, declared in sparse.items():
+    plans: list[LayerPlan] = []
+    dense_reasons: dict[str, str] = {}
+    untuned: dict[str, str] = {}
+    for name in layers:
         weight_name = f"{name}.weight"
-        weight = tensors[weight_name]
-        if not np.any(weight == 0):
-            dense[name] = "mask is all ones"
-            continue
+        weight = tensors.get(weight_name)
         weight_var = weight_vars.get(weight_name)
         found = _find_layer_call(graph, weight_var) if weight_var else None
-        if found is None:
-            dense[name] = "weight not used by a conv2d or matmul in the exported graph"
+        if weight is None or found is None:
+            untuned[name] = "weight not used by one conv2d or matmul in the exported graph"
             continue
         call_var, call = found
         x = call.args[0]
         x_shape = _static_shape(x)
         if x_shape is None or str(x.ty.dtype) != "float32" or weight.dtype != np.float32:
-            dense[name] = "input is not a static-shape float32 tensor"
+            untuned[name] = "input is not a static-shape float32 tensor"
             continue
+        geometry = None
         if call.op.same_as(_CONV2D):
-            problem = _conv_problem(call, weight.shape)
-            if problem or len(x_shape) != 4:
-                dense[name] = problem or "input is not NCHW"
+            geometry, problem = _conv_geometry(call, x_shape, weight.shape)
+            groups = int(call.attrs.groups)
+            if geometry is not None and groups == geometry.channels == weight.shape[0] > 1:
+                kind = "depthwise"
+            elif geometry is not None and groups != 1:
+                geometry, problem = None, f"grouped convolution (groups={groups})"
+            else:
+                kind = "conv"
+            if geometry is None:
+                untuned[name] = problem
                 continue
-            kind, batch, m = "conv1x1", x_shape[0], x_shape[2] * x_shape[3]
         else:
             if len(x_shape) < 1:
-                dense[name] = "scalar input"
+                untuned[name] = "scalar input"
                 continue
-            kind, batch, m = "linear", 1, math.prod(x_shape[:-1])
-        matrix = weight.reshape(weight.shape[0], -1)
-        rows, cols = matrix.shape
-        bias = np.zeros(rows, dtype=np.float32)
-        out_var, activation, fused_bias = call_var, "none", False
-        bias_name = f"{name}.bias"
-        nxt = graph.only_consumer(out_var)
-        if nxt is not None and nxt[1].op.same_as(_ADD) and bias_name in weight_vars:
-            a, b = nxt[1].args
-            other = b if isinstance(a, relax.Var) and a.name == out_var else a
-            if graph.is_var_of(other, weight_vars[bias_name], through=_RESHAPE):
-                bias = tensors[bias_name].astype(np.float32)
-                out_var, fused_bias = nxt[0], True
-                nxt = graph.only_consumer(out_var)
-        if nxt is not None and nxt[1].op.same_as(_RELU):
-            out_var, activation = nxt[0], "relu"
-        elif nxt is not None and nxt[1].op.same_as(_CLIP):
-            lo, hi = (float(v.value) for v in nxt[1].args[1:3])
-            if (lo, hi) == (0.0, 6.0):
-                out_var, activation = nxt[0], "relu6"
-        bsr = to_bsr(matrix, choose_block(matrix != 0, declared))
-        spec = KernelSpec(
-            batch=batch,
-            rows=rows,
-            cols=cols,
-            m=m,
-            block=bsr.block,
-            nnz_storage=len(bsr.data),
-            block_rows=bsr.block_rows,
-            activation=activation,
+            kind = "linear"
+        rows = weight.shape[0]
+        out_var, activation, bias, fused_bias = _epilogue(
+            graph, call_var, f"{name}.bias", weight_vars, tensors, rows
         )
-        plan = SparseLayerPlan(
+        common = dict(
             name=name,
             kind=kind,
-            bsr=bsr,
-            bias=bias,
-            spec=spec,
+            geometry=geometry,
             input_var=x.name,
             input_shape=x_shape,
             output_var=out_var,
+            activation=activation,
             fused_bias=fused_bias,
         )
-        kernel = sparse_matmul_kernel(spec, family, num_cores, avx512)
-        plan.kernel = kernel.with_attr("global_symbol", kernel_symbol(name))
-        layers.append(plan)
-    return RewritePlan(layers=layers, dense_reasons=dense)
+        if kind == "depthwise":
+            kh, kw = geometry.kernel
+            plan = LayerPlan(
+                impl="depthwise",
+                spec=None,
+                constants=[np.ascontiguousarray(weight.reshape(rows, kh, kw)), bias],
+                **common,
+            )
+            plan.kernel = depthwise_conv_cpu(geometry, activation, num_cores)
+            if name in sparse:
+                dense_reasons[name] = "depthwise convolution (no sparse kernel)"
+            plans.append(_named(plan))
+            continue
+        matrix = weight.reshape(rows, -1)
+        cols = matrix.shape[1]
+        if kind == "conv":
+            batch, m = geometry.batch, geometry.out_height * geometry.out_width
+        else:
+            batch, m = 1, math.prod(x_shape[:-1])
+        dense = _dense_candidate(matrix, bias, batch, m, activation, family, num_cores, avx512)
+        impl, choice, bsr = "dense", None, None
+        if name in sparse:
+            if not np.any(matrix == 0):
+                dense_reasons[name] = "mask is all ones"
+            else:
+                bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
+                spec = KernelSpec(
+                    batch, rows, cols, m, bsr.block, len(bsr.data), bsr.block_rows, activation
+                )
+                kernel = matmul_kernel(
+                    spec, family, dense=False, num_cores=num_cores, avx512=avx512
+                )
+                consts = [bsr.data, bsr.indices, bsr.indptr, bias]
+                sparse_candidate = KernelCandidate(kernel, consts, spec)
+                density = float(np.count_nonzero(matrix)) / matrix.size
+                choice = chooser.choose(sparse_candidate, dense, density)
+                if choice.impl == "sparse":
+                    impl, dense = "sparse", sparse_candidate
+                else:
+                    dense_reasons[name] = f"dense kernel chosen: {choice.reason}"
+        plan = LayerPlan(impl=impl, spec=dense.spec, constants=dense.constants, bsr=bsr, **common)
+        plan.kernel = dense.kernel
+        if choice is not None and choice.sparse_ms is not None:
+            plan.times_ms = {"sparse": choice.sparse_ms, "dense": choice.dense_ms}
+        if kind == "conv" and not _is_plain_1x1(geometry):
+            plan.im2col = im2col_cpu(geometry, num_cores)
+        plans.append(_named(plan))
+    return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
+
+
+def _is_plain_1x1(geometry: ConvGeometry) -> bool:
+    return geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.pad == (0, 0)
+
+
+def _dense_candidate(
+    matrix: np.ndarray,
+    bias: np.ndarray,
+    batch: int,
+    m: int,
+    activation: str,
+    family: str,
+    num_cores: int | None,
+    avx512: bool,
+) -> KernelCandidate:
+    """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1."""
+    rows, cols = matrix.shape
+    if m == 1:
+        bsr = full_bsr(matrix, (_vector_width(family, avx512), 1))
+        consts = [bsr.data, bsr.indices, bsr.indptr, bias]
+        spec = KernelSpec(batch, rows, cols, m, bsr.block, len(bsr.data), bsr.block_rows)
+    else:
+        nr = min(dense_block_rows(family, avx512), rows)
+        consts = [pack_dense(matrix, nr), bias]
+        n_rb = -(-rows // nr)
+        spec = KernelSpec(batch, rows, cols, m, (nr, 1), n_rb * cols, n_rb)
+    spec = replace(spec, activation=activation)
+    kernel = matmul_kernel(spec, family, dense=True, num_cores=num_cores, avx512=avx512)
+    return KernelCandidate(kernel, consts, spec)
+
+
+def _named(plan: LayerPlan) -> LayerPlan:
+    plan.kernel = plan.kernel.with_attr("global_symbol", kernel_symbol(plan.name, plan.impl))
+    if plan.im2col is not None:
+        plan.im2col = plan.im2col.with_attr("global_symbol", kernel_symbol(plan.name, "im2col"))
+    return plan
 
 
 def _find_layer_call(graph: _Graph, weight_var: str) -> tuple[str, relax.Call] | None:
@@ -291,16 +440,16 @@ def _find_layer_call(graph: _Graph, weight_var: str) -> tuple[str, relax.Call] |
     return matches[0]
 
 
-def kernel_symbol(layer_name: str) -> str:
-    """A TIR function name for a layer's kernel."""
-    return "sparse_" + re.sub(r"\W", "_", layer_name)
+def kernel_symbol(layer_name: str, impl: str = "sparse") -> str:
+    """A TIR function name for one of a layer's kernels (`impl`: sparse, dense, im2col, ...)."""
+    return f"{impl}_" + re.sub(r"\W", "_", layer_name)
 
 
 @relax.expr_functor.mutator
-class _SparseRewriter(relax.PyExprMutator):
-    """Replaces each planned layer's output binding by reshapes around a call_tir to its kernel."""
+class _LayerRewriter(relax.PyExprMutator):
+    """Replaces each planned layer's output binding by call_tir(s) to its kernel(s)."""
 
-    def __init__(self, mod, plans: list[SparseLayerPlan]):
+    def __init__(self, mod, plans: list[LayerPlan]):
         super().__init__(mod)
         self.mod_ = mod
         self.plans = {p.output_var: p for p in plans}
@@ -320,40 +469,50 @@ class _SparseRewriter(relax.PyExprMutator):
         plan = self.plans.get(name)
         if plan is None:
             return super().visit_var_binding_(binding)
-        x = self.visit_expr(self.inputs[plan.input_var])
-        emit = self.builder_.emit
-        spec = plan.spec
-        gvar = self.builder_.add_func(plan.kernel, kernel_symbol(plan.name))
-        if plan.kind == "conv1x1":
-            b, _, h, w = plan.input_shape
-            x3 = emit(relax.op.reshape(x, (b, spec.cols, h * w)))
-        else:
-            x2 = emit(relax.op.reshape(x, (spec.m, spec.cols)))
-            x3 = emit(relax.op.reshape(relax.op.permute_dims(x2, [1, 0]), (1, spec.cols, spec.m)))
-        consts = [
-            relax.const(plan.bsr.data),
-            relax.const(plan.bsr.indices),
-            relax.const(plan.bsr.indptr),
-            relax.const(plan.bias),
-        ]
-        out_ty = relax.TensorType([spec.batch, spec.rows, spec.m], "float32")
-        y = emit(relax.call_tir(gvar, [x3, *consts], out_ty))
-        if plan.kind == "conv1x1":
-            out = relax.op.reshape(y, (b, spec.rows, h, w))
-        else:
-            y2 = emit(relax.op.permute_dims(relax.op.reshape(y, (spec.rows, spec.m)), [1, 0]))
-            out = relax.op.reshape(y2, (*plan.input_shape[:-1], spec.rows))
+        out = self._layer(plan, self.visit_expr(self.inputs[plan.input_var]))
         if isinstance(binding.var, relax.DataflowVar):
-            new_var = emit(out)
+            new_var = self.builder_.emit(out)
         else:
             new_var = self.builder_.emit_output(out)
         self.set_var_remap(binding.var, new_var)
         return None
 
+    def _call(self, kernel, symbol: str, args: list, shape) -> relax.Var:
+        gvar = self.builder_.add_func(kernel, symbol)
+        out_ty = relax.TensorType(list(shape), "float32")
+        return self.builder_.emit(relax.call_tir(gvar, args, out_ty))
+
+    def _layer(self, plan: LayerPlan, x: relax.Expr) -> relax.Expr:
+        emit = self.builder_.emit
+        consts = [relax.const(np.ascontiguousarray(c)) for c in plan.constants]
+        symbol = kernel_symbol(plan.name, plan.impl)
+        geo = plan.geometry
+        if plan.kind == "depthwise":
+            shape = (geo.batch, geo.channels, geo.out_height, geo.out_width)
+            return self._call(plan.kernel, symbol, [x, *consts], shape)
+        spec = plan.spec
+        if plan.kind == "conv":
+            if plan.im2col is not None:
+                cols = (spec.batch, spec.cols, spec.m)
+                x3 = self._call(plan.im2col, kernel_symbol(plan.name, "im2col"), [x], cols)
+            else:
+                x3 = emit(relax.op.reshape(x, (spec.batch, spec.cols, spec.m)))
+            y = self._call(plan.kernel, symbol, [x3, *consts], (spec.batch, spec.rows, spec.m))
+            return relax.op.reshape(y, (geo.batch, spec.rows, geo.out_height, geo.out_width))
+        if spec.m == 1:
+            x3 = emit(relax.op.reshape(x, (1, spec.cols, 1)))
+        else:
+            x2 = emit(relax.op.reshape(x, (spec.m, spec.cols)))
+            x3 = emit(relax.op.reshape(relax.op.permute_dims(x2, [1, 0]), (1, spec.cols, spec.m)))
+        y = self._call(plan.kernel, symbol, [x3, *consts], (1, spec.rows, spec.m))
+        if spec.m > 1:
+            y = emit(relax.op.permute_dims(relax.op.reshape(y, (spec.rows, spec.m)), [1, 0]))
+        return relax.op.reshape(y, (*plan.input_shape[:-1], spec.rows))
+
 
 def apply_rewrite(mod, plan: RewritePlan):
-    """The module with every planned sparse layer computed by its kernel."""
+    """The module with every planned layer computed by its kernel(s)."""
     if not plan.layers:
         return mod
-    mod = _SparseRewriter(mod, plan.layers).transform()
+    mod = _LayerRewriter(mod, plan.layers).transform()
     return relax.transform.DeadCodeElimination(["main"])(mod)

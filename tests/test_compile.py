@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +16,9 @@ from tvm.target import codegen
 
 import compile as hw_compile
 from compile.bsr import block_fill, bsr_to_dense, choose_block, to_bsr
+from compile.choose import KernelChooser
 from compile.kernels import KernelSpec, sparse_matmul_kernel
+from compile.rewrite import _dense_candidate, deploy_copy, fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -106,11 +110,12 @@ def _run_kernel(w, x, bias, block, activation):
     spec = KernelSpec(
         batch, w.shape[0], k, m, bsr.block, len(bsr.data), bsr.block_rows, activation
     )
-    lib = tvm.compile(sparse_matmul_kernel(spec, "x86", num_cores=2), target=HOST.target)
+    kernel = sparse_matmul_kernel(spec, "x86", num_cores=2)  # bsr_matvec when m == 1
+    lib = tvm.compile(kernel, target=HOST.target)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (x, bsr.data, bsr.indices, bsr.indptr, bias)]
     out = tvm.runtime.tensor(np.full((batch, w.shape[0], m), np.nan, np.float32), dev)
-    lib["bsr_matmul"](*args, out)
+    lib[str(kernel.attrs["global_symbol"])](*args, out)
     return out.numpy()
 
 
@@ -146,9 +151,9 @@ def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
 # ---------------------------------------------------------------- whole builds
 
 
-def _check_build(model, x, expect_sparse, expect_dense):
+def _check_build(model, x, expect_sparse, expect_dense, kernel_choice="sparse"):
     model.eval()
-    compiled = hw_compile.build(model, x, HOST)
+    compiled = hw_compile.build(model, x, HOST, kernel_choice=kernel_choice)
     assert compiled.sparse_layers == expect_sparse
     assert compiled.dense_layers == expect_dense
     with torch.no_grad():
@@ -214,11 +219,133 @@ def test_tiny_net_builds_exports_and_reloads(tmp_path):
     np.testing.assert_array_equal(reloaded, compiled.run(x.numpy()))
 
 
-def test_strided_sparse_conv_stays_dense_with_a_reason():
+def test_strided_and_kxk_sparse_convs_go_through_im2col():
     torch.manual_seed(3)
-    model = nn.Sequential(MaskedConv2d(8, 8, 1, stride=2, sparsity=0.5))
-    compiled = _check_build(model, torch.randn(1, 8, 6, 6), [], ["0"])
-    assert "strided" in compiled.dense_reasons["0"]
+    model = nn.Sequential(
+        MaskedConv2d(8, 8, 1, stride=2, sparsity=0.5),
+        MaskedConv2d(8, 16, 3, stride=2, padding=1, sparsity=0.8, block=(4, 1)),
+    )
+    compiled = _check_build(model, torch.randn(2, 8, 11, 11), ["0", "1"], [])
+    assert compiled.kernels["0"]["im2col"] and compiled.kernels["1"]["im2col"]
+
+
+# ---------------------------------------------------------------- dense, depthwise, im2col
+
+
+@pytest.mark.parametrize(("m", "batch"), [(49, 2), (7, 1), (1, 3)])
+def test_dense_kernel_matches_numpy(m, batch):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((53, 37)).astype(np.float32)
+    x = rng.standard_normal((batch, 37, m)).astype(np.float32)
+    bias = rng.standard_normal(53).astype(np.float32)
+    candidate = _dense_candidate(w, bias, batch, m, "relu6", "x86", 2, True)
+    lib = tvm.compile(candidate.kernel, target=HOST.target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((batch, 53, m), np.nan, np.float32), dev)
+    args = [tvm.runtime.tensor(a, dev) for a in (x, *candidate.constants)]
+    lib[str(candidate.kernel.attrs["global_symbol"])](*args, out)
+    want = np.clip(np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None], 0, 6)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+class DenseNet(nn.Module):
+    """Every dense layer kind of mbv2-sparse: stem kxk, 1x1, depthwise 3x3/5x5 stride 1/2,
+    BatchNorm, ReLU6, a residual, global pool and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16))
+        self.dw3 = nn.Sequential(
+            nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6()
+        )
+        self.pw = nn.Sequential(nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.dw5 = nn.Conv2d(24, 24, 5, 2, 2, groups=24)
+        self.head = nn.Linear(24, 7)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        x = self.pw(x + self.dw3(x))
+        x = self.dw5(x).mean((2, 3))
+        return self.head(x)
+
+
+def test_dense_layers_get_our_kernels_and_batchnorm_is_folded():
+    torch.manual_seed(5)
+    model = DenseNet()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # non-trivial running statistics
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 17, 17)
+    compiled = _check_build(model, x, [], ["stem.0", "dw3.0", "pw.0", "dw5", "head"])
+    impl = {name: info["impl"] for name, info in compiled.kernels.items()}
+    assert impl == {
+        "stem.0": "dense",
+        "dw3.0": "depthwise",
+        "pw.0": "dense",
+        "dw5": "depthwise",
+        "head": "dense",
+    }
+    assert sorted(compiled.folded_batchnorm) == ["dw3.0", "pw.0", "stem.0"]
+    assert compiled.kernels["dw3.0"]["activation"] == "relu6"
+
+
+def test_fold_batchnorm_keeps_the_sparsity_pattern():
+    torch.manual_seed(6)
+    conv = MaskedConv2d(8, 16, 1, sparsity=0.75, block=(4, 1))
+    model = nn.Sequential(conv, nn.BatchNorm2d(16)).eval()
+    model[1].running_var.uniform_(0.5, 2.0)
+    deploy, _ = deploy_copy(model)
+    assert fold_batchnorm(deploy) == ["0"]
+    assert isinstance(deploy[1], nn.Identity)
+    assert torch.equal(deploy[0].weight != 0, (conv.weight * conv.mask) != 0)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_choice_times_both_kernels_and_caches_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
+    torch.manual_seed(7)
+    model = nn.Sequential(MaskedConv2d(32, 64, 1, sparsity=0.9, block=(16, 1)), nn.ReLU())
+    x = torch.randn(1, 32, 8, 8)
+    compiled = hw_compile.build(model, x, HOST)  # checked against torch either way
+    info = compiled.kernels["0"]
+    assert info["sparse_ms"] > 0 and info["dense_ms"] > 0
+    faster = "sparse" if info["sparse_ms"] <= info["dense_ms"] else "dense"
+    assert info["impl"] == faster
+    assert (compiled.sparse_layers == ["0"]) == (faster == "sparse")
+    table = json.loads((tmp_path / "kernel_times.json").read_text())
+    assert len(table) == 1
+    again = hw_compile.build(model, x, HOST)  # from the cache: the same decision and times
+    assert again.kernels["0"] == info
+
+
+def test_untimed_target_goes_sparse_above_the_threshold():
+    chooser = KernelChooser(tvm.target.Target(HOST.target), host_runnable=False)
+    assert chooser.choose(None, None, density=0.1).impl == "sparse"
+    assert chooser.choose(None, None, density=0.5).impl == "dense"
+    with pytest.raises(ValueError, match="kernel_choice"):
+        KernelChooser(tvm.target.Target(HOST.target), host_runnable=True, mode="fast")
+
+
+def test_mbv2_sparse_all_layers_on_our_kernels():
+    from search_spaces.spaces import get_space
+
+    space = get_space("mbv2-sparse")
+    arch = space.sample(random.Random(3))
+    for i in range(1, 5):
+        arch[f"s{i}.op"] = "sparse"
+    arch["classifier.sparsity"] = 0.0
+    torch.manual_seed(8)
+    model = space.build(arch, num_classes=10, in_channels=3, image_size=32).eval()
+    # build() checks the output against torch.
+    compiled = hw_compile.build(model, torch.randn(1, 3, 32, 32), HOST, kernel_choice="sparse")
+    assert all(info["impl"] != "tvm-default" for info in compiled.kernels.values())
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(compiled.folded_batchnorm) == n_bn
+    assert len(compiled.sparse_layers) == 12  # expand + project in all 6 blocks
 
 
 # ---------------------------------------------------------------- errors

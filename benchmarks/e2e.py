@@ -1,0 +1,193 @@
+"""End to end: the `mbv2-sparse` net (all stages sparse 90% block 16x1, sparse classifier)
+through hwnas, against its dense twin through hwnas, TVM's default build, torch and onnxruntime.
+
+One thread each (TVM_NUM_THREADS=1 is set before TVM starts its pool). Writes
+benchmarks/out/e2e.json and prints a markdown table. Run alone on a quiet machine:
+``python benchmarks/e2e.py [--repeats 20]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
+from tvm.target import codegen  # noqa: E402
+
+import compile as hw_compile  # noqa: E402
+from search_spaces.spaces import get_space  # noqa: E402
+
+OUT = Path(__file__).parent / "out"
+
+
+class HostProfile:
+    """The Profile fields compile.build reads: this host's CPU, one core."""
+
+    family = "x86"
+    host = None
+    cross_compiler = None
+    name = "bench/host"
+    target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 1}
+
+
+def machine() -> dict:
+    """CPU model, thread count and date for the results table."""
+    model = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": 1,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def arch(sparse: bool) -> dict:
+    """Expansion 6, kernel 3, width 1 in every stage; sparse stages at 90% with 16x1 blocks."""
+    a = {}
+    for i in range(1, 5):
+        a.update(
+            {
+                f"s{i}.op": "sparse" if sparse else "dense",
+                f"s{i}.sparsity": 0.9,
+                f"s{i}.block": "16x1",
+                f"s{i}.expand": 6,
+                f"s{i}.kernel": 3,
+                f"s{i}.width": 1.0,
+            }
+        )
+    a["classifier.sparsity"] = 0.9 if sparse else 0.0
+    return a
+
+
+def build_model(sparse: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = get_space("mbv2-sparse").build(arch(sparse), 10, 3, 32)
+    for module in model.modules():
+        if hasattr(module, "update_mask"):
+            module.update_mask()
+    return model.eval()
+
+
+def time_callable(fn, repeats: int, number: int = 5) -> float:
+    """Median over `repeats` of the mean of `number` calls, in ms (after two warm-up calls)."""
+    fn()
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        runs.append((time.perf_counter() - start) / number)
+    return float(np.median(runs)) * 1e3
+
+
+def time_vm(executable, x: np.ndarray, repeats: int) -> float:
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(executable, dev)
+    arg = tvm.runtime.tensor(x, dev)
+    timer = vm.time_evaluator("main", dev, number=5, repeat=repeats)
+    return float(np.median(timer(arg).results)) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    x = torch.randn(1, 3, 32, 32)
+    xn = x.numpy()
+    rows = []
+
+    for label, sparse in (("sparse 90% 16x1", True), ("dense twin", False)):
+        model = build_model(sparse)
+        start = time.perf_counter()
+        compiled = hw_compile.build(model, x, HostProfile())
+        compile_s = time.perf_counter() - start
+        rows.append(
+            {
+                "net": label,
+                "runtime": "hwnas (our kernels)",
+                "ms": time_vm(compiled.executable, xn, args.repeats),
+                "compile_s": compile_s,
+                "sparse_layers": len(compiled.sparse_layers),
+            }
+        )
+    dense = build_model(False)
+    with torch.no_grad():
+        rows.append(
+            {
+                "net": "dense twin",
+                "runtime": "torch eager",
+                "ms": time_callable(lambda: dense(x), args.repeats),
+            }
+        )
+        exported = torch.export.export(dense, (x,))
+    mod = from_exported_program(exported, unwrap_unit_return_tuple=True)
+    start = time.perf_counter()
+    default = tvm.compile(mod, target=tvm.target.Target(HostProfile.target))
+    rows.append(
+        {
+            "net": "dense twin",
+            "runtime": "TVM default build",
+            "ms": time_vm(default, xn, max(2, args.repeats // 5)),
+            "compile_s": time.perf_counter() - start,
+        }
+    )
+    try:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "mbv2.onnx"
+            torch.onnx.export(dense, (x,), str(path), dynamo=True)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            rows.append(
+                {
+                    "net": "dense twin",
+                    "runtime": "onnxruntime",
+                    "ms": time_callable(lambda: session.run(None, {name: xn}), args.repeats),
+                }
+            )
+    except Exception as exc:  # onnxruntime or the ONNX exporter missing
+        rows.append({"net": "dense twin", "runtime": "onnxruntime", "error": str(exc)[:200]})
+
+    result = {"machine": machine(), "repeats": args.repeats, "rows": rows}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "e2e.json").write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = ["| net | runtime | ms | compile s |", "| --- | --- | ---: | ---: |"]
+    for row in result["rows"]:
+        ms = f"{row['ms']:.3f}" if "ms" in row else row.get("error", "?")
+        compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else ""
+        lines.append(f"| {row['net']} | {row['runtime']} | {ms} | {compile_s} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

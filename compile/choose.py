@@ -1,0 +1,145 @@
+"""Per-layer choice between a sparse layer's sparse kernel and its dense twin.
+
+On a host-runnable target both kernels are built and timed here (a few quick repeats) and the
+faster one is kept, so a compiled candidate is never slower than its dense twin layer by layer.
+Times are cached in a JSON table keyed by (target, shape, block, density bucket) under
+`$HWNAS_CACHE` or `~/.cache/hwnas/`. Other targets use a density rule until they can be timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from compile.kernels import BUILD_CONFIG, KernelSpec
+
+CHOICES = ("auto", "sparse", "dense")
+# Without timings (targets this host cannot run), a layer goes sparse at or above this sparsity.
+SPARSE_ABOVE = 0.7
+# Layers whose density falls in the same bucket of this width share a cached timing.
+DENSITY_BUCKET = 0.05
+CACHE_FILE = "kernel_times.json"
+
+
+def cache_dir() -> Path:
+    """`$HWNAS_CACHE`, else `~/.cache/hwnas`."""
+    return Path(os.environ.get("HWNAS_CACHE") or Path.home() / ".cache" / "hwnas")
+
+
+@dataclass(frozen=True)
+class KernelCandidate:
+    """One way to compute a layer: a kernel, its constant inputs and its matmul spec."""
+
+    kernel: Any  # tvm.tirx.PrimFunc taking (X, *constants, Y)
+    constants: list[np.ndarray]
+    spec: KernelSpec
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kernel kept for one layer and, when timed, both kernels' times in milliseconds."""
+
+    impl: str  # "sparse" | "dense"
+    sparse_ms: float | None = None
+    dense_ms: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class KernelChooser:
+    """Decides sparse vs dense per layer: forced, by timing on this host, or by density."""
+
+    target: Any  # tvm.target.Target
+    host_runnable: bool
+    mode: str = "auto"
+    repeats: int = 3
+    min_repeat_ms: int = 2
+    directory: Path | None = None
+    _table: dict[str, dict[str, float]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in CHOICES:
+            raise ValueError(f"kernel_choice must be one of {CHOICES}, got {self.mode!r}")
+
+    @property
+    def path(self) -> Path:
+        return (self.directory or cache_dir()) / CACHE_FILE
+
+    def choose(self, sparse: KernelCandidate, dense: KernelCandidate, density: float) -> Choice:
+        """The faster of the two kernels for one layer (see the module docstring)."""
+        if self.mode != "auto":
+            return Choice(self.mode, reason=f"kernel_choice={self.mode!r}")
+        if not self.host_runnable:
+            impl = "sparse" if 1.0 - density >= SPARSE_ABOVE - 1e-9 else "dense"
+            return Choice(impl, reason=f"density {density:.2f}, target not timed on this host")
+        key = self._key(sparse.spec, density)
+        entry = self._load().get(key)
+        if entry is None:
+            entry = {
+                "sparse_ms": self._time(sparse),
+                "dense_ms": self._time(dense),
+            }
+            self._save(key, entry)
+        impl = "sparse" if entry["sparse_ms"] <= entry["dense_ms"] else "dense"
+        return Choice(
+            impl,
+            entry["sparse_ms"],
+            entry["dense_ms"],
+            f"sparse {entry['sparse_ms']:.4g} ms vs dense {entry['dense_ms']:.4g} ms",
+        )
+
+    def _key(self, spec: KernelSpec, density: float) -> str:
+        bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
+        shape = f"{spec.batch}x{spec.rows}x{spec.cols}x{spec.m}"
+        block = f"{spec.block[0]}x{spec.block[1]}"
+        target = json.dumps(dict(self.target.export()), sort_keys=True, default=str)
+        return f"{target}|{shape}|{block}|{bucket}"
+
+    def _time(self, candidate: KernelCandidate) -> float:
+        spec = candidate.spec
+        dev = tvm.cpu()
+        with tvm.transform.PassContext(config=BUILD_CONFIG):
+            lib = tvm.compile(candidate.kernel, target=self.target)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((spec.batch, spec.cols, spec.m)).astype(np.float32)
+        inputs = (x, *candidate.constants)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+        out = tvm.runtime.tensor(np.empty((spec.batch, spec.rows, spec.m), np.float32), dev)
+        name = str(candidate.kernel.attrs["global_symbol"])
+        timer = lib.mod.time_evaluator(
+            name, dev, number=1, repeat=self.repeats, min_repeat_ms=self.min_repeat_ms
+        )
+        return float(np.min(timer(*args, out).results)) * 1e3
+
+    def _load(self) -> dict[str, dict[str, float]]:
+        if self._table is None:
+            try:
+                self._table = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._table = {}
+        return self._table
+
+    def _save(self, key: str, entry: dict[str, float]) -> None:
+        table = self._load()
+        table[key] = entry
+        try:  # merge with what other processes wrote meanwhile, then replace atomically
+            table = {**json.loads(self.path.read_text()), **table}
+        except (OSError, ValueError):
+            pass
+        self._table = table
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                "w", dir=self.path.parent, suffix=".tmp", delete=False
+            ) as f:
+                json.dump(table, f, indent=0, sort_keys=True)
+            os.replace(f.name, self.path)
+        except OSError:
+            pass  # a read-only cache only costs re-timing next time
