@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search a space for accurate and fast networks")
     s.add_argument("--config", help="a TOML file of these options (flags override it)")
     s.add_argument("--space", help="a search space (hwnas spaces list); default mbv2-sparse")
-    s.add_argument("--strategy", help="random, tpe or nsga2; default random")
+    s.add_argument("--strategy", help="random (default), tpe, nsga2, nni-random or nni-evolution")
     s.add_argument("--device", help="a profile name (hwnas profiles list) or a TOML file")
     s.add_argument("--trials", type=int, help="finished trials the study should hold; default 6")
     s.add_argument("--epochs", type=int, help="training epochs per candidate; default 2")

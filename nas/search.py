@@ -55,8 +55,8 @@ class SearchContext:
 def prepare(config: SearchConfig) -> tuple[Space, Profile, Dataset]:
     """Resolves every named input before anything is written, so bad input changes nothing."""
     config.validate()
-    make_sampler(config.strategy, config.seed)
     space = get_space(config.space)
+    make_sampler(config.strategy, config.seed, space.choices)
     profile = load_profile(config.device)
     data = load_dataset(config.dataset, seed=config.seed, image_size=config.image_size)
     if config.tracker:
@@ -64,7 +64,7 @@ def prepare(config: SearchConfig) -> tuple[Space, Profile, Dataset]:
     return space, profile, data
 
 
-def open_study(config: SearchConfig, worker: int = 0) -> optuna.Study:
+def open_study(config: SearchConfig, space: Space, worker: int = 0) -> optuna.Study:
     """Creates or resumes the run's study; refuses a directory that holds another study."""
     run_dir = config.run_dir
     db = run_dir / "study.db"
@@ -97,6 +97,7 @@ def open_study(config: SearchConfig, worker: int = 0) -> optuna.Study:
     study.sampler = make_sampler(
         config.strategy,
         config.seed + len(study.trials) + 7919 * worker,
+        space.choices,
         constraints=constraints_of if config.max_latency_ms or config.max_params else None,
     )
     return study
@@ -257,7 +258,7 @@ def search(
     share the study and the device; worker processes themselves have `worker > 0`.
     """
     space, profile, data = prepare(config)
-    study = open_study(config, worker)
+    study = open_study(config, space, worker)
     if worker == 0:
         (config.run_dir / CONFIG_FILE).write_text(config.to_toml())
         study.set_user_attr("space", config.space)

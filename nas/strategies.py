@@ -34,17 +34,24 @@ STRATEGIES: dict[str, Callable[[int, Constraints], optuna.samplers.BaseSampler]]
 }
 
 
+NNI_STRATEGIES = ("nni-random", "nni-evolution")
+
+
 def make_sampler(
-    name: str, seed: int, constraints: Constraints = None
+    name: str, seed: int, choices: dict[str, tuple], constraints: Constraints = None
 ) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for strategy `name`, seeded so that a run can be repeated.
+    """The Optuna sampler for strategy `name` over `choices`, seeded so a run can be repeated.
 
     `constraints` maps a finished trial to values that are <= 0 when it is feasible.
     """
+    if name in NNI_STRATEGIES:
+        from nas.nni_strategies import make_nni_sampler  # NNI takes seconds to import
+
+        return make_nni_sampler(name, seed, choices)
     try:
         factory = STRATEGIES[name]
     except KeyError:
-        known = ", ".join(STRATEGIES)
+        known = ", ".join((*STRATEGIES, *NNI_STRATEGIES))
         raise UserError(f"unknown strategy {name!r}: choose one of {known}") from None
     return factory(seed, constraints)
 

@@ -1,0 +1,136 @@
+"""Resume after SIGKILL, several workers on one study, repeatable proposals under a seed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+
+from nas.search import INTERRUPTED
+from nas.strategies import STRATEGIES, distributions, make_sampler
+from search_spaces.spaces import get_space
+
+TINY = ["--space", "tiny-sparse", "--epochs", "1"]
+COMPLETE = (optuna.trial.TrialState.COMPLETE,)
+
+
+def hwnas_args(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nas.cli", *args]
+
+
+def load(run: Path) -> optuna.Study:
+    return optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+
+
+def processes_tagged(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries `tag` (the search and all it started)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("HWNAS_TEST_TAG") == tag and proc.status() != "zombie":
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    args = hwnas_args("search", *TINY, "--trials", "4", "--out", str(run), "--seed", "5")
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HWNAS_TEST_TAG": tag},
+    )
+    deadline = time.monotonic() + 600
+    try:
+        # Kill it once a trial has finished and the next one is under way.
+        while True:
+            assert proc.poll() is None, "the search ended before it could be killed"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            if (run / "study.db").exists():
+                trials = load(run).get_trials(deepcopy=False)
+                states = [t.state for t in trials]
+                if optuna.trial.TrialState.COMPLETE in states and states[-1].name == "RUNNING":
+                    break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    before = {t.number: t.values for t in load(run).get_trials(states=COMPLETE)}
+    assert before
+    # The tracker and server it started went with it.
+    gone = time.monotonic() + 30
+    while processes_tagged(tag) and time.monotonic() < gone:
+        time.sleep(0.5)
+    assert not processes_tagged(tag)
+
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load(run)
+    complete = study.get_trials(states=COMPLETE)
+    assert len(complete) == 4
+    # Finished trials are kept as they were, and none was evaluated again.
+    assert {t.number: t.values for t in complete if t.number in before} == before
+    archs = [
+        tuple(sorted(t.params.items())) for t in complete if "same_as_trial" not in t.user_attrs
+    ]
+    assert len(archs) == len(set(archs))
+    # The trial the kill interrupted is failed with that reason, and nothing is left RUNNING.
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert [t.user_attrs["fail_reason"] for t in failed] == [INTERRUPTED]
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+def test_two_workers_share_one_study_without_duplicate_work(tmp_path: Path) -> None:
+    run = tmp_path / "workers"
+    done = subprocess.run(
+        hwnas_args("search", *TINY, "--trials", "4", "--workers", "2", "--out", str(run)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load(run)
+    complete = study.get_trials(states=COMPLETE)
+    # At most one trial over budget: a worker may start one while another finishes the last.
+    assert 4 <= len(complete) <= 5
+    assert len({t.user_attrs["worker"] for t in complete}) == 2
+    evaluated = [t for t in complete if "same_as_trial" not in t.user_attrs]
+    archs = [tuple(sorted(t.params.items())) for t in evaluated]
+    assert len(archs) == len(set(archs))
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_one_seed_proposes_the_same_archs(strategy: str) -> None:
+    choices = get_space("mbv2-sparse").choices
+    dists = distributions(choices)
+
+    def proposals(seed: int) -> list[dict]:
+        study = optuna.create_study(
+            directions=["maximize", "minimize"], sampler=make_sampler(strategy, seed, choices)
+        )
+        archs = []
+        for i in range(6):
+            trial = study.ask(dists)
+            archs.append(trial.params)
+            study.tell(trial, [i / 10, 1.0 + (i % 3)])
+        return archs
+
+    assert proposals(11) == proposals(11)
+    assert proposals(11) != proposals(12)
