@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from compile._build import CompiledModel, build, compare_outputs
+from compile._build import CompiledModel, build, compare_outputs, runs_on_host
 from compile.errors import CompileError, OutputMismatch
 
-__all__ = ["CompileError", "CompiledModel", "OutputMismatch", "build", "compare_outputs"]
+__all__ = [
+    "CompileError",
+    "CompiledModel",
+    "OutputMismatch",
+    "build",
+    "compare_outputs",
+    "runs_on_host",
+]

@@ -53,6 +53,9 @@ class CompiledModel:
     compile_seconds: float
     output_shape: tuple[int, ...]
     folded_batchnorm: list[str] = field(default_factory=list)  # convs that absorbed a BN
+    # The example input and torch's output on it, kept to check the library on its device.
+    example_input: np.ndarray | None = field(default=None, repr=False)
+    expected_output: np.ndarray | None = field(default=None, repr=False)
     _vm: Any = field(default=None, repr=False)
 
     @property
@@ -71,6 +74,24 @@ class CompiledModel:
         out = self._vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), tvm.cpu()))
         return out.numpy()
 
+    def check_output(self, got: np.ndarray) -> None:
+        """Raise `OutputMismatch` unless `got` (the library's output on `example_input`, from
+        wherever it ran) equals torch's within RTOL."""
+        problem = compare_outputs(np.asarray(got), self.expected_output)
+        if problem:
+            raise OutputMismatch(f"on {self.target.kind.name} device: {problem}")
+
+    def check_remote(self, lib_path: str | Path, profile, tracker) -> None:
+        """Run the exported library `lib_path` on `profile`'s device (through `tracker`) on
+        `example_input` and compare with torch's output; `OutputMismatch` when they differ, and
+        `hw_profiles.measure.StepError` (naming the step) when the device fails."""
+        from hw_profiles.measure import run_remote
+
+        got = run_remote(
+            lib_path, [self.example_input], profile, tracker, lambda remote, _: remote_output(remote)
+        )
+        self.check_output(got)
+
     def export_library(self, path: str | Path) -> Path:
         """Write a shared library for the profile's device (cross-compiled when it says so)."""
         path = Path(path)
@@ -81,6 +102,12 @@ class CompiledModel:
         except Exception as exc:  # the system or cross compiler failed
             raise CompileError(f"export to {path} failed: {str(exc).splitlines()[0]}") from exc
         return path
+
+
+def remote_output(remote) -> np.ndarray:
+    """The output of "main" on a `hw_profiles.measure.RemoteVM`'s inputs, copied back here (a
+    `run_remote` body; call `CompiledModel.check_output` on it, then time the same session)."""
+    return remote.vm["main"](*remote.args).numpy()
 
 
 def _make_target(profile) -> tvm.target.Target:
@@ -100,8 +127,30 @@ def _make_target(profile) -> tvm.target.Target:
         ) from exc
 
 
+# LLVM "features" that only tune code generation; every x86-64 CPU runs the code either way.
+_TUNING_FEATURES = (
+    "fast-",
+    "slow-",
+    "false-deps-",
+    "no-bypass-",
+    "idiom",
+    "macrofusion",
+    "branchfusion",
+    "prefer-",
+    "tuning-",
+    "ermsb",
+    "fsrm",
+    "lea-",
+    "pad-short",
+    "sbb-dep",
+    "insert-vzeroupper",
+    "allow-light-256",
+)
+
+
 def _llvm_features(target: tvm.target.Target) -> set[str]:
-    return set(codegen.llvm_get_cpu_features(target))
+    """The instruction-set features code for `target` may use."""
+    return {f for f in codegen.llvm_get_cpu_features(target) if not f.startswith(_TUNING_FEATURES)}
 
 
 def _host_runnable(target: tvm.target.Target) -> bool:
@@ -112,6 +161,12 @@ def _host_runnable(target: tvm.target.Target) -> bool:
         return False
     host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     return _llvm_features(target) <= _llvm_features(host)
+
+
+def runs_on_host(profile) -> bool:
+    """Whether code built for `profile` runs on this machine (an x86 target whose CPU features
+    this CPU has), so that a local rpc_server can time it."""
+    return _host_runnable(_make_target(profile))
 
 
 def _num_cores(target: tvm.target.Target) -> int | None:
@@ -219,9 +274,11 @@ def build(
         compile_seconds=0.0,
         output_shape=tuple(expected.shape),
         folded_batchnorm=folded,
+        example_input=example_input.detach().cpu().numpy().astype(np.float32),
+        expected_output=expected,
     )
     if check and compiled.host_runnable:
-        got = compiled.run(example_input.detach().cpu().numpy())
+        got = compiled.run(compiled.example_input)
         problem = compare_outputs(got, expected)
         if problem:
             worst = worst_layer(deploy, example_input, plan, target)
@@ -339,4 +396,11 @@ def worst_layer(deploy: nn.Module, example_input, plan: RewritePlan, target) -> 
     return f"{worst_name!r} ({impl} kernel, max error {worst_err:.3g} of its output)"
 
 
-__all__ = ["CompiledModel", "build", "compare_outputs", "kernel_symbol", "worst_layer"]
+__all__ = [
+    "CompiledModel",
+    "build",
+    "compare_outputs",
+    "kernel_symbol",
+    "remote_output",
+    "worst_layer",
+]

@@ -61,6 +61,8 @@ def prepare(config: SearchConfig) -> tuple[Space, Profile, Dataset]:
     data = load_dataset(config.dataset, seed=config.seed, image_size=config.image_size)
     if config.tracker:
         check_tracker(parse_tracker(config.tracker))
+    elif not (profile.emulated or hw_compile.runs_on_host(profile)):
+        _local_device(Tracker("127.0.0.1", 0), profile)  # raises the one-line UserError
     return space, profile, data
 
 
@@ -151,12 +153,27 @@ def constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 @contextlib.contextmanager
 def connect_device(config: SearchConfig, profile: Profile) -> Iterator[Tracker]:
-    """The user's tracker, checked; or a tracker and a stock rpc_server started for this run."""
+    """The user's tracker; or a tracker on 127.0.0.1 with a device served for this run: a
+    stock rpc_server for a profile this machine can run, the emulated board for an emulated
+    one."""
     if config.tracker:
         yield parse_tracker(config.tracker)
         return
-    with local_tracker() as tracker, local_server(tracker, profile.key):
+    with local_tracker() as tracker, _local_device(tracker, profile):
         yield tracker
+
+
+def _local_device(tracker: Tracker, profile: Profile) -> contextlib.AbstractContextManager:
+    if profile.emulated:
+        from hw_profiles.emulate import emulated_server
+
+        return emulated_server(tracker, profile.key, cpu=profile.target.get("mcpu", "cortex-a72"))
+    if hw_compile.runs_on_host(profile):
+        return local_server(tracker, profile.key)
+    raise UserError(
+        f"{profile.name} is not this machine: on the board run `python -m tvm.exec.rpc_server "
+        f"--tracker HOST:PORT --key {profile.key}`, then pass --tracker HOST:PORT"
+    )
 
 
 def _previous_result(study: optuna.Study, arch: dict) -> optuna.trial.FrozenTrial | None:
