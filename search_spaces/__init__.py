@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from search_spaces.baselines import BASELINES, Baseline, build_baseline, count_nnz_macs
 from search_spaces.data import Dataset, DatasetError, load_dataset
+from search_spaces.masks import MASK_METHODS, MaskMethod, allocate_sparsities, set_masks
 from search_spaces.ops import (
+    LAYER_METHODS,
     SPARSE_LAYERS,
     SparseConv2d,
     SparseLinear,
     make_mask,
+    score_mask,
     sparse_layers,
 )
 from search_spaces.spaces import Space, UnknownSpace, get_space, list_spaces, register_space
+from search_spaces.supernet import Supernet
 
 __all__ = [
+    "BASELINES",
+    "LAYER_METHODS",
+    "MASK_METHODS",
     "SPARSE_LAYERS",
+    "Baseline",
+    "MaskMethod",
+    "Supernet",
+    "allocate_sparsities",
+    "build_baseline",
+    "count_nnz_macs",
+    "score_mask",
+    "set_masks",
     "Dataset",
     "DatasetError",
     "Space",

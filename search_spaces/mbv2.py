@@ -7,6 +7,7 @@ SparseConv2d with the chosen block pattern; depthwise convs always stay dense.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from torch import nn
 
 from search_spaces.ops import SparseConv2d, SparseLinear, parse_block
 from search_spaces.spaces import Space, register_space
+from search_spaces.supernet import MixedKernelDepthwise, MixedSparsityConv2d, Supernet
 
-__all__ = ["MobileNetV2Sparse", "MBV2SparseSpace"]
+__all__ = ["MBV2SparseSpace", "MBV2Supernet", "MobileNetV2Sparse"]
 
 STEM_CHANNELS = 16
 # (base output channels, blocks, stride of the first block) per stage.
@@ -30,44 +32,38 @@ WIDTHS = (0.5, 0.75, 1.0)
 CLASSIFIER_SPARSITIES = (0.0, 0.5, 0.7, 0.9)
 # Along the inputs, which are a multiple of 8 here, so the classifier's blocks are never ragged.
 CLASSIFIER_BLOCK = (1, 4)
+# The supernet's candidates for a stage's op: dense, or sparse at each declared sparsity.
+OP_CANDIDATES = ("dense",) + tuple(f"sparse@{s:g}" for s in SPARSITIES)
 
 
-def _round_channels(channels: float) -> int:
-    """Round to the nearest multiple of CHANNEL_MULTIPLE (at least one multiple)."""
-    return max(CHANNEL_MULTIPLE, int(channels / CHANNEL_MULTIPLE + 0.5) * CHANNEL_MULTIPLE)
-
-
-def _pointwise(in_ch: int, out_ch: int, sparse: tuple[float, tuple[int, int]] | None) -> nn.Conv2d:
-    if sparse is None:
-        return nn.Conv2d(in_ch, out_ch, 1, bias=False)
-    sparsity, block = sparse
-    return SparseConv2d(in_ch, out_ch, 1, bias=False, sparsity=sparsity, block=block)
+def _round_channels(channels: float, multiple: int = CHANNEL_MULTIPLE) -> int:
+    """Round to the nearest multiple of `multiple` (at least one multiple)."""
+    return max(multiple, int(channels / multiple + 0.5) * multiple)
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expand -> kxk depthwise -> 1x1 project, with a skip when shapes allow."""
+    """1x1 expand -> kxk depthwise -> 1x1 project, with a skip when shapes allow.
+
+    `pointwise(in, out)` and `depthwise(channels, stride)` make the convs, so the discrete
+    network and the supernet share this block.
+    """
 
     def __init__(
         self,
         in_ch: int,
         out_ch: int,
         stride: int,
-        expansion: int,
-        kernel: int,
-        sparse: tuple[float, tuple[int, int]] | None,
+        hidden: int,
+        pointwise: Callable[[int, int], nn.Module],
+        depthwise: Callable[[int, int], nn.Module],
     ) -> None:
         super().__init__()
-        hidden = in_ch * expansion
         self.use_skip = stride == 1 and in_ch == out_ch
-        self.expand = nn.Sequential(
-            _pointwise(in_ch, hidden, sparse), nn.BatchNorm2d(hidden), nn.ReLU6()
-        )
+        self.expand = nn.Sequential(pointwise(in_ch, hidden), nn.BatchNorm2d(hidden), nn.ReLU6())
         self.depthwise = nn.Sequential(
-            nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU6(),
+            depthwise(hidden, stride), nn.BatchNorm2d(hidden), nn.ReLU6()
         )
-        self.project = nn.Sequential(_pointwise(hidden, out_ch, sparse), nn.BatchNorm2d(out_ch))
+        self.project = nn.Sequential(pointwise(hidden, out_ch), nn.BatchNorm2d(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.project(self.depthwise(self.expand(x)))
@@ -75,26 +71,46 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2Sparse(nn.Module):
-    """The network one `mbv2-sparse` arch describes."""
+    """The network one `mbv2-sparse` arch describes.
+
+    With `width_scale != 1` every channel count is scaled and rounded to a multiple of 4
+    (finer than the usual 8, so that the baselines can match a parameter or MAC budget).
+    Subclasses change the convs through `_pointwise` and `_depthwise`.
+    """
 
     def __init__(
-        self, arch: dict[str, Any], num_classes: int, in_channels: int, image_size: int
+        self,
+        arch: dict[str, Any],
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        width_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self._make_layers(arch, num_classes, in_channels, image_size, width_scale)
+
+    def _make_layers(
+        self,
+        arch: dict[str, Any],
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        width_scale: float,
+    ) -> None:
+        self.arch = arch
+        multiple = CHANNEL_MULTIPLE if width_scale == 1.0 else 4
+        stem_ch = _round_channels(STEM_CHANNELS * width_scale, multiple)
         stem_stride = 2 if image_size >= 32 else 1
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, STEM_CHANNELS, 3, stem_stride, 1, bias=False),
-            nn.BatchNorm2d(STEM_CHANNELS),
+            nn.Conv2d(in_channels, stem_ch, 3, stem_stride, 1, bias=False),
+            nn.BatchNorm2d(stem_ch),
             nn.ReLU6(),
         )
         stages = []
-        in_ch = STEM_CHANNELS
+        in_ch = stem_ch
         for index, (base, depth, stride) in enumerate(STAGES, start=1):
             key = f"s{index}"
-            out_ch = _round_channels(base * arch[f"{key}.width"])
-            sparse = None
-            if arch[f"{key}.op"] == "sparse":
-                sparse = (float(arch[f"{key}.sparsity"]), parse_block(arch[f"{key}.block"]))
+            out_ch = _round_channels(base * arch[f"{key}.width"] * width_scale, multiple)
             blocks = []
             for j in range(depth):
                 blocks.append(
@@ -102,9 +118,9 @@ class MobileNetV2Sparse(nn.Module):
                         in_ch,
                         out_ch,
                         stride if j == 0 else 1,
-                        int(arch[f"{key}.expand"]),
-                        int(arch[f"{key}.kernel"]),
-                        sparse,
+                        in_ch * int(arch[f"{key}.expand"]),
+                        lambda i, o, key=key: self._pointwise(key, i, o),
+                        lambda c, st, key=key: self._depthwise(key, c, st),
                     )
                 )
                 in_ch = out_ch
@@ -119,9 +135,66 @@ class MobileNetV2Sparse(nn.Module):
         else:
             self.classifier = nn.Linear(in_ch, num_classes)
 
+    def _pointwise(self, stage: str, in_ch: int, out_ch: int) -> nn.Module:
+        if self.arch[f"{stage}.op"] == "dense":
+            return nn.Conv2d(in_ch, out_ch, 1, bias=False)
+        sparsity = float(self.arch[f"{stage}.sparsity"])
+        block = parse_block(self.arch[f"{stage}.block"])
+        return SparseConv2d(in_ch, out_ch, 1, bias=False, sparsity=sparsity, block=block)
+
+    def _depthwise(self, stage: str, channels: int, stride: int) -> nn.Module:
+        kernel = int(self.arch[f"{stage}.kernel"])
+        return nn.Conv2d(
+            channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.stages(self.stem(x)))
         return self.classifier(torch.flatten(x, 1))
+
+
+class MBV2Supernet(Supernet, MobileNetV2Sparse):
+    """`mbv2-sparse` supernet: per stage, op x sparsity ({dense, sparse@s...}, one shared
+    weight with learned scores) and kernel are mixed; expansion, width, block and the
+    classifier are fixed."""
+
+    def __init__(
+        self, fixed: dict[str, Any], num_classes: int, in_channels: int, image_size: int
+    ) -> None:
+        Supernet.__init__(self)
+        self._alpha_of: dict[str, nn.Parameter] = {}
+        for index in range(1, len(STAGES) + 1):
+            key = f"s{index}"
+            self._alpha_of[f"{key}.op"] = self.add_choice(f"{key}.op", OP_CANDIDATES)
+            self._alpha_of[f"{key}.kernel"] = self.add_choice(f"{key}.kernel", KERNELS)
+        self._make_layers(fixed, num_classes, in_channels, image_size, 1.0)
+
+    def _pointwise(self, stage: str, in_ch: int, out_ch: int) -> nn.Module:
+        sparsities = [0.0 if c == "dense" else float(c.split("@")[1]) for c in OP_CANDIDATES]
+        return MixedSparsityConv2d(
+            in_ch,
+            out_ch,
+            1,
+            self._alpha_of[f"{stage}.op"],
+            sparsities,
+            block=parse_block(self.arch[f"{stage}.block"]),
+        )
+
+    def _depthwise(self, stage: str, channels: int, stride: int) -> nn.Module:
+        return MixedKernelDepthwise(channels, KERNELS, self._alpha_of[f"{stage}.kernel"], stride)
+
+    def derive(self) -> dict[str, Any]:
+        arch = dict(self.arch)
+        for index in range(1, len(STAGES) + 1):
+            key = f"s{index}"
+            op = self.best(f"{key}.op")
+            if op == "dense":
+                arch[f"{key}.op"] = "dense"
+            else:
+                arch[f"{key}.op"] = "sparse"
+                arch[f"{key}.sparsity"] = float(op.split("@")[1])
+            arch[f"{key}.kernel"] = self.best(f"{key}.kernel")
+        return arch
 
 
 @register_space("mbv2-sparse")
@@ -147,6 +220,31 @@ class MBV2SparseSpace(Space):
         return choices
 
     def _build(
-        self, arch: dict[str, Any], num_classes: int, in_channels: int, image_size: int
+        self,
+        arch: dict[str, Any],
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        width_scale: float,
     ) -> nn.Module:
-        return MobileNetV2Sparse(arch, num_classes, in_channels, image_size)
+        return MobileNetV2Sparse(arch, num_classes, in_channels, image_size, width_scale)
+
+    def dense_parent(self, arch: Mapping[str, Any]) -> dict[str, Any]:
+        dense = self.validate(arch)
+        for key in dense:
+            if key.endswith(".op"):
+                dense[key] = "dense"
+        dense["classifier.sparsity"] = 0.0
+        return dense
+
+    def supernet(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        fixed: Mapping[str, Any] | None = None,
+    ) -> MBV2Supernet:
+        """Mixed per stage: op x sparsity and kernel; the rest from `fixed` (default: the
+        first value of each choice, i.e. the smallest net)."""
+        arch = self._fixed(fixed, {})
+        return MBV2Supernet(arch, num_classes, in_channels, image_size)

@@ -1,8 +1,9 @@
 """Sparse layers (SparseConv2d, SparseLinear) and the mask logic behind every sparsity pattern.
 
 All masks come from one pure function, `make_mask`, over the weight's matrix view
-`weight.reshape(out, -1)` (rows = output channels, cols = inputs); the layers, the training
-loop and any later score-based method call it with their own scores.
+`weight.reshape(out, -1)` (rows = output channels, cols = inputs); the mask methods differ only
+in the scores they hand it: `|w|` (magnitude), a fixed random draw (random), or learned scores
+behind a straight-through top-k (the parametric op of DASS, scores as in HYDRA).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "LAYER_METHODS",
     "PATTERNS",
     "SPARSE_LAYERS",
     "SparseConv2d",
@@ -21,10 +23,13 @@ __all__ = [
     "check_sparsity",
     "make_mask",
     "parse_block",
+    "score_mask",
     "sparse_layers",
 ]
 
 PATTERNS = ("unstructured", "block", "nm", "channel")
+# Where a layer's mask scores come from: |weight|, a fixed random draw, or learned scores.
+LAYER_METHODS = ("magnitude", "random", "scores")
 
 
 def parse_block(block: tuple[int, int] | list[int] | str) -> tuple[int, int]:
@@ -172,6 +177,35 @@ def _nm_mask(scores: torch.Tensor, sparsity: float, n: int, m: int) -> torch.Ten
     return mask.reshape(rows, groups * m)[:, :cols].contiguous()
 
 
+class _StraightThroughMask(torch.autograd.Function):
+    """Top-k mask of the scores in the forward pass; the identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, scores, sparsity, pattern, block, nm):  # noqa: ARG004
+        return make_mask(scores, sparsity, pattern, block, nm, scores=scores.detach().abs())
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ARG004
+        return grad, None, None, None, None
+
+
+def score_mask(
+    scores2d: torch.Tensor,
+    sparsity: float,
+    pattern: str,
+    block: tuple[int, int] | None = None,
+    nm: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The `make_mask` of `|scores2d|`, differentiable w.r.t. the scores (straight-through).
+
+    This is HYDRA's top-k with DASS's sparsity as an argument: the loss gradient w.r.t. the
+    mask flows unchanged to the scores, so a layer learns which units to keep.
+    """
+    if sparsity <= 0.0:
+        return torch.ones_like(scores2d) + 0.0 * scores2d
+    return _StraightThroughMask.apply(scores2d, float(sparsity), pattern, block, nm)
+
+
 class _SparseMixin:
     """Mask state and methods shared by SparseConv2d and SparseLinear."""
 
@@ -184,15 +218,66 @@ class _SparseMixin:
         pattern: str,
         block: tuple[int, int] | str | None,
         nm: tuple[int, int] | None,
+        method: str = "magnitude",
     ) -> None:
         self.sparsity, self.block, self.nm = check_sparsity(sparsity, pattern, block, nm)
         self.pattern = pattern
+        # The sparsity the mask is at now (below `sparsity` while pruning gradually).
+        self.current_sparsity = self.sparsity
+        # Multiplier of pruned weights in training (0 = masked; > 0 lets gradient reach them,
+        # decayed to 0 by the trainer for Progressive Gradient Flow).
+        self.pruned_scale = 0.0
+        self.method = "magnitude"
+        self.scores: nn.Parameter | None = None
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.float32))
-        self.update_mask()
+        self.set_method(method)
+
+    def set_method(self, method: str) -> None:
+        """Choose where mask scores come from (`LAYER_METHODS`) and recompute the mask.
+
+        "scores" adds a learned parameter `scores` initialised to `|weight|` (so the first
+        mask is the magnitude mask); "random" draws fixed scores from torch's global RNG.
+        """
+        if method not in LAYER_METHODS:
+            known = ", ".join(LAYER_METHODS)
+            raise ValueError(f"unknown mask method {method!r} for a layer; use one of {known}")
+        self.method = method
+        if method == "scores" and self.scores is None:
+            self.scores = nn.Parameter(self.weight.detach().abs().clone())
+        if method == "random":
+            self.register_buffer("random_scores", torch.rand_like(self.weight), persistent=False)
+        self.update_mask(self.current_sparsity)
+
+    def mask_scores(self) -> torch.Tensor:
+        """The scores `make_mask` ranks for this layer's method, detached."""
+        if self.method == "scores":
+            return self.scores.detach().abs()
+        if self.method == "random":
+            return self.random_scores
+        return self.weight.detach().abs()
 
     def masked_weight(self) -> torch.Tensor:
-        """The weight with pruned entries zeroed; what the forward pass uses."""
-        return self.weight * self.mask
+        """The weight with pruned entries zeroed; what the forward pass uses.
+
+        In training a "scores" layer recomputes its mask from the scores (straight-through,
+        so gradients reach them) and stores it; in eval the stored mask is used as is.
+        """
+        mask = self.mask
+        if self.training and self.method == "scores":
+            out = self.weight.shape[0]
+            live = score_mask(
+                self.scores.reshape(out, -1),
+                self.current_sparsity,
+                self.pattern,
+                self.block,
+                self.nm,
+            ).reshape(self.weight.shape)
+            with torch.no_grad():
+                self.mask.copy_(live)
+            mask = live
+        if self.training and self.pruned_scale > 0.0:
+            mask = mask + self.pruned_scale * (1.0 - mask.detach())
+        return self.weight * mask
 
     def density(self) -> float:
         """Fraction of weights the mask keeps."""
@@ -200,15 +285,18 @@ class _SparseMixin:
 
     @torch.no_grad()
     def update_mask(self, sparsity: float | None = None, scores: torch.Tensor | None = None):
-        """Recompute the mask by magnitude (or `scores`) at `sparsity` (default: the target)."""
+        """Recompute the mask at `sparsity` (default: the target) from `scores` (default: the
+        layer method's scores, `|weight|` for magnitude)."""
         if sparsity is None:
             sparsity = self.sparsity
         elif not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"sparsity {sparsity} is out of range; use a value in [0, 1)")
+        self.current_sparsity = float(sparsity)
         out = self.weight.shape[0]
         weight2d = self.weight.reshape(out, -1)
-        if scores is not None:
-            scores = scores.reshape(out, -1)
+        if scores is None:
+            scores = self.mask_scores()
+        scores = scores.reshape(out, -1)
         mask = make_mask(weight2d, float(sparsity), self.pattern, self.block, self.nm, scores)
         self.mask.copy_(mask.reshape(self.mask.shape))
 
@@ -219,6 +307,8 @@ class _SparseMixin:
             text += f", block={self.block[0]}x{self.block[1]}"
         if self.nm is not None:
             text += f", nm={self.nm[0]}:{self.nm[1]}"
+        if self.method != "magnitude":
+            text += f", method={self.method}"
         return text
 
 
@@ -235,9 +325,10 @@ class SparseLinear(_SparseMixin, nn.Linear):
         pattern: str = "block",
         block: tuple[int, int] | str | None = (4, 1),
         nm: tuple[int, int] | None = None,
+        method: str = "magnitude",
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias)
-        self._setup_sparsity(sparsity, pattern, block, nm)
+        self._setup_sparsity(sparsity, pattern, block, nm, method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight(), self.bias)
@@ -263,6 +354,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         pattern: str = "block",
         block: tuple[int, int] | str | None = (4, 1),
         nm: tuple[int, int] | None = None,
+        method: str = "magnitude",
     ) -> None:
         nn.Conv2d.__init__(
             self,
@@ -274,7 +366,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             groups=groups,
             bias=bias,
         )
-        self._setup_sparsity(sparsity, pattern, block, nm)
+        self._setup_sparsity(sparsity, pattern, block, nm, method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)

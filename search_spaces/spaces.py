@@ -18,7 +18,12 @@ from torch import nn
 __all__ = ["Space", "UnknownSpace", "get_space", "list_spaces", "register_space"]
 
 # Modules that register the spaces shipped with hwnas; imported on first use of the registry.
-_BUILTIN_MODULES = ("search_spaces.mbv2",)
+_BUILTIN_MODULES = (
+    "search_spaces.mbv2",
+    "search_spaces.darts",
+    "search_spaces.sparse_ift",
+    "search_spaces.tiny",
+)
 
 _REGISTRY: dict[str, type[Space]] = {}
 
@@ -40,22 +45,71 @@ class Space(abc.ABC):
 
     @abc.abstractmethod
     def _build(
-        self, arch: dict[str, Any], num_classes: int, in_channels: int, image_size: int
+        self,
+        arch: dict[str, Any],
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        width_scale: float,
     ) -> nn.Module:
-        """Build the model for an already validated `arch`."""
+        """Build the model for an already validated `arch`, channels scaled by `width_scale`."""
 
     def build(
-        self, arch: Mapping[str, Any], num_classes: int, in_channels: int, image_size: int
+        self,
+        arch: Mapping[str, Any],
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        *,
+        width_scale: float = 1.0,
     ) -> nn.Module:
-        """Validate `arch` and build its torch model for the given data shape."""
+        """Validate `arch` and build its torch model for the given data shape.
+
+        `width_scale` multiplies every channel count (used by the small-dense and Sparse-IFT
+        baselines, which need widths between the declared choices).
+        """
         checked = self.validate(arch)
+        if not 0.0 < width_scale <= 16.0:
+            raise ValueError(f"width_scale={width_scale} is out of range; use (0, 16]")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2 classes")
         if in_channels < 1:
             raise ValueError(f"in_channels={in_channels}; need at least 1 input channel")
         if image_size < 8:
             raise ValueError(f"image_size={image_size} is too small; use at least 8 pixels")
-        return self._build(checked, num_classes, in_channels, image_size)
+        return self._build(checked, num_classes, in_channels, image_size, float(width_scale))
+
+    def dense_parent(self, arch: Mapping[str, Any]) -> dict[str, Any]:
+        """The same arch with every sparse choice made dense (the dense-parent baseline)."""
+        raise ValueError(f"space {self.name!r} declares no dense parent; use another baseline")
+
+    def supernet(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        fixed: Mapping[str, Any] | None = None,
+    ) -> nn.Module:
+        """A weight-sharing supernet for differentiable search (see `search_spaces.supernet`).
+
+        Choices that are not searched differentiably take their value from `fixed`.
+        """
+        raise ValueError(
+            f"space {self.name!r} has no supernet; use an Optuna strategy (random, tpe, nsga2)"
+        )
+
+    def _fixed(self, fixed: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
+        """Validated values for the choices a supernet does not search: `fixed`, then
+        `defaults`, then each choice's first value."""
+        fixed = dict(fixed or {})
+        arch = {
+            key: fixed.get(key, defaults.get(key, values[0]))
+            for key, values in self.choices.items()
+        }
+        unknown = sorted(set(fixed) - set(self.choices))
+        if unknown:
+            arch[unknown[0]] = fixed[unknown[0]]
+        return self.validate(arch)
 
     def validate(self, arch: Mapping[str, Any]) -> dict[str, Any]:
         """Return `arch` as a dict if every key is a known choice with an allowed value.
