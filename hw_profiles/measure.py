@@ -63,6 +63,7 @@ class StepError(Exception):
     def __init__(self, step: str, message: str) -> None:
         prefix = f"{step}: "
         super().__init__(message if message.startswith(prefix) else prefix + message)
+        self.step = step
 
 
 class _Steps:
@@ -222,17 +223,26 @@ def measure_library(
     lib_path = Path(lib_path)
     if not lib_path.is_file():
         return Measurement(key=profile.key, error=f"upload: library not found: {lib_path}")
-    try:
-        check_tracker(tracker)
-        return run_remote(
-            lib_path,
-            inputs,
-            profile,
-            tracker,
-            lambda remote, enter: time_remote(remote, profile.protocol, profile.key, enter),
-            request_timeout_s=request_timeout_s,
-        )
-    except StepError as err:
-        return Measurement(key=profile.key, error=str(err))
-    except Exception as err:  # the tracker check, or anything unforeseen: still data
-        return Measurement(key=profile.key, error=f"request: {_first_line(err)}")
+    errors: list[str] = []
+    for _attempt in range(1 + profile.protocol.retries):
+        try:
+            check_tracker(tracker)
+            return run_remote(
+                lib_path,
+                inputs,
+                profile,
+                tracker,
+                lambda remote, enter: time_remote(remote, profile.protocol, profile.key, enter),
+                request_timeout_s=request_timeout_s,
+            )
+        except StepError as err:
+            errors.append(str(err))
+            if err.step == "request" or "no answer within" in str(err):
+                break  # no server to retry on, or a hung kernel: another try would hang too
+        except Exception as err:  # the tracker check, or anything unforeseen: still data
+            errors.append(f"request: {_first_line(err)}")
+            break
+        # A server that died mid-measurement has left the tracker: the next request gets
+        # another server with the same key, if there is one.
+    tries = f" (after {len(errors)} tries)" if len(errors) > 1 else ""
+    return Measurement(key=profile.key, error=errors[-1] + tries)

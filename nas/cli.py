@@ -70,10 +70,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from reports import write_report
+    from reports import write_comparison, write_report
 
-    for run in args.runs:
-        print(f"report: {write_report(Path(run))}")
+    runs = [Path(run) for run in args.runs]
+    if len(runs) == 1:
+        out = Path(args.out) if args.out else None
+        print(f"report: {write_report(runs[0], out)}")
+    else:
+        out = Path(args.out) if args.out else Path("comparison.html")
+        print(f"comparison: {write_comparison(runs, out)}")
     return 0
 
 
@@ -194,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_search)
 
-    r = sub.add_parser("report", help="render the HTML report of one or more runs")
-    r.add_argument("runs", nargs="+")
+    r = sub.add_parser("report", help="render a run's HTML report, or compare several runs")
+    r.add_argument("runs", nargs="+", help="run directories (the --out of searches)")
+    r.add_argument(
+        "--out", help="the HTML file; default RUN/report.html, or comparison.html for several"
+    )
     r.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("devices", help="run a tracker, serve a device, list or check devices")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import re
+import warnings
 from pathlib import Path
 
 import optuna
@@ -38,8 +39,13 @@ STUDY_ATTRS = {
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+LAYERS = ["stem.conv", "stage1.conv", f"stage2.{HOSTILE}", "head.fc"]
+
+
 def _attrs(i: int, accuracy: float, latency: float) -> dict:
-    return {
+    """Trial attrs as nas.search writes them; odd trials also carry the per-layer timings."""
+    densities = {name: round(0.2 + 0.2 * j, 2) for j, name in enumerate(LAYERS)}
+    attrs = {
         "arch": {"op": "sparse" if i % 2 else "dense", "width": 8 * (i + 1), "note": HOSTILE},
         "params": 1000 + i,
         "nnz": 500 + i,
@@ -52,7 +58,24 @@ def _attrs(i: int, accuracy: float, latency: float) -> dict:
         "latency_p10_ms": latency * 0.9,
         "latency_p90_ms": latency * 1.2,
         "latency_cv": 0.05,
+        "measure_number": 10,
+        "measure_repeats": 5,
+        "densities": densities,
+        "worker": "host:1",
     }
+    if i % 2:
+        attrs["kernels"] = {
+            name: {
+                "impl": "sparse" if d < 0.5 else "dense",
+                "sparse_ms": latency * d / 2,
+                "dense_ms": latency / 4,
+            }
+            for name, d in densities.items()
+        }
+        attrs["layer_ms"] = {name: latency / 5 for name in LAYERS}
+        attrs["dense_twin_ms"] = latency * 2
+        attrs["predicted_latency_ms"] = latency * 1.1
+    return attrs
 
 
 def make_run(root: Path, name: str = "demo", points=POINTS, with_others: bool = True) -> Path:
@@ -201,6 +224,9 @@ def test_html_escapes_hostile_strings_and_loads_nothing(run: Path) -> None:
     assert "alert(1)</script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # shown, as text
     assert page.lower().count("<script") == page.lower().count("</script") == 2
+    # The new user strings: a layer name in the detail panel, and the commands.
+    assert "data-layer='stage2.&lt;script&gt;" in page
+    assert "--note &#x27;&lt;script&gt;" in page
     loads = re.compile(
         r"(?:src|href|action|xlink:href)\s*=\s*['\"]?\s*(?:https?:)?//|"
         r"url\(\s*['\"]?\s*(?:https?:)?//|@import",
@@ -258,5 +284,107 @@ def test_degenerate_studies_render(tmp_path: Path, points: list[tuple[float, flo
     assert info.front and all(p.on_front for p in info.front)
     page = render_html(info)
     assert len(re.findall(r"<circle class='pt \w+' data-trial=", page)) == len(points)
-    svgs = "".join(re.findall(r"<svg.*?</svg>", page, re.DOTALL))
-    assert svgs.count("<svg") == 2 and "nan" not in svgs and "inf" not in svgs
+    outside_templates = re.sub(r"<template.*?</template>", "", page, flags=re.DOTALL)
+    svgs = "".join(re.findall(r"<svg.*?</svg>", outside_templates, re.DOTALL))
+    # Scatter and hypervolume; the prediction plot too once a trial (every odd one) has one.
+    expected = 2 + any(p.predicted_latency_ms is not None for p in info.trials)
+    assert svgs.count("<svg") == expected and "nan" not in svgs and "inf" not in svgs
+    assert page.count("<template id='detail-") == len(points)
+
+
+def test_detail_data_per_trial(run: Path) -> None:
+    info = build_info(run)
+    trials = info.trial_by_number
+    plain, timed = trials[2], trials[3]
+    # Without `kernels`: layers in model order, sparse exactly where `sparse_layer_names` says.
+    assert [layer.name for layer in plain.layers] == LAYERS + ["stage2.conv"]
+    assert [layer.impl for layer in plain.layers] == ["dense"] * 4 + ["sparse"]
+    assert plain.layers[0].density == pytest.approx(0.2) and plain.layers[-1].density is None
+    assert all(layer.chosen_ms is None for layer in plain.layers)
+    assert plain.dense_twin_ms is None and plain.dense_speedup is None
+    assert plain.prediction_error is None
+    # With `kernels` and `layer_ms`: the compiler's choice, its speedup and the device's time.
+    by_name = {layer.name: layer for layer in timed.layers}
+    stem = by_name["stem.conv"]
+    assert stem.impl == "sparse" and stem.sparse_speedup > 1.0
+    assert stem.chosen_ms == pytest.approx(timed.latency_ms / 5)  # measured beats the kernel's
+    assert by_name["head.fc"].impl == "dense" and by_name["head.fc"].sparse_speedup < 1.0
+    assert timed.dense_speedup == pytest.approx(2.0)
+    assert timed.prediction_error == pytest.approx(0.1)
+    assert (timed.measure_number, timed.measure_repeats, timed.latency_cv) == (10, 5, 0.05)
+    # The command that rebuilds the candidate names the run and the trial.
+    assert timed.export_command.startswith(f"hwnas export {run} --trial 3 --out ")
+
+
+def test_repeated_arch_and_odd_attrs(tmp_path: Path) -> None:
+    run = make_run(tmp_path, points=POINTS[:1], with_others=False)
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{run / 'study.db'}")
+    odd = {"arch": {"w": 1}, "same_as_trial": 0, "densities": [0.5], "kernels": "not json"}
+    odd |= {"layer_ms": {"fc": "fast"}, "dense_twin_ms": float("nan")}
+    study.add_trial(create_trial(values=[0.5, 1.0], user_attrs=odd))
+    repeat = build_info(run).trial_by_number[1]
+    assert repeat.same_as_trial == 0 and repeat.dense_twin_ms is None
+    assert [(layer.name, layer.chosen_ms) for layer in repeat.layers] == [("fc", None)]
+    page = render_html(build_info(run))
+    assert "The same arch as trial 0" in page
+
+
+def test_detail_template_holds_the_trials_data(run: Path) -> None:
+    page = render_html(build_info(run))
+    templates = dict(re.findall(r"<template id='detail-(\d+)'>(.*?)</template>", page, re.DOTALL))
+    assert sorted(map(int, templates)) == list(range(len(POINTS)))
+    three = templates["3"]
+    assert "<span class='detail-number'>3</span>" in three
+    assert "2.00\u00d7" in three and "+10.0%" in three  # speedup and prediction error
+    assert three.count("class='layer-row'") == len(LAYERS) + 1
+    assert "time-bar" in three and "time-bar" not in templates["2"]  # ms only where timed
+    assert "hwnas export" in three and "hwnas search" in three
+
+
+def make_multi_device_run(root: Path, name: str = "multi", device: str = "arm/rpi4") -> Path:
+    """A 3-objective study: accuracy and the latency on two devices, which rank differently."""
+    run = root / name
+    run.mkdir(parents=True)
+    study = optuna.create_study(
+        study_name=name,
+        storage=f"sqlite:///{run / 'study.db'}",
+        directions=["maximize", "minimize", "minimize"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["accuracy", "latency_ms:x86/local", f"latency_ms:{device}"])
+    study.set_user_attr("device", "x86/local")
+    for i, (acc, lat) in enumerate(POINTS):
+        # As nas records several devices: each device's figures under `per_device`.
+        per_device = {
+            "x86/local": {"latency_p10_ms": lat * 0.9, "latency_p90_ms": lat * 1.1},
+            device: {"latency_p10_ms": 90 / lat},
+        }
+        attrs = _attrs(i, acc, lat) | {"per_device": per_device}
+        study.add_trial(create_trial(values=[acc, lat, 100.0 / lat], user_attrs=attrs))
+    return run
+
+
+def test_three_objectives_give_one_front_per_device(tmp_path: Path) -> None:
+    info = build_info(make_multi_device_run(tmp_path))
+    assert [v.device for v in info.devices] == ["x86/local", "arm/rpi4"]
+    first, second = info.devices
+    assert first.trials is info.trials and {p.number for p in info.front} == {0, 2, 3, 4, 6}
+    # On the second device the slowest x86 trial is the fastest: it dominates everything else.
+    assert [p.number for p in second.front] == [6]
+    assert {p.number for p in second.trials if p.on_front} == {6}
+    assert second.trials[3].latency_ms == pytest.approx(100.0 / 30.0)
+    assert second.trials[3].latency_p10_ms == pytest.approx(3.0)
+    assert info.trials[3].latency_ms == 30.0  # the first device's copy is untouched
+    assert info.trials[3].latencies_ms == {"x86/local": 30.0, "arm/rpi4": pytest.approx(100 / 30)}
+    assert second.reference_latency_ms == pytest.approx(10.0 * 1.1)
+    assert len(second.hypervolume_history) == len(POINTS) and 0 < second.hypervolume <= 1
+    page = render_html(info)
+    assert "id='scatter'" in page and "id='scatter-1'" in page and "id='scatter-2'" not in page
+
+
+def test_device_names_are_escaped(tmp_path: Path) -> None:
+    info = build_info(make_multi_device_run(tmp_path, device=HOSTILE))
+    assert info.devices[1].device == HOSTILE
+    page = render_html(info)
+    assert HOSTILE not in page and "on &lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -1,5 +1,6 @@
 """The report opened in headless Chromium: no console error, nothing fetched, the plot drawn,
-the tooltip shown on hover and the trials table sorted by a header click.
+the tooltip shown on hover, the trials table sorted by a header click, the detail panel opened
+by a click on a point or a row; and the comparison page drawn with one series per run.
 
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``), with the
 standard library only.
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_reports import POINTS, make_run
+from test_reports import LAYERS, POINTS, make_run
+from test_reports_compare import WORSE
 
-from reports import write_report
+from reports import write_comparison, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -184,22 +186,51 @@ def browser(tmp_path: Path):
     devtools.close()
 
 
-def test_report_in_headless_chromium(tmp_path: Path, browser: DevTools) -> None:
-    report = write_report(make_run(tmp_path / "runs"))
+def open_page(browser: DevTools, page: Path) -> list[dict[str, Any]]:
+    """Load ``page`` and return the errors it raised (exceptions, console and log errors)."""
     for domain in ("Page", "Runtime", "Log", "Network"):
         browser.page(f"{domain}.enable")
-    browser.page("Page.navigate", url=report.as_uri())
+    browser.page("Page.navigate", url=page.as_uri())
     browser.wait_for("Page.loadEventFired")
     browser.evaluate("document.readyState")  # drains the events raised while loading
-
-    errors = [
+    return [
         e
         for e in browser.events
         if e.get("method") == "Runtime.exceptionThrown"
         or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
         or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
     ]
-    assert errors == []
+
+
+def centre_of(browser: DevTools, selector: str) -> list[float]:
+    """The viewport coordinates of the middle of the first element matching ``selector``."""
+    return browser.evaluate(
+        f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+        " el.scrollIntoView({block: 'center'}); const r = el.getBoundingClientRect();"
+        " return [r.left + Math.min(r.width / 2, 20), r.top + r.height / 2]; })()"
+    )
+
+
+def screenshot(browser: DevTools, element_id: str, path: Path) -> tuple[int, int, list[bytes]]:
+    """A PNG of one element, saved to ``path`` for a person to look at, and its pixels."""
+    box = browser.evaluate(
+        f"(() => {{ const r = document.getElementById('{element_id}').getBoundingClientRect();"
+        " return [r.left + scrollX, r.top + scrollY, r.width, r.height]; })()"
+    )
+    shot = browser.page(
+        "Page.captureScreenshot",
+        format="png",
+        captureBeyondViewport=True,
+        clip={"x": box[0], "y": box[1], "width": box[2], "height": box[3], "scale": 1},
+    )
+    png = base64.b64decode(shot["data"])
+    path.write_bytes(png)
+    return png_pixels(png)
+
+
+def test_report_in_headless_chromium(tmp_path: Path, browser: DevTools) -> None:
+    report = write_report(make_run(tmp_path / "runs"))
+    assert open_page(browser, report) == []
     requested = [
         e["params"]["request"]["url"]
         for e in browser.events
@@ -215,19 +246,7 @@ def test_report_in_headless_chromium(tmp_path: Path, browser: DevTools) -> None:
     assert drawn == len(POINTS)
 
     # The screenshot of the plot is not blank and shows the front's colour.
-    box = browser.evaluate(
-        "(() => { const r = document.getElementById('scatter').getBoundingClientRect();"
-        " return [r.left + scrollX, r.top + scrollY, r.width, r.height]; })()"
-    )
-    shot = browser.page(
-        "Page.captureScreenshot",
-        format="png",
-        captureBeyondViewport=True,
-        clip={"x": box[0], "y": box[1], "width": box[2], "height": box[3], "scale": 1},
-    )
-    png = base64.b64decode(shot["data"])
-    (tmp_path / "scatter.png").write_bytes(png)
-    width, channels, rows = png_pixels(png)
+    width, channels, rows = screenshot(browser, "scatter", tmp_path / "scatter.png")
     inked = red = 0
     for row in rows:
         for i in range(0, width * channels, channels):
@@ -267,3 +286,60 @@ def test_report_in_headless_chromium(tmp_path: Path, browser: DevTools) -> None:
     assert browser.evaluate("document.querySelector('#trials th[aria-sort]').textContent") == (
         "latency ms"
     )
+
+    # Clicking a point opens the detail panel for that trial, with its layers and commands.
+    assert browser.evaluate("document.getElementById('detail').hidden") is True
+    browser.click(*centre_of(browser, "#scatter circle[data-trial='3']"))
+    detail = (
+        "(() => { const d = document.getElementById('detail'); if (d.hidden) return null;"
+        " const r = d.getBoundingClientRect(); return [r.width,"
+        " d.querySelector('.detail-number').textContent,"
+        " d.querySelectorAll('.layer-row').length, d.querySelectorAll('.time-bar').length,"
+        " d.querySelector('.export-cmd').textContent]; })()"
+    )
+    width_px, number, layer_rows, time_bars, export = browser.evaluate(detail)
+    assert width_px > 300 and number == "3"
+    assert layer_rows == len(LAYERS) + 1 and time_bars == len(LAYERS)
+    assert "--trial 3" in export
+    screenshot(browser, "detail", tmp_path / "detail.png")
+    assert browser.evaluate(
+        "document.querySelector('#scatter circle.selected').dataset.trial"
+    ) == ("3")
+
+    # Clicking a table row shows that row's trial instead; Escape closes the panel.
+    browser.click(*centre_of(browser, "#trials tbody tr[data-trial='5'] td"))
+    assert browser.evaluate(detail)[1] == "5"
+    browser.page("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape")
+    assert browser.evaluate(detail) is None
+
+
+def test_comparison_in_headless_chromium(tmp_path: Path, browser: DevTools) -> None:
+    runs = [
+        make_run(tmp_path / "runs", "better"),
+        make_run(tmp_path / "runs", "worse", points=WORSE, with_others=False),
+    ]
+    page = write_comparison(runs, tmp_path / "compare.html")
+    assert open_page(browser, page) == []
+    for svg_id in ("compare-scatter", "compare-hv"):
+        # One visible series per run, each with a visible point per front or history entry.
+        drawn = browser.evaluate(
+            f"Array.from(document.querySelectorAll('#{svg_id} g.series')).map(g =>"
+            " Array.from(g.querySelectorAll('circle')).filter(c => {"
+            " const r = c.getBoundingClientRect(); return r.width > 0 && r.height > 0; }).length)"
+        )
+        assert len(drawn) == len(runs) and all(n > 0 for n in drawn), drawn
+    # Both runs' colours (blue, then red) are on the fronts plot.
+    width, channels, rows = screenshot(browser, "compare-scatter", tmp_path / "compare.png")
+    blue = red = 0
+    for row in rows:
+        for i in range(0, width * channels, channels):
+            r, g, b = row[i], row[i + 1], row[i + 2]
+            blue += b > 170 and r < 90 and g < 140
+            red += r > 170 and g < 90 and b < 90
+    assert blue > 50 and red > 50
+    # The runs table sorts by hypervolume: the better run first when descending.
+    header = centre_of(browser, "#runs th:nth-child(8)")
+    browser.click(*header)
+    browser.click(*header)
+    first = browser.evaluate("document.querySelector('#runs tbody tr').cells[0].textContent")
+    assert first == "better"

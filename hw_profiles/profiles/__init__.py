@@ -65,6 +65,7 @@ class Protocol:
     max_cv: float = 0.05
     remeasure: int = 2
     timeout_s: float = 120.0
+    retries: int = 2
 
 
 @dataclass(frozen=True)
