@@ -1,93 +1,321 @@
-"""One 1x1-conv shape: our sparse kernel vs our dense kernel (through build) vs torch, in GFLOP/s.
+"""Kernel grid: our BSR kernel vs our dense kernel vs torch / onnxruntime dense vs scipy.sparse
+and torch.sparse, per shape x sparsity x block, one thread each.
 
-Run alone on a quiet machine: ``python benchmarks/kernels.py [--sparsity 0.9] [--block 4x1]``.
-Sparse GFLOP/s count only the nonzero multiply-adds; dense ones count them all.
+Shapes: MobileNetV2 1x1 convs (Y = W X, K = C_in, M = H * W) and a 512x512 Linear at batch 1
+and 64. Every rate is *effective* GFLOP/s: 2 x nonzero MACs / time, whatever the method
+computes, so rates compare directly; "speedup" is our dense kernel's time / the method's time.
+Writes benchmarks/out/kernels.json and the table into benchmarks/RESULTS.md (## Kernels).
+Run alone on a quiet machine: ``python benchmarks/kernels.py [--quick]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import os
 
-import numpy as np
-import torch
-import tvm
-from torch import nn
-from tvm.target import codegen
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 
-import compile as hw_compile
-from compile.bsr import to_bsr
-from compile.kernels import KernelSpec, sparse_matmul_kernel
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import tvm  # noqa: E402
+from e2e import machine  # noqa: E402
+from tvm.target import codegen  # noqa: E402
+
+from compile.bsr import to_bsr  # noqa: E402
+from compile.kernels import BUILD_CONFIG, KernelSpec, matmul_kernel  # noqa: E402
+from compile.rewrite import _dense_candidate  # noqa: E402
+
+OUT = Path(__file__).parent / "out"
+RESULTS = Path(__file__).parent / "RESULTS.md"
+SECTION = "## Kernels"
 
 
-class _Profile:
-    family = "x86"
-    host = None
-    cross_compiler = None
-    name = "bench/host"
+@dataclass(frozen=True)
+class Shape:
+    """One layer: W is rows x cols, activations cols x m (m = H * W, or the Linear's batch)."""
 
-    def __init__(self, threads: int):
-        self.target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads}
+    name: str
+    kind: str  # "conv1x1" | "linear"
+    rows: int
+    cols: int
+    m: int
+    hw: int = 0  # conv spatial side
+
+
+SHAPES = (
+    Shape("conv 96->24 @32x32", "conv1x1", 24, 96, 1024, 32),
+    Shape("conv 144->32 @14x14", "conv1x1", 32, 144, 196, 14),
+    Shape("conv 384->64 @14x14", "conv1x1", 64, 384, 196, 14),
+    Shape("linear 512x512 b1", "linear", 512, 512, 1),
+    Shape("linear 512x512 b64", "linear", 512, 512, 64),
+)
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+BLOCKS = ((4, 1), (16, 1), (1, 4))
+METHODS = ("ours sparse", "ours dense", "torch dense", "ort dense", "scipy csr", "torch csr")
+TARGET = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 1}
+
+
+def time_fn(fn: Callable[[], object], min_ms: float, repeats: int) -> float:
+    """Best over `repeats` of the mean per call, `number` calls chosen to last >= min_ms."""
+    fn()
+    number, start = 1, time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - start, 1e-7)
+    number = max(1, math.ceil(min_ms / 1e3 / one))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - start) / number)
+    return best
+
+
+def block_sparse_weight(shape: Shape, sparsity: float, block, rng) -> np.ndarray:
+    """W with exactly round(sparsity x blocks) whole blocks zeroed (last blocks may be ragged)."""
+    br, bc = block
+    nbr, nbc = -(-shape.rows // br), -(-shape.cols // bc)
+    keep = np.zeros(nbr * nbc, bool)
+    keep[rng.permutation(nbr * nbc)[: round((1 - sparsity) * nbr * nbc)]] = True
+    mask = np.kron(keep.reshape(nbr, nbc), np.ones((br, bc)))[: shape.rows, : shape.cols]
+    return (rng.standard_normal((shape.rows, shape.cols)) * mask).astype(np.float32)
+
+
+def time_tvm(kernel, inputs: list[np.ndarray], out_shape, min_ms: float, repeats: int) -> float:
+    target = tvm.target.Target(TARGET)
+    with tvm.transform.PassContext(config=BUILD_CONFIG):
+        lib = tvm.compile(kernel, target=target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
+    name = str(kernel.attrs["global_symbol"])
+    timer = lib.mod.time_evaluator(
+        name, dev, number=1, repeat=repeats, min_repeat_ms=int(math.ceil(min_ms))
+    )
+    return float(min(timer(*args, out).results))
+
+
+def ort_session(shape: Shape, w: np.ndarray):
+    """A one-node ONNX model (1x1 Conv, or Gemm with W transposed) in onnxruntime, 1 thread."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    if shape.kind == "conv1x1":
+        x_shape = [1, shape.cols, shape.hw, shape.hw]
+        weight = numpy_helper.from_array(w.reshape(shape.rows, shape.cols, 1, 1), "W")
+        node = helper.make_node("Conv", ["X", "W"], ["Y"])
+    else:
+        x_shape = [shape.m, shape.cols]
+        weight = numpy_helper.from_array(w, "W")
+        node = helper.make_node("Gemm", ["X", "W"], ["Y"], transB=1)
+    graph = helper.make_graph(
+        [node],
+        "layer",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
+    return session, x_shape
+
+
+def dense_baselines(shape: Shape, min_ms: float, repeats: int, rng) -> dict[str, float]:
+    """Seconds per call of the dense methods (their time does not depend on the values)."""
+    w = rng.standard_normal((shape.rows, shape.cols)).astype(np.float32)
+    x = rng.standard_normal((1, shape.cols, shape.m)).astype(np.float32)
+    bias = np.zeros(shape.rows, np.float32)
+    ours = _dense_candidate(w, bias, 1, shape.m, "none", "x86", 1, avx512())
+    times = {
+        "ours dense": time_tvm(
+            ours.kernel, [x, *ours.constants], (1, shape.rows, shape.m), min_ms, repeats
+        )
+    }
+    wt = torch.from_numpy(w)
+    if shape.kind == "conv1x1":
+        xt = torch.from_numpy(x).reshape(1, shape.cols, shape.hw, shape.hw)
+        w4 = wt.reshape(shape.rows, shape.cols, 1, 1)
+        torch_fn = lambda: torch.nn.functional.conv2d(xt, w4)  # noqa: E731
+    else:
+        xt = torch.from_numpy(np.ascontiguousarray(x[0].T))
+        torch_fn = lambda: torch.nn.functional.linear(xt, wt)  # noqa: E731
+    with torch.no_grad():
+        times["torch dense"] = time_fn(torch_fn, min_ms, repeats)
+    try:
+        session, x_shape = ort_session(shape, w)
+        feed = {"X": rng.standard_normal(x_shape).astype(np.float32)}
+        times["ort dense"] = time_fn(lambda: session.run(None, feed), min_ms, repeats)
+    except ImportError:
+        times["ort dense"] = math.nan
+    return times
+
+
+def sparse_times(
+    shape: Shape, w: np.ndarray, block, min_ms: float, repeats: int, rng
+) -> dict[str, float]:
+    import scipy.sparse
+
+    x = rng.standard_normal((1, shape.cols, shape.m)).astype(np.float32)
+    bsr = to_bsr(w, block)
+    spec = KernelSpec(1, shape.rows, shape.cols, shape.m, bsr.block, len(bsr.data), bsr.block_rows)
+    kernel = matmul_kernel(spec, "x86", dense=False, num_cores=1, avx512=avx512())
+    inputs = [x, bsr.data, bsr.indices, bsr.indptr, np.zeros(shape.rows, np.float32)]
+    times = {"ours sparse": time_tvm(kernel, inputs, (1, shape.rows, shape.m), min_ms, repeats)}
+    csr = scipy.sparse.csr_matrix(w)
+    x2 = np.ascontiguousarray(x[0])
+    times["scipy csr"] = time_fn(lambda: csr @ x2, min_ms, repeats)
+    wt, xt = torch.from_numpy(w).to_sparse_csr(), torch.from_numpy(x2)
+    with torch.no_grad():
+        times["torch csr"] = time_fn(lambda: torch.sparse.mm(wt, xt), min_ms, repeats)
+    return times
+
+
+def avx512() -> bool:
+    return "avx512f" in set(codegen.llvm_get_cpu_features(tvm.target.Target(TARGET)))
+
+
+def run_grid(shapes, sparsities, blocks, min_ms: float, repeats: int) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        rng = np.random.default_rng(0)
+        dense = dense_baselines(shape, min_ms, repeats, rng)
+        for sparsity in sparsities:
+            for block in blocks:
+                w = block_sparse_weight(shape, sparsity, block, rng)
+                nnz = int(np.count_nonzero(w))
+                times = {**dense, **sparse_times(shape, w, block, min_ms, repeats, rng)}
+                ref = times["ours dense"]
+                rows.append(
+                    {
+                        "shape": asdict(shape),
+                        "sparsity": sparsity,
+                        "block": f"{block[0]}x{block[1]}",
+                        "nnz": nnz,
+                        "ms": {k: v * 1e3 for k, v in times.items()},
+                        "gflops": {k: 2 * nnz * shape.m / v / 1e9 for k, v in times.items()},
+                        "speedup_vs_ours_dense": {k: ref / v for k, v in times.items()},
+                    }
+                )
+                print(
+                    f"{shape.name:<22} {sparsity:>5} {block[0]}x{block[1]:<3} "
+                    + " ".join(f"{k}={v * 1e3:.4f}ms" for k, v in times.items()),
+                    flush=True,
+                )
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The grid as a table (effective GFLOP/s), then a summary of our sparse kernel's speedup."""
+    head = " | ".join(METHODS)
+    lines = [
+        f"| shape | sparsity | block | {head} | ours sparse speedup | best other sparse speedup |",
+        "| --- | ---: | --- |" + " ---: |" * (len(METHODS) + 2),
+    ]
+    for row in result["rows"]:
+        rates = " | ".join(f"{row['gflops'][m]:.1f}" for m in METHODS)
+        speed = row["speedup_vs_ours_dense"]
+        other = max(speed["scipy csr"], speed["torch csr"])
+        lines.append(
+            f"| {row['shape']['name']} | {row['sparsity']:.0%} | {row['block']} | {rates} | "
+            f"{speed['ours sparse']:.2f}x | {other:.2f}x |"
+        )
+    lines += ["", summary(result["rows"])]
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """Geometric mean over shapes of our sparse kernel's speedup vs our dense kernel."""
+    blocks = sorted({r["block"] for r in rows}, key=[f"{a}x{b}" for a, b in BLOCKS].index)
+    sparsities = sorted({r["sparsity"] for r in rows})
+    lines = [
+        "Our sparse kernel's speedup over our dense kernel, geometric mean over the shapes:",
+        "",
+        "| block | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+        "| --- |" + " ---: |" * len(sparsities),
+    ]
+    for block in blocks:
+        cells = []
+        for s in sparsities:
+            vals = [
+                r["speedup_vs_ours_dense"]["ours sparse"]
+                for r in rows
+                if r["block"] == block and r["sparsity"] == s
+            ]
+            cells.append(f"{math.exp(np.mean(np.log(vals))):.2f}x")
+        lines.append(f"| {block} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(table: str, result: dict) -> None:
+    """Replace the `## Kernels` section of RESULTS.md (to the next `## ` or the end)."""
+    m = result["machine"]
+    section = (
+        f"{SECTION} (`benchmarks/kernels.py`)\n\n"
+        f"Taken on a **shared, loaded machine** ({m['cpu']}, LLVM mcpu {result['mcpu']}, "
+        f"AVX-512 {'yes' if result['avx512'] else 'no'}; {m['cores']} cores shared with other "
+        f"engineers' builds and tests, {m['date']}): one thread per runtime, best of "
+        f"{result['repeats']} repeats of >= {result['min_ms']:g} ms each. Absolute rates are "
+        "pessimistic and noisy; compare within a row. Rates are effective GFLOP/s (2 x nonzero "
+        "MACs / time) for every method; speedups are our dense kernel's time over the "
+        "method's. scipy and torch.sparse get the same block-sparse matrix as CSR.\n\n"
+        f"{table}\n"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    RESULTS.write_text(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--size", type=int, default=32, help="H = W")
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--block", default="4x1", help="rows x cols, e.g. 16x1 or 1x8")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    block = tuple(int(v) for v in args.block.split("x"))
-    c, m = args.channels, args.size * args.size
-    rng = np.random.default_rng(0)
-    keep = rng.random((c // block[0], c // block[1])) >= args.sparsity
-    w = rng.standard_normal((c, c)).astype(np.float32) * np.kron(keep, np.ones(block))
-    w = w.astype(np.float32)
-    x = rng.standard_normal((1, c, m)).astype(np.float32)
-    target = tvm.target.Target(_Profile(args.threads).target)
-    dev = tvm.cpu()
-
-    bsr = to_bsr(w, block)
-    spec = KernelSpec(1, c, c, m, bsr.block, len(bsr.data), bsr.block_rows)
-    lib = tvm.compile(sparse_matmul_kernel(spec, "x86", args.threads), target=target)
-    tensors = [tvm.runtime.tensor(a, dev) for a in (x, bsr.data, bsr.indices, bsr.indptr)]
-    bias = tvm.runtime.tensor(np.zeros(c, np.float32), dev)
-    out = tvm.runtime.tensor(np.zeros((1, c, m), np.float32), dev)
-    timer = lib.mod.time_evaluator("bsr_matmul", dev, number=20, repeat=5)
-    sparse_s = min(timer(*tensors, bias, out).results)
-
-    conv = nn.Conv2d(c, c, 1, bias=False).eval()
-    with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(w).reshape(c, c, 1, 1))
-    xt = torch.from_numpy(x).reshape(1, c, args.size, args.size)
-    dense = hw_compile.build(conv, xt, _Profile(args.threads), check=False)
-    vm = tvm.relax.VirtualMachine(dense.executable, dev)
-    dense_s = min(
-        vm.time_evaluator("main", dev, number=5, repeat=3)(tvm.runtime.tensor(xt.numpy())).results
+    parser.add_argument(
+        "--quick", action="store_true", help="one shape, two sparsities (smoke test)"
     )
-
-    torch.set_num_threads(args.threads)
-    with torch.no_grad():
-        for _ in range(3):
-            conv(xt)
-        runs = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(10):
-                conv(xt)
-            runs.append((time.perf_counter() - start) / 10)
-    torch_s = min(runs)
-
-    nnz, total = np.count_nonzero(w), c * c
-    print(f"shape {c}x{c} x {m}, sparsity {args.sparsity}, block {args.block}")
-    print(f"{'kernel':<22}{'ms':>9}{'GFLOP/s':>10}")
-    for name, seconds, macs in [
-        ("sparse (ours, nnz)", sparse_s, nnz),
-        ("dense (hwnas kernel)", dense_s, total),
-        ("dense (torch)", torch_s, total),
-    ]:
-        print(f"{name:<22}{seconds * 1e3:>9.3f}{2 * macs * m / seconds / 1e9:>10.1f}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-ms", type=float, default=20.0, help="least time per repeat")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        shapes, sparsities = SHAPES[1:2], (0.7, 0.9)
+        min_ms, repeats = 5.0, 2
+    else:
+        shapes, sparsities = SHAPES, SPARSITIES
+        min_ms, repeats = args.min_ms, args.repeats
+    rows = run_grid(shapes, sparsities, BLOCKS, min_ms, repeats)
+    result = {
+        "machine": machine(),
+        "repeats": repeats,
+        "min_ms": min_ms,
+        "mcpu": TARGET["mcpu"],
+        "avx512": avx512(),
+        "rows": rows,
+    }
+    OUT.mkdir(exist_ok=True)
+    name = "kernels-quick.json" if args.quick else "kernels.json"
+    (OUT / name).write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    print(table)
+    if not args.quick:
+        write_results(table, result)
 
 
 if __name__ == "__main__":

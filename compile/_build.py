@@ -32,7 +32,7 @@ from compile.rewrite import (
 RTOL = 1e-4
 # Absolute tolerance as a share of the largest expected magnitude (summation order differs).
 ATOL_SCALE = 1e-4
-SPARSE_FAMILIES = ("x86", "arm")
+SPARSE_FAMILIES = ("x86", "arm", "cuda")
 
 
 @dataclass
@@ -60,19 +60,31 @@ class CompiledModel:
 
     @property
     def host_runnable(self) -> bool:
-        return _host_runnable(self.target)
+        return local_device(self.target) is not None
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Run the model on this host (x86 targets whose CPU features the host has)."""
-        if not self.host_runnable:
+        """Run the model on this host: x86 targets whose CPU features the host has, or CUDA
+        targets when this host has a GPU of at least the target's architecture."""
+        dev = local_device(self.target)
+        if dev is None:
             raise CompileError(
-                f"target {self.target} does not run on this host; export_library() it and "
-                "measure it on its device"
+                f"target {self.target.kind.name} ({self.family}) does not run on this host; "
+                "export_library() it and run it on its device (check_remote)"
             )
         if self._vm is None:
-            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
-        out = self._vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), tvm.cpu()))
+            self._vm = relax.VirtualMachine(self.executable, dev)
+        out = self._vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), dev))
         return out.numpy()
+
+    def device_source(self, kind: str = "cuda") -> str:
+        """The generated source of the library's `kind` modules (e.g. CUDA C), for inspection."""
+        sources, stack = [], [self.executable.mod]
+        while stack:
+            module = stack.pop()
+            if module.kind == kind:
+                sources.append(module.inspect_source())
+            stack.extend(module.imports)
+        return "\n".join(sources)
 
     def check_output(self, got: np.ndarray) -> None:
         """Raise `OutputMismatch` unless `got` (the library's output on `example_input`, from
@@ -87,9 +99,10 @@ class CompiledModel:
         `hw_profiles.measure.StepError` (naming the step) when the device fails."""
         from hw_profiles.measure import run_remote
 
-        got = run_remote(
-            lib_path, [self.example_input], profile, tracker, lambda remote, _: remote_output(remote)
-        )
+        def body(remote, _enter) -> np.ndarray:
+            return remote_output(remote)
+
+        got = run_remote(lib_path, [self.example_input], profile, tracker, body)
         self.check_output(got)
 
     def export_library(self, path: str | Path) -> Path:
@@ -169,6 +182,18 @@ def runs_on_host(profile) -> bool:
     return _host_runnable(_make_target(profile))
 
 
+def local_device(target: tvm.target.Target):
+    """The device of this host that runs `target`'s code, or None."""
+    if target.kind.name == "cuda":
+        gpu = tvm.cuda(0)
+        if not gpu.exist:
+            return None
+        arch = str(target.attrs.get("arch", "") or "sm_0").removeprefix("sm_").rstrip("a")
+        have = gpu.compute_version.replace(".", "")
+        return gpu if int(have) >= int(arch or 0) else None
+    return tvm.cpu() if _host_runnable(target) else None
+
+
 def _num_cores(target: tvm.target.Target) -> int | None:
     value = target.attrs.get("num-cores")
     return int(value) if value is not None else None
@@ -194,7 +219,7 @@ def build(
     family = profile.family
     if family not in SPARSE_FAMILIES:
         raise CompileError(
-            f"profile family {family!r} has no sparse kernels yet; use an x86 or arm profile"
+            f"profile family {family!r} has no kernels; use an x86, arm or cuda profile"
         )
     target = _make_target(profile)
     try:
@@ -338,7 +363,7 @@ def run_layer_kernel(plan: LayerPlan, x: np.ndarray, target) -> np.ndarray:
         funcs[kernel_symbol(plan.name, "im2col")] = plan.im2col
     with tvm.transform.PassContext(config=BUILD_CONFIG):
         lib = tvm.compile(tvm.IRModule(funcs), target=target)
-    dev = tvm.cpu()
+    dev = local_device(target)
 
     def call(symbol: str, inputs: list[np.ndarray], shape) -> np.ndarray:
         out = tvm.runtime.tensor(np.zeros(shape, np.float32), dev)
@@ -401,6 +426,7 @@ __all__ = [
     "build",
     "compare_outputs",
     "kernel_symbol",
+    "local_device",
     "remote_output",
     "worst_layer",
 ]

@@ -26,6 +26,8 @@ SPARSE_ABOVE = 0.7
 # Layers whose density falls in the same bucket of this width share a cached timing.
 DENSITY_BUCKET = 0.05
 CACHE_FILE = "kernel_times.json"
+# Part of every cache key: bump it when a kernel or its tiling changes, so old times are unused.
+KERNEL_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -100,7 +102,7 @@ class KernelChooser:
         shape = f"{spec.batch}x{spec.rows}x{spec.cols}x{spec.m}"
         block = f"{spec.block[0]}x{spec.block[1]}"
         target = json.dumps(dict(self.target.export()), sort_keys=True, default=str)
-        return f"{target}|{shape}|{block}|{bucket}"
+        return f"v{KERNEL_VERSION}|{target}|{shape}|{block}|{bucket}"
 
     def _time(self, candidate: KernelCandidate) -> float:
         spec = candidate.spec

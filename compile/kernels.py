@@ -7,7 +7,6 @@ this with the activations transposed (K = in_features, M = batch rows).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -44,20 +43,47 @@ class Tiling:
     chunks: int
 
 
+@dataclass(frozen=True)
+class VectorUnit:
+    """A CPU's float32 SIMD registers as the tile choice sees them: lanes per register, the
+    registers given to accumulators (the rest hold weights and activations), widest M tile."""
+
+    lanes: int
+    acc_registers: int
+    widest: int
+
+    @property
+    def acc_budget(self) -> int:
+        return self.lanes * self.acc_registers
+
+
+# Per vector ISA. NEON (aarch64): 32 registers of 128 bits (4 floats); half hold
+# accumulators, so a 4x1 block gets a 4 x 16 tile and a 16x1 block a 16 x 4 tile.
+VECTOR_UNITS: dict[str, VectorUnit] = {
+    "avx512": VectorUnit(lanes=16, acc_registers=16, widest=128),  # 32 zmm registers
+    "avx2": VectorUnit(lanes=8, acc_registers=12, widest=128),  # 16 ymm registers
+    "neon": VectorUnit(lanes=4, acc_registers=16, widest=32),  # 32 v registers
+}
+
+
+def vector_unit(family: str, avx512: bool = True) -> VectorUnit:
+    """The vector unit our CPU kernels target for a family (`x86` with/without AVX-512, `arm`)."""
+    if family == "x86":
+        return VECTOR_UNITS["avx512" if avx512 else "avx2"]
+    if family == "arm":
+        return VECTOR_UNITS["neon"]
+    raise KeyError(family)
+
+
 def choose_tiling(
     family: str, spec: KernelSpec, num_cores: int | None = None, avx512: bool = True
 ) -> Tiling:
     """Pick the M tile (accumulators kept in registers) and parallel chunk count for a shape."""
-    if family == "x86" and avx512:
-        acc_budget, vector, widest = 256, 16, 128  # 32 AVX-512 registers of 16 floats
-    elif family == "x86":
-        acc_budget, vector, widest = 96, 8, 128  # 16 AVX2 registers of 8 floats
-    elif family == "arm":
-        acc_budget, vector, widest = 64, 4, 32  # 32 NEON registers of 4 floats, half for acc
-    else:
-        raise KeyError(family)
+    unit = vector_unit(family, avx512)
     bs_r = spec.block[0]
-    tile = max(vector, min(widest, acc_budget // bs_r // vector * vector))
+    per_row = max(1, unit.acc_budget // bs_r)
+    # A power of two: a 24-wide AVX2 tile (3 vectors) ran 4-6x slower than a 16-wide one.
+    tile = max(unit.lanes, min(unit.widest, 1 << (per_row.bit_length() - 1)))
     tile = min(tile, spec.m)
     n_tiles = -(-spec.m // tile)
     work = spec.batch * spec.block_rows * n_tiles
@@ -393,6 +419,9 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc
     return im2col
 
 
+FAMILIES = ("x86", "arm", "cuda")
+
+
 def matmul_kernel(
     spec: KernelSpec,
     family: str,
@@ -401,29 +430,46 @@ def matmul_kernel(
     num_cores: int | None = None,
     avx512: bool = True,
 ) -> tirx.PrimFunc:
-    """The scheduled matmul kernel for `spec`: sparse (BSR), dense (packed W), or, when M == 1,
-    the matrix-vector kernel (a dense W then comes as a BSR matrix with every block present)."""
-    if family not in SCHEDULES:
+    """The scheduled matmul kernel for `spec`: sparse (BSR), dense (packed W), or, on a CPU when
+    M == 1, the matrix-vector kernel (a dense W then comes as a BSR matrix with every block)."""
+    if family not in FAMILIES:
         raise KeyError(family)
     if spec.activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {spec.activation!r}")
+    if family == "cuda":
+        from compile.cuda_kernels import bsr_matmul_cuda, dense_matmul_cuda
+
+        return dense_matmul_cuda(spec) if dense else bsr_matmul_cuda(spec)
     tiling = choose_tiling(family, spec, num_cores, avx512)
     if spec.m == 1:
         return bsr_matvec_cpu(spec, tiling)
     if dense:
         return dense_matmul_cpu(spec, tiling)
-    return SCHEDULES[family](spec, tiling)
-
-
-# One schedule per target family; CUDA slots in here with its own function.
-SCHEDULES: dict[str, Callable[[KernelSpec, Tiling], tirx.PrimFunc]] = {
-    "x86": bsr_matmul_cpu,
-    "arm": bsr_matmul_cpu,
-}
+    return bsr_matmul_cpu(spec, tiling)
 
 
 def sparse_matmul_kernel(
     spec: KernelSpec, family: str, num_cores: int | None = None, avx512: bool = True
 ) -> tirx.PrimFunc:
-    """The scheduled sparse kernel for `spec` on a target family (`x86`, `arm`)."""
+    """The scheduled sparse kernel for `spec` on a target family (`x86`, `arm`, `cuda`)."""
     return matmul_kernel(spec, family, dense=False, num_cores=num_cores, avx512=avx512)
+
+
+def depthwise_kernel(
+    geo: ConvGeometry, family: str, activation: str = "none", num_cores: int | None = None
+) -> tirx.PrimFunc:
+    """The depthwise conv kernel for a target family."""
+    if family == "cuda":
+        from compile.cuda_kernels import depthwise_conv_cuda
+
+        return depthwise_conv_cuda(geo, activation)
+    return depthwise_conv_cpu(geo, activation, num_cores)
+
+
+def im2col_kernel(geo: ConvGeometry, family: str, num_cores: int | None = None) -> tirx.PrimFunc:
+    """The im2col kernel for a target family."""
+    if family == "cuda":
+        from compile.cuda_kernels import im2col_cuda
+
+        return im2col_cuda(geo)
+    return im2col_cpu(geo, num_cores)

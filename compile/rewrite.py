@@ -19,9 +19,10 @@ from compile.kernels import (
     ConvGeometry,
     KernelSpec,
     dense_block_rows,
-    depthwise_conv_cpu,
-    im2col_cpu,
+    depthwise_kernel,
+    im2col_kernel,
     matmul_kernel,
+    vector_unit,
 )
 
 try:
@@ -259,10 +260,6 @@ def _epilogue(
     return out_var, activation, bias, fused_bias
 
 
-def _vector_width(family: str, avx512: bool) -> int:
-    return 16 if family == "x86" and avx512 else (8 if family == "x86" else 4)
-
-
 def plan_rewrite(
     func: relax.Function,
     weight_vars: dict[str, str],
@@ -338,7 +335,7 @@ def plan_rewrite(
                 constants=[np.ascontiguousarray(weight.reshape(rows, kh, kw)), bias],
                 **common,
             )
-            plan.kernel = depthwise_conv_cpu(geometry, activation, num_cores)
+            plan.kernel = depthwise_kernel(geometry, family, activation, num_cores)
             if name in sparse:
                 dense_reasons[name] = "depthwise convolution (no sparse kernel)"
             plans.append(_named(plan))
@@ -375,7 +372,7 @@ def plan_rewrite(
         if choice is not None and choice.sparse_ms is not None:
             plan.times_ms = {"sparse": choice.sparse_ms, "dense": choice.dense_ms}
         if kind == "conv" and not _is_plain_1x1(geometry):
-            plan.im2col = im2col_cpu(geometry, num_cores)
+            plan.im2col = im2col_kernel(geometry, family, num_cores)
         plans.append(_named(plan))
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
 
@@ -396,8 +393,8 @@ def _dense_candidate(
 ) -> KernelCandidate:
     """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1."""
     rows, cols = matrix.shape
-    if m == 1:
-        bsr = full_bsr(matrix, (_vector_width(family, avx512), 1))
+    if m == 1 and family != "cuda":
+        bsr = full_bsr(matrix, (vector_unit(family, avx512).lanes, 1))
         consts = [bsr.data, bsr.indices, bsr.indptr, bias]
         spec = KernelSpec(batch, rows, cols, m, bsr.block, len(bsr.data), bsr.block_rows)
     else:

@@ -126,6 +126,12 @@ def tracker_summary(tracker: Tracker, timeout_s: float = 5.0) -> dict[str, dict[
     }
 
 
+def registered_keys(tracker: Tracker, timeout_s: float = 5.0) -> set[str]:
+    """Keys of the servers connected to the tracker now, busy ones included."""
+    servers = _raw_summary(tracker, timeout_s).get("server_info", [])
+    return {str(info.get("key", "")).removeprefix("server:") for info in servers}
+
+
 def check_tracker(tracker: Tracker, timeout_s: float = 3.0) -> None:
     """Raise DeviceError within about `timeout_s` unless a tracker answers at `tracker`."""
     _raw_summary(tracker, timeout_s)

@@ -11,11 +11,12 @@ record of every trial, so a resumed run or a fresh sampler continues where the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,3 +268,191 @@ def _require_nni() -> None:
             f"the nni-* strategies need NNI ({_IMPORT_ERROR}): "
             "pip install 'nni==3.0' 'pytorch-lightning'"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# One-shot (differentiable) strategies: NNI's DARTS and GumbelDARTS driving our supernets.
+#
+# Our supernets already hold the weight-sharing mixed ops (`search_spaces.supernet`); NNI's
+# built-in mixed layers would rebuild them without the shared sparse scores. So the NNI model
+# space is the supernet plus one `_ChoiceSlot` per searched choice (a `Categorical` labelled by
+# the choice name). NNI's DARTS turns each slot into a `_MixedSlot` holding NNI's own logits and
+# softmax (plain for DARTS, `GumbelSoftmax` with NNI's temperature annealing for GumbelDARTS);
+# in the forward pass the mixture weights NNI computes are fed into the supernet's mixed ops.
+# NNI's Lightning module runs the first-order bilevel loop and its Adam updates the logits.
+# ---------------------------------------------------------------------------------------------
+
+ONESHOT_STRATEGIES = ("darts", "gumbel-darts")
+
+if _IMPORT_ERROR is None:
+    import torch
+    from torch import nn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pytorch_lightning as pl
+        from nni.nas.evaluator.pytorch import Classification
+        from nni.nas.evaluator.pytorch import DataLoader as NNIDataLoader
+        from nni.nas.nn.pytorch import ModelSpace, MutableModule
+        from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
+        from nni.nas.strategy import DARTS, GumbelDARTS
+
+    class _ChoiceSlot(MutableModule):
+        """One searched choice of the supernet as an NNI mutable (values: candidate indices)."""
+
+        def __init__(self, label: str, size: int) -> None:
+            super().__init__()
+            self.label = label
+            self.size = size
+            self.add_mutable(Categorical(list(range(size)), label=label))
+
+    class _MixedSlot(BaseSuperNetModule):
+        """A slot after NNI's mutation: NNI's logits and softmax for one choice."""
+
+        def __init__(self, label: str, alpha: nn.Parameter, softmax: nn.Module) -> None:
+            super().__init__()
+            self.label = label
+            self._arch_alpha = alpha
+            self._softmax = softmax
+
+        def weights(self) -> torch.Tensor:
+            return self._softmax(self._arch_alpha)
+
+        def arch_parameters(self) -> list[nn.Parameter]:
+            return [self._arch_alpha]
+
+        def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        def export(self, memo: dict[str, Any]) -> dict[str, Any]:
+            if self.label in memo:
+                return {}
+            return {self.label: int(torch.argmax(self._arch_alpha.detach()))}
+
+        def export_probs(self, memo: dict[str, Any]) -> dict[str, Any]:
+            if self.label in memo:
+                return {}
+            probs = torch.softmax(self._arch_alpha.detach(), dim=-1).tolist()
+            return {self.label: dict(enumerate(probs))}
+
+        @classmethod
+        def mutate(
+            cls, module: nn.Module, name: str, memo: dict[str, Any], kwargs: dict[str, Any]
+        ) -> tuple[BaseSuperNetModule, bool] | None:
+            if not isinstance(module, _ChoiceSlot):
+                return None
+            return cls(module.label, memo[module.label], kwargs["softmax"]), True
+
+    class SupernetModelSpace(ModelSpace):
+        """Our supernet as an NNI model space: the net plus one NNI mutable per choice."""
+
+        def __init__(self, supernet: nn.Module) -> None:
+            super().__init__()
+            self.supernet = supernet
+            self.slots = nn.ModuleList(
+                _ChoiceSlot(name, len(values)) for name, values in supernet.arch_candidates.items()
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            from nas.differentiable import mixture_weights
+
+            if not all(isinstance(s, _MixedSlot) for s in self.slots):
+                return self.supernet(x)  # not mutated by a one-shot strategy yet
+            weights = {slot.label: slot.weights() for slot in self.slots}
+            with mixture_weights(self.supernet, weights):
+                return self.supernet(x)
+
+        def nni_logits(self) -> dict[str, torch.Tensor]:
+            """NNI's logits by choice name (after the strategy has mutated the space)."""
+            return {s.label: s._arch_alpha.detach().clone() for s in self.slots}
+
+
+@dataclass(frozen=True)
+class OneShotSettings:
+    """Hyper-parameters of NNI's one-shot run (first-order DARTS, as NNI implements it)."""
+
+    weight_lr: float = 5e-3
+    arch_lr: float = 3e-3
+    batch_size: int = 64
+    temperature: tuple[float, float] = (1.0, 0.1)  # GumbelDARTS: linear from init to min
+
+
+def run_nni_oneshot(
+    name: str,
+    supernet: Any,
+    train: tuple[Any, Any],
+    val: tuple[Any, Any],
+    *,
+    epochs: int,
+    seed: int,
+    num_classes: int,
+    settings: OneShotSettings | None = None,
+) -> dict[str, list[float]]:
+    """Runs NNI's `DARTS` (`darts`) or `GumbelDARTS` (`gumbel-darts`) strategy in this process
+    on `supernet`: weights on `train`, logits on `val` (each an (x, y) pair of tensors).
+
+    Copies NNI's final logits into the supernet's own (so `supernet.derive()` reads NNI's
+    result) and returns NNI's `export_probs` by choice name.
+    """
+    _require_nni()
+    if name not in ONESHOT_STRATEGIES:
+        raise UserError(f"unknown one-shot strategy {name!r}: choose darts or gumbel-darts")
+    s = settings or OneShotSettings()
+    from nni.nas.execution import SequentialExecutionEngine
+    from nni.nas.space import RawFormatModelSpace
+
+    torch.manual_seed(seed)
+    space = SupernetModelSpace(supernet)
+    generator = torch.Generator().manual_seed(seed)
+
+    def loader(pair: tuple[Any, Any]) -> Any:
+        dataset = torch.utils.data.TensorDataset(*pair)
+        return NNIDataLoader(dataset, batch_size=s.batch_size, shuffle=True, generator=generator)
+
+    evaluator = Classification(
+        learning_rate=s.weight_lr,
+        train_dataloaders=loader(train),
+        val_dataloaders=loader(val),
+        num_classes=num_classes,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    hooks = [_MixedSlot.mutate]
+    if name == "darts":
+        strategy = DARTS(mutation_hooks=hooks, arc_learning_rate=s.arch_lr)
+    else:
+        strategy = GumbelDARTS(
+            mutation_hooks=hooks, arc_learning_rate=s.arch_lr, temperature=s.temperature
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.seed_everything(seed, verbose=False)
+        with _quiet("lightning.pytorch", "pytorch_lightning", "nni"):
+            strategy.initialize(RawFormatModelSpace(space, evaluator), SequentialExecutionEngine())
+            strategy.run()
+    probs = strategy.oneshot_module.export_probs()
+    with torch.no_grad():
+        for label, alpha in space.nni_logits().items():
+            supernet.named_arch_parameters()[label].copy_(alpha)
+    return {label: [p[i] for i in sorted(p)] for label, p in probs.items()}
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Lightning's and NNI's banners and one-shot notices at ERROR only, for the block."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -6,21 +6,30 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import torch
 
 import compile as hw_compile
-from hw_profiles.measure import measure_library
+from hw_profiles.measure import Measurement, measure_library
 from hw_profiles.profiles import Profile, load_profile
-from hw_profiles.rpc import Tracker, check_tracker, local_server, local_tracker, parse_tracker
+from hw_profiles.rpc import (
+    Tracker,
+    local_server,
+    local_tracker,
+    parse_tracker,
+    registered_keys,
+)
 from nas.config import SearchConfig
 from nas.errors import UserError
 from nas.stats import model_stats
@@ -46,38 +55,57 @@ class TrialFailed(Exception):
 class SearchContext:
     config: SearchConfig
     space: Space
-    profile: Profile
+    profiles: list[Profile]
     data: Dataset
     tracker: Tracker
     example: torch.Tensor
 
 
-def prepare(config: SearchConfig) -> tuple[Space, Profile, Dataset]:
+def prepare(config: SearchConfig) -> tuple[Space, list[Profile], Dataset]:
     """Resolves every named input before anything is written, so bad input changes nothing."""
     config.validate()
     space = get_space(config.space)
     make_sampler(config.strategy, config.seed, space.choices)
-    profile = load_profile(config.device)
+    profiles = [load_profile(name.strip()) for name in config.device.split(",")]
+    names = [p.name for p in profiles]
+    if len(set(names)) != len(names):
+        raise UserError(f"--device names a device twice ({config.device}): name each once")
     data = load_dataset(config.dataset, seed=config.seed, image_size=config.image_size)
     if config.tracker:
-        check_tracker(parse_tracker(config.tracker))
-    elif not (profile.emulated or hw_compile.runs_on_host(profile)):
-        _local_device(Tracker("127.0.0.1", 0), profile)  # raises the one-line UserError
-    return space, profile, data
+        tracker = parse_tracker(config.tracker)
+        keys = registered_keys(tracker)
+        for profile in profiles:
+            if profile.key not in keys:
+                raise UserError(
+                    f"no device with key '{profile.key}' ({profile.name}) is registered at "
+                    f"{tracker}: start `python -m tvm.exec.rpc_server --tracker {tracker} "
+                    f"--key {profile.key}` on it (registered: {', '.join(sorted(keys)) or 'none'})"
+                )
+    else:
+        for profile in profiles:
+            if not (profile.emulated or hw_compile.runs_on_host(profile)):
+                _local_device(Tracker("127.0.0.1", 0), profile)  # raises the one-line error
+    return space, profiles, data
 
 
-def open_study(config: SearchConfig, space: Space, worker: int = 0) -> optuna.Study:
+def objectives(profiles: list[Profile]) -> tuple[list[str], list[str]]:
+    """The study's directions and metric names: accuracy, then a latency per device."""
+    if len(profiles) == 1:
+        return DIRECTIONS, METRIC_NAMES
+    return (
+        ["maximize"] + ["minimize"] * len(profiles),
+        ["accuracy"] + [f"latency_ms:{p.name}" for p in profiles],
+    )
+
+
+def open_study(
+    config: SearchConfig, space: Space, profiles: list[Profile], worker: int = 0
+) -> optuna.Study:
     """Creates or resumes the run's study; refuses a directory that holds another study."""
     run_dir = config.run_dir
     db = run_dir / "study.db"
     if db.exists():
-        try:
-            names = optuna.get_all_study_names(config.storage_url)
-        except Exception as exc:
-            raise UserError(
-                f"{db} is not a readable study database ({type(exc).__name__}): "
-                "move it away or choose another --out"
-            ) from None
+        names = _study_names(config)
         if names and config.study_name not in names:
             raise UserError(
                 f"{run_dir} holds the study {names[0]!r}, not {config.study_name!r}: "
@@ -85,14 +113,22 @@ def open_study(config: SearchConfig, space: Space, worker: int = 0) -> optuna.St
             )
     elif run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} exists and is not an hwnas run: choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    directions, metric_names = objectives(profiles)
+    if config.study_name in _study_names(config):
+        existing = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+        if existing.metric_names and existing.metric_names != metric_names:
+            raise UserError(
+                f"the study {config.study_name!r} measures {', '.join(existing.metric_names)}, "
+                f"not {', '.join(metric_names)}: keep its --device or choose another --out"
+            )
+    _check_writable(run_dir)
     study = optuna.create_study(
         study_name=config.study_name,
         storage=config.storage_url,
-        directions=DIRECTIONS,
+        directions=directions,
         load_if_exists=True,
     )
-    study.set_metric_names(METRIC_NAMES)
+    study.set_metric_names(metric_names)
     fail_orphaned_trials(study)
     # A resumed run (or another worker) continues the sampler's sequence instead of repeating
     # the first proposals.
@@ -103,6 +139,36 @@ def open_study(config: SearchConfig, space: Space, worker: int = 0) -> optuna.St
         constraints=constraints_of if config.max_latency_ms or config.max_params else None,
     )
     return study
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Makes sure the run's artifacts can be written before the study is touched."""
+    created = not run_dir.exists()
+    probe = run_dir / "trials" / ".hwnas-write-check"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(
+            f"cannot write artifacts in {probe.parent} ({exc.strerror or exc}): "
+            "make it a writable directory or choose another --out"
+        ) from None
+
+
+def _study_names(config: SearchConfig) -> list[str]:
+    """The studies in the run's storage (none when its database does not exist yet)."""
+    if not config.storage and not (config.run_dir / "study.db").exists():
+        return []
+    try:
+        return optuna.get_all_study_names(config.storage_url)
+    except Exception as exc:
+        raise UserError(
+            f"cannot read the study storage {config.storage_url} ({type(exc).__name__}): "
+            "repair or move it away, or choose another --out"
+        ) from None
 
 
 def _worker_id() -> str:
@@ -152,14 +218,16 @@ def constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 
 @contextlib.contextmanager
-def connect_device(config: SearchConfig, profile: Profile) -> Iterator[Tracker]:
-    """The user's tracker; or a tracker on 127.0.0.1 with a device served for this run: a
+def connect_devices(config: SearchConfig, profiles: list[Profile]) -> Iterator[Tracker]:
+    """The user's tracker; or a tracker on 127.0.0.1 with each device served for this run: a
     stock rpc_server for a profile this machine can run, the emulated board for an emulated
     one."""
     if config.tracker:
         yield parse_tracker(config.tracker)
         return
-    with local_tracker() as tracker, _local_device(tracker, profile):
+    with local_tracker() as tracker, contextlib.ExitStack() as stack:
+        for profile in profiles:
+            stack.enter_context(_local_device(tracker, profile))
         yield tracker
 
 
@@ -233,31 +301,61 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
         "densities", {name: round(m.density(), 4) for name, m in sparse_layers(model)}
     )
 
-    compiled = hw_compile.build(model, ctx.example, ctx.profile)
-    lib = compiled.export_library(trial_dir / "model.so")
-    trial.set_user_attr("sparse_layers", len(compiled.sparse_layers))
-    trial.set_user_attr("sparse_layer_names", list(compiled.sparse_layers))
-    trial.set_user_attr("compile_s", round(compiled.compile_seconds, 3))
-
-    started = time.perf_counter()
-    m = measure_library(lib, [ctx.example.numpy()], ctx.profile, ctx.tracker)
-    trial.set_user_attr("measure_s", round(time.perf_counter() - started, 3))
-    if m.error:
-        raise TrialFailed(f"measurement on {ctx.profile.name} failed: {m.error}")
-    trial.set_user_attr("latency_p10_ms", m.p10_ms)
-    trial.set_user_attr("latency_p90_ms", m.p90_ms)
-    trial.set_user_attr("latency_cv", m.cv)
-    trial.set_user_attr("measure_number", m.number)
-    trial.set_user_attr("measure_repeats", m.repeats)
-    (trial_dir / "measurement.json").write_text(json.dumps(m.to_dict(), indent=2))
+    results = evaluate_on_devices(model, ctx, trial_dir)
+    for key, value in results[0].items():
+        trial.set_user_attr(key, value)
+    if len(results) > 1:
+        names = [p.name for p in ctx.profiles]
+        trial.set_user_attr("per_device", dict(zip(names, results, strict=True)))
+    latencies = [r["latency_ms"] for r in results]
     trial.set_user_attr(
         "constraints",
         [
-            m.median_ms - config.max_latency_ms if config.max_latency_ms else 0.0,
+            max(latencies) - config.max_latency_ms if config.max_latency_ms else 0.0,
             stats.params - config.max_params if config.max_params else 0.0,
         ],
     )
-    return result.accuracy, m.median_ms
+    return (result.accuracy, *latencies)
+
+
+def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: Path) -> list[dict]:
+    """Compiles the candidate for each device, then measures on all devices at once; returns
+    each device's figures. A device that fails fails the trial, naming the device."""
+    builds = []
+    for profile in ctx.profiles:
+        out = trial_dir if len(ctx.profiles) == 1 else trial_dir / profile.name.replace("/", "-")
+        compiled = hw_compile.build(model, ctx.example, profile)
+        builds.append((profile, compiled, compiled.export_library(out / "model.so")))
+
+    def measure(build: tuple) -> tuple[Measurement, float]:
+        profile, _, lib = build
+        started = time.perf_counter()
+        m = measure_library(lib, [ctx.example.numpy()], profile, ctx.tracker)
+        return m, time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=len(builds)) as pool:
+        measured = list(pool.map(measure, builds))
+    results = []
+    for (profile, compiled, lib), (m, seconds) in zip(builds, measured, strict=True):
+        if m.error:
+            raise TrialFailed(f"measurement on {profile.name} failed: {m.error}")
+        (lib.parent / "measurement.json").write_text(json.dumps(m.to_dict(), indent=2))
+        results.append(
+            {
+                "latency_ms": m.median_ms,
+                "latency_p10_ms": m.p10_ms,
+                "latency_p90_ms": m.p90_ms,
+                "latency_cv": m.cv,
+                "measure_number": m.number,
+                "measure_repeats": m.repeats,
+                "measure_s": round(seconds, 3),
+                "compile_s": round(compiled.compile_seconds, 3),
+                "sparse_layers": len(compiled.sparse_layers),
+                "sparse_layer_names": list(compiled.sparse_layers),
+                "kernels": json.loads(json.dumps(compiled.kernels, default=str)),
+            }
+        )
+    return results
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -274,22 +372,22 @@ def search(
     With `config.workers > 1` this process also starts `workers - 1` worker processes that
     share the study and the device; worker processes themselves have `worker > 0`.
     """
-    space, profile, data = prepare(config)
-    study = open_study(config, space, worker)
+    space, profiles, data = prepare(config)
+    study = open_study(config, space, profiles, worker)
     if worker == 0:
         (config.run_dir / CONFIG_FILE).write_text(config.to_toml())
         study.set_user_attr("space", config.space)
         study.set_user_attr("strategy", config.strategy)
-        study.set_user_attr("device", profile.name)
+        study.set_user_attr("device", ",".join(p.name for p in profiles))
         study.set_user_attr("dataset", data.name)
-        study.set_user_attr("emulated", profile.emulated)
-        study.set_user_attr("protocol", profile.protocol.__dict__)
+        study.set_user_attr("emulated", any(p.emulated for p in profiles))
+        study.set_user_attr("protocol", profiles[0].protocol.__dict__)
         study.set_user_attr("command", command_line(config))
 
     dists = distributions(space.choices)
     started = time.monotonic()
-    with connect_device(config, profile) as tracker, _workers(config, tracker, worker):
-        ctx = SearchContext(config, space, profile, data, tracker, data.val_x[:1].contiguous())
+    with connect_devices(config, profiles) as tracker, _workers(config, tracker, worker):
+        ctx = SearchContext(config, space, profiles, data, tracker, data.val_x[:1].contiguous())
         while counted_trials(study) < config.trials:
             trial = study.ask(dists)
             trial.set_user_attr("worker", _worker_id())
@@ -307,7 +405,8 @@ def search(
                 progress(_progress_line(study, config.trials, started, f"failed: {reason}"))
                 continue
             study.tell(trial, list(values))
-            note = f"trial {trial.number}: acc {values[0]:.3f}  {values[1]:.3f} ms"
+            shown = "  ".join(f"{v:.3f} ms" for v in values[1:])
+            note = f"trial {trial.number}: acc {values[0]:.3f}  {shown}"
             progress(_progress_line(study, config.trials, started, note))
     return study
 

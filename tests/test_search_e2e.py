@@ -173,3 +173,35 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert words in lines[0]
     assert "Traceback" not in done.stderr
     assert not (run / "study.db").exists()
+
+
+def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) -> None:
+    run = tmp_path / "two"
+    done = hwnas(
+        "search",
+        "--space",
+        "tiny-sparse",
+        "--epochs",
+        "1",
+        "--trials",
+        "1",
+        "--device",
+        "x86-local,x86/avx2",
+        "--out",
+        str(run),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load(run)
+    assert study.metric_names == ["accuracy", "latency_ms:x86/local", "latency_ms:x86/avx2"]
+    (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trial.values) == 3 and all(v > 0 for v in trial.values[1:])
+    per_device = trial.user_attrs["per_device"]
+    assert list(per_device) == ["x86/local", "x86/avx2"]
+    for name, figures in per_device.items():
+        assert figures["latency_p10_ms"] <= figures["latency_ms"] <= figures["latency_p90_ms"]
+        assert (run / "trials" / "0" / name.replace("/", "-") / "model.so").exists()
+    # Resuming with other devices would mix objectives: refused, and the study stays.
+    again = hwnas("search", "--space", "tiny-sparse", "--trials", "2", "--out", str(run))
+    assert again.returncode == 2
+    assert "--device" in again.stderr
+    assert len(load(run).trials) == 1

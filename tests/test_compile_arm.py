@@ -1,0 +1,70 @@
+"""compile for aarch64 NEON: a cross-compiled mbv2-sparse library run on the emulated board
+(qemu-user, TVM's stock RPC server, a real local tracker) gives torch's output."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import compile as hw_compile
+from compile.kernels import KernelSpec, choose_tiling
+from hw_profiles.emulate import emulated_server
+from hw_profiles.profiles import load_profile
+from hw_profiles.rpc import local_tracker
+from search_spaces.spaces import get_space
+
+KEY = "qemu-aarch64-compile-test"
+
+
+def test_neon_tiles_fill_half_the_vector_registers():
+    def tile(block: tuple[int, int], m: int = 1024) -> int:
+        return choose_tiling("arm", KernelSpec(1, 64, 64, m, block, 1, 64 // block[0])).tile_m
+
+    # 16 of 32 128-bit registers hold accumulators: bs_r x tile_m = 64 floats.
+    assert tile((4, 1)) == 16
+    assert tile((16, 1)) == 4
+    assert tile((1, 4)) == 32  # capped: one activation row of 8 vectors per block column
+    assert tile((4, 1), m=6) == 6
+
+
+def _mbv2_arch() -> dict:
+    space = get_space("mbv2-sparse")
+    arch = {name: values[0] for name, values in space.choices.items()}
+    for stage, (sparsity, block) in enumerate(
+        [(0.5, "4x1"), (0.9, "4x1"), (0.8, "16x1"), (0.95, "1x4")], start=1
+    ):
+        arch |= {f"s{stage}.op": "sparse", f"s{stage}.sparsity": sparsity}
+        arch[f"s{stage}.block"] = block
+    arch["classifier.sparsity"] = 0.7
+    return arch
+
+
+@pytest.mark.arm
+def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path):
+    profile = load_profile("arm/qemu-aarch64")
+    torch.manual_seed(0)
+    model = get_space("mbv2-sparse").build(
+        _mbv2_arch(), num_classes=10, in_channels=3, image_size=32
+    )
+    model.eval()
+    compiled = hw_compile.build(model, torch.randn(1, 3, 32, 32), profile)
+    assert not compiled.host_runnable
+    # Not timed on this host: sparse at >= 70% sparsity, so stage 1 (50%) stays dense.
+    assert compiled.sparse_layers and all(
+        not name.startswith("stages.0.") for name in compiled.sparse_layers
+    )
+    assert "classifier" in compiled.sparse_layers
+    assert any(name.startswith("stages.0.") for name in compiled.dense_reasons)
+    lib = compiled.export_library(tmp_path / "model.so")
+    assert lib.read_bytes()[:4] == b"\x7fELF" and lib.read_bytes()[18] == 183  # EM_AARCH64
+
+    with local_tracker() as tracker, emulated_server(tracker, KEY, cpu="cortex-a72"):
+        remote_profile = dataclasses.replace(profile, key=KEY)
+        compiled.check_remote(lib, remote_profile, tracker)  # OutputMismatch if it differs
+    # The same check fails on a wrong output.
+    wrong = compiled.expected_output + 0.1 * np.abs(compiled.expected_output).max()
+    with pytest.raises(hw_compile.OutputMismatch, match="differs from torch"):
+        compiled.check_output(wrong)

@@ -1,0 +1,152 @@
+"""compile for CUDA: our GPU kernels' index math (run with serial loops on the CPU), builds for
+sm_80 / sm_90 that carry our kernels, and, on a machine with a GPU, the outputs against torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+import compile as hw_compile
+from compile.bsr import pack_dense, to_bsr
+from compile.cuda_kernels import (
+    bsr_matmul_cuda,
+    dense_matmul_cuda,
+    depthwise_conv_cuda,
+    im2col_cuda,
+)
+from compile.kernels import ConvGeometry, KernelSpec
+from hw_profiles.profiles import load_profile
+from search_spaces.ops import SparseConv2d, SparseLinear
+
+CPU = tvm.target.Target({"kind": "llvm"})
+
+
+def _on_cpu(func) -> tvm.runtime.Module:
+    """`func` with its blockIdx/threadIdx loops made serial, built for the CPU: the same index
+    arithmetic and guards as on the GPU, one thread after another."""
+    text = func.script()
+    serial = re.sub(r'T\.thread_binding\((\w+), thread="\w+\.x"\)', r"T.serial(\1)", text)
+    assert serial != text, "the kernel has no thread bindings"
+    return tvm.compile(tvm.script.from_source(serial), target=CPU)
+
+
+def _call(func, inputs, out_shape) -> np.ndarray:
+    lib = _on_cpu(func)
+    out = tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32))
+    lib[str(func.attrs["global_symbol"])](*[tvm.runtime.tensor(a) for a in inputs], out)
+    return out.numpy()
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+ACTS = {"none": lambda y: y, "relu": lambda y: np.maximum(y, 0), "relu6": lambda y: y.clip(0, 6)}
+
+
+@pytest.mark.parametrize(
+    ("block", "batch", "m", "activation"),
+    [((4, 1), 2, 49, "relu"), ((16, 1), 1, 200, "none"), ((1, 4), 3, 1, "relu6")],
+)
+def test_cuda_matmul_kernels_match_numpy(block, batch, m, activation):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((53, 37)).astype(np.float32)
+    w[rng.random(w.shape) < 0.8] = 0
+    w[8:24] = 0  # empty block rows
+    x = rng.standard_normal((batch, 37, m)).astype(np.float32)
+    bias = rng.standard_normal(53).astype(np.float32)
+    want = ACTS[activation](np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None])
+    bsr = to_bsr(w, block)
+    spec = KernelSpec(batch, 53, 37, m, block, len(bsr.data), bsr.block_rows, activation)
+    sparse = _call(bsr_matmul_cuda(spec), [x, bsr.data, bsr.indices, bsr.indptr, bias], want.shape)
+    _close(sparse, want)
+    dense_spec = dataclasses.replace(spec, block=(4, 1), block_rows=14, nnz_storage=14 * 37)
+    dense = _call(dense_matmul_cuda(dense_spec), [x, pack_dense(w, 4), bias], want.shape)
+    _close(dense, want)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "pad"), [(3, 2, 1), (5, 1, 2), (3, 1, 0)])
+def test_cuda_depthwise_and_im2col_match_torch(kernel, stride, pad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 11)
+    geo_out = nn.functional.conv2d(x, torch.zeros(6, 1, kernel, kernel), None, stride, pad, 1, 6)
+    oh, ow = geo_out.shape[2:]
+    geo = ConvGeometry(2, 6, 9, 11, (kernel, kernel), (stride, stride), (pad, pad), oh, ow)
+    w, b = torch.randn(6, 1, kernel, kernel), torch.randn(6)
+    want = nn.functional.conv2d(x, w, b, stride, pad, 1, 6).clamp(0, 6).numpy()
+    args = [x.numpy(), w.reshape(6, kernel, kernel).numpy(), b.numpy()]
+    _close(_call(depthwise_conv_cuda(geo, "relu6"), args, want.shape), want)
+    cols = nn.functional.unfold(x, kernel, padding=pad, stride=stride).numpy()
+    _close(_call(im2col_cuda(geo), [x.numpy()], cols.shape), cols)
+
+
+class CudaNet(nn.Module):
+    """A sparse 1x1 conv, a depthwise conv, a sparse strided 3x3 conv (im2col), a dense 3x3
+    conv, a sparse classifier: every kernel of ours, plus glue ops left to dlight."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = SparseConv2d(8, 32, 1, sparsity=0.8, pattern="block", block=(4, 1))
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.down = SparseConv2d(32, 32, 3, 2, 1, sparsity=0.9, pattern="block", block=(16, 1))
+        self.conv = nn.Conv2d(32, 16, 3, padding=1)
+        self.head = SparseLinear(16, 10, sparsity=0.75, pattern="block", block=(1, 4))
+        for layer in (self.pw, self.down, self.head):
+            layer.update_mask()
+
+    def forward(self, x):
+        x = torch.relu(self.pw(x))
+        x = x + nn.functional.relu6(self.dw(x))
+        x = self.conv(self.down(x)).mean((2, 3))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("profile_name", ["cuda/a100", "cuda/h100"])
+def test_cuda_build_carries_our_kernels(profile_name, tmp_path):
+    profile = load_profile(profile_name)
+    torch.manual_seed(1)
+    compiled = hw_compile.build(CudaNet().eval(), torch.randn(1, 8, 12, 12), profile)
+    assert compiled.sparse_layers == ["pw", "down", "head"]  # >= 70% sparse, not timed here
+    assert compiled.dense_layers == ["dw", "conv"]
+    source = compiled.device_source("cuda")
+    for kernel in ("sparse_pw", "sparse_down", "im2col_down", "sparse_head", "depthwise_dw"):
+        assert re.search(rf"__global__ void .*\b{kernel}_kernel\(", source), kernel
+    assert "dense_conv_kernel(" in source and "im2col_conv_kernel(" in source
+    lib = compiled.export_library(tmp_path / "model.so")
+    assert lib.stat().st_size > 0
+    if not compiled.host_runnable:
+        with pytest.raises(hw_compile.CompileError, match="does not run on this host"):
+            compiled.run(np.zeros((1, 8, 12, 12), np.float32))
+
+
+def _local_gpu_profile():
+    gpu = tvm.cuda(0)
+    if not gpu.exist:
+        pytest.skip("no CUDA GPU on this machine")
+    arch = "sm_" + gpu.compute_version.replace(".", "")
+    base = load_profile("cuda/h100")
+    return dataclasses.replace(base, target={**base.target, "arch": arch})
+
+
+@pytest.mark.gpu
+def test_cuda_build_runs_on_the_gpu_like_torch(tmp_path):
+    profile = _local_gpu_profile()
+    torch.manual_seed(2)
+    model = CudaNet().eval()
+    x = torch.randn(2, 8, 12, 12)
+    compiled = hw_compile.build(model, x, profile)  # runs on the GPU and compares with torch
+    assert compiled.host_runnable
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = compiled.run(x.numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    lib = tvm.runtime.load_module(str(compiled.export_library(tmp_path / "model.so")))
+    vm = tvm.relax.VirtualMachine(lib, tvm.cuda(0))
+    reloaded = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cuda(0))).numpy()
+    np.testing.assert_allclose(reloaded, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -1,0 +1,260 @@
+"""Faults and bad input: the search goes on, failed trials keep their reasons, nothing is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import psutil
+import pytest
+import torch
+from torch import nn
+
+from hw_profiles.measure import measure_library
+from hw_profiles.profiles import load_profile
+from hw_profiles.rpc import local_server, local_tracker, tracker_summary
+from nas.config import SearchConfig
+from nas.search import search
+from search_spaces.spaces import Space, register_space
+
+
+class _Faulty(nn.Module):
+    """A small conv net that misbehaves in one named way."""
+
+    def __init__(self, fault: str, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fault = fault
+        self.conv = nn.Conv2d(in_channels, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)).mean((2, 3))
+        if self.fault == "nan":
+            y = y * float("nan")
+        elif self.fault == "mismatch" and torch.compiler.is_exporting():
+            y = y + 1.0  # the compiled graph differs from what torch runs
+        elif self.fault == "compile":
+            y = y + torch.fft.fft2(x).real.mean((2, 3))  # no TVM import for FFTs
+        return self.head(y)
+
+
+@register_space("test-faults")
+class FaultSpace(Space):
+    description = "test only: candidates that fail in a chosen way"
+
+    @property
+    def choices(self) -> dict[str, tuple]:
+        return {"fault": ("none", "nan", "mismatch", "compile")}
+
+    def _build(self, arch, num_classes, in_channels, image_size, width_scale=1.0):
+        return _Faulty(arch["fault"], in_channels, num_classes)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("nan", "TrainingDiverged"),
+        ("mismatch", "OutputMismatch"),
+        ("compile", "CompileError"),
+    ],
+)
+def test_a_failing_candidate_is_recorded_and_the_search_goes_on(
+    tmp_path: Path, fault: str, reason: str
+) -> None:
+    config = SearchConfig(out=str(tmp_path / fault), space="test-faults", trials=2, epochs=1)
+    config.run_dir.mkdir()
+    study = optuna.create_study(
+        study_name=config.study_name,
+        storage=config.storage_url,
+        directions=["maximize", "minimize"],
+    )
+    study.enqueue_trial({"fault": fault})
+    study.enqueue_trial({"fault": "none"})
+    lines: list[str] = []
+    search(config, progress=lines.append)
+
+    failed, complete = optuna.load_study(
+        study_name=config.study_name, storage=config.storage_url
+    ).trials
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith(reason)
+    assert complete.state == optuna.trial.TrialState.COMPLETE
+    assert any("failed" in line and reason in line for line in lines)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hwnas(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nas.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("hwnas: error: ")
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run of one trial on the tiny space, for the tests that must not damage it."""
+    run = tmp_path_factory.mktemp("runs") / "kept"
+    done = hwnas(
+        "search", "--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--out", str(run)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run
+
+
+def test_a_corrupt_study_database_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    run = tmp_path / "corrupt"
+    run.mkdir()
+    (run / "study.db").write_bytes(b"this is not sqlite" * 100)
+    before = _digest(run / "study.db")
+    done = hwnas("search", "--out", str(run), "--trials", "1")
+    assert_one_line_error(done, "study.db")
+    assert _digest(run / "study.db") == before
+    assert sorted(p.name for p in run.iterdir()) == ["study.db"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--device", "x86-local,arm/rpi4"], ["arm/rpi4", "--tracker"]),
+        (["--trials", "-3"], ["--trials"]),
+        (["--max-latency-ms", "0"], ["--max-latency-ms"]),
+        (["--strategy", "nope"], ["nope"]),
+        (["--tracker", "127.0.0.1:1"], ["127.0.0.1:1"]),
+        (["--dataset", "folder:/nonexistent"], ["/nonexistent"]),
+    ],
+)
+def test_bad_input_leaves_a_finished_study_intact_and_resumable(
+    finished_run: Path, args: list[str], words: list[str]
+) -> None:
+    before = _digest(finished_run / "study.db")
+    listing = sorted(p.name for p in finished_run.rglob("*"))
+    done = hwnas("search", "--space", "tiny-sparse", "--out", str(finished_run), *args)
+    assert_one_line_error(done, *words)
+    assert _digest(finished_run / "study.db") == before
+    assert sorted(p.name for p in finished_run.rglob("*")) == listing
+
+
+def test_out_naming_another_studys_directory_is_refused(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "renamed"
+    copy.mkdir()
+    (copy / "study.db").write_bytes((finished_run / "study.db").read_bytes())
+    before = _digest(copy / "study.db")
+    done = hwnas("search", "--space", "tiny-sparse", "--out", str(copy))
+    assert_one_line_error(done, "kept", "--out")
+    assert _digest(copy / "study.db") == before
+
+
+def test_bad_profiles_and_configs_are_one_line_errors(tmp_path: Path) -> None:
+    bad_toml = tmp_path / "board.toml"
+    bad_toml.write_text('description = "x"\nkey = \n')
+    assert_one_line_error(
+        hwnas("search", "--device", str(bad_toml), "--out", str(tmp_path / "a")), "board.toml"
+    )
+    missing_field = tmp_path / "nokey.toml"
+    missing_field.write_text('description = "a board"\nfamily = "x86"\n[target]\nkind = "llvm"\n')
+    assert_one_line_error(
+        hwnas("search", "--device", str(missing_field), "--out", str(tmp_path / "b")), "key"
+    )
+    config = tmp_path / "search.toml"
+    config.write_text('trials = "many"\n')
+    assert_one_line_error(hwnas("search", "--config", str(config)), "trials")
+    config.write_text("epochz = 3\n")
+    assert_one_line_error(hwnas("search", "--config", str(config)), "epochz")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_unknown_device_key_at_a_users_tracker(tmp_path: Path) -> None:
+    with local_tracker() as tracker, local_server(tracker, "some-other-board"):
+        done = hwnas(
+            "search", "--tracker", f"{tracker.host}:{tracker.port}", "--out", str(tmp_path / "run")
+        )
+    assert_one_line_error(done, "x86-local", "some-other-board")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_artifacts_directory_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "kept"  # the same study name, so only the artifacts stand in the way
+    run.mkdir()
+    for name in ("study.db", "config.toml"):
+        (run / name).write_bytes((finished_run / name).read_bytes())
+    (run / "trials").write_text("a file where the artifacts directory should be")
+    before = _digest(run / "study.db")
+    done = hwnas("search", "--space", "tiny-sparse", "--trials", "2", "--out", str(run))
+    assert_one_line_error(done, "trials", "writable")
+    assert _digest(run / "study.db") == before
+
+
+def _busy_server_pid(server_pids: list[int]) -> int | None:
+    """The server whose session worker is running (TVM forks one per session)."""
+    for pid in server_pids:
+        try:
+            if psutil.Process(pid).children(recursive=True):
+                return pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Path) -> None:
+    import tvm
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class Slow:
+        @R.function
+        def main(x: R.Tensor((256, 256), "float32")) -> R.Tensor((256, 256), "float32"):
+            y = R.matmul(x, x)
+            return R.nn.relu(y)
+
+    lib = tmp_path / "slow.so"
+    tvm.compile(Slow, target=tvm.target.Target({"kind": "llvm"})).export_library(str(lib))
+    x = np.random.default_rng(0).standard_normal((256, 256)).astype("float32")
+    profile = load_profile("x86-local")
+    key = profile.key
+    result: dict[str, Any] = {}
+    with (
+        local_tracker() as tracker,
+        local_server(tracker, key) as a,
+        local_server(tracker, key) as b,
+    ):
+        thread = threading.Thread(
+            target=lambda: result.update(m=measure_library(lib, [x], profile, tracker))
+        )
+        thread.start()
+        deadline = time.monotonic() + 60
+        while (victim := _busy_server_pid([a.pid, b.pid])) is None:
+            assert time.monotonic() < deadline, "no server took the measurement"
+            time.sleep(0.05)
+        os.killpg(victim, signal.SIGKILL)
+        thread.join(timeout=300)
+        m = result["m"]
+        assert m.error is None, m.error
+        assert m.median_ms > 0
+        # The survivor is free again, the killed one is gone from the tracker.
+        assert tracker_summary(tracker)[key]["free"] == 1
