@@ -210,6 +210,18 @@ def time_remote(remote: RemoteVM, protocol: Protocol, key: str, enter: Callable[
     return best
 
 
+def _check_then_time(
+    remote: RemoteVM,
+    enter: Callable[[str], None],
+    profile: Profile,
+    check: Callable[[np.ndarray], None] | None,
+) -> Measurement:
+    if check is not None:
+        enter("check")
+        check(remote.vm["main"](*remote.args).numpy())
+    return time_remote(remote, profile.protocol, profile.key, enter)
+
+
 def measure_library(
     lib_path: str | os.PathLike[str],
     inputs: list[np.ndarray],
@@ -217,9 +229,13 @@ def measure_library(
     tracker: Tracker,
     *,
     request_timeout_s: float = 30.0,
+    check: Callable[[np.ndarray], None] | None = None,
 ) -> Measurement:
     """Latency of the library's "main" on `inputs`, on a device registered under
-    `profile.key`; never raises for a device failure (see `Measurement.error`)."""
+    `profile.key`; never raises for a device failure (see `Measurement.error`).
+
+    `check`, when given, receives the output of one run on the device before it is timed, in
+    the same session, and raises if the output is wrong (the error says "check: ...")."""
     lib_path = Path(lib_path)
     if not lib_path.is_file():
         return Measurement(key=profile.key, error=f"upload: library not found: {lib_path}")
@@ -232,13 +248,13 @@ def measure_library(
                 inputs,
                 profile,
                 tracker,
-                lambda remote, enter: time_remote(remote, profile.protocol, profile.key, enter),
+                lambda remote, enter: _check_then_time(remote, enter, profile, check),
                 request_timeout_s=request_timeout_s,
             )
         except StepError as err:
             errors.append(str(err))
-            if err.step == "request" or "no answer within" in str(err):
-                break  # no server to retry on, or a hung kernel: another try would hang too
+            if err.step in ("request", "check") or "no answer within" in str(err):
+                break  # no server, a wrong output, or a hung kernel: a retry would do the same
         except Exception as err:  # the tracker check, or anything unforeseen: still data
             errors.append(f"request: {_first_line(err)}")
             break

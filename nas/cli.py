@@ -25,13 +25,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input; imported lazily so that `--help` stays fast."""
+    from compile import ExportError
     from hw_profiles.profiles import ProfileError
     from hw_profiles.rpc import DeviceError
     from reports import ReportError
     from search_spaces.data import DatasetError
     from search_spaces.spaces import UnknownSpace
 
-    return (UserError, ProfileError, DeviceError, DatasetError, UnknownSpace, ReportError)
+    return (
+        UserError,
+        ProfileError,
+        DeviceError,
+        DatasetError,
+        UnknownSpace,
+        ReportError,
+        ExportError,
+    )
 
 
 SEARCH_FLAGS = (
@@ -79,6 +88,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     else:
         out = Path(args.out) if args.out else Path("comparison.html")
         print(f"comparison: {write_comparison(runs, out)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from compile import export_candidate
+
+    out = export_candidate(Path(args.run), args.trial, Path(args.out), device=args.device)
+    print(f"exported trial {args.trial} to {out} (see {out / 'README.md'})")
     return 0
 
 
@@ -183,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search a space for accurate and fast networks")
     s.add_argument("--config", help="a TOML file of these options (flags override it)")
     s.add_argument("--space", help="a search space (hwnas spaces list); default mbv2-sparse")
-    s.add_argument("--strategy", help="random (default), tpe, nsga2, nni-random or nni-evolution")
+    s.add_argument(
+        "--strategy",
+        help="random (default), tpe, nsga2, nni-random, nni-evolution, darts, gumbel-darts, dass",
+    )
     s.add_argument("--device", help="a profile name (hwnas profiles list) or a TOML file")
     s.add_argument("--trials", type=int, help="finished trials the study should hold; default 6")
     s.add_argument("--epochs", type=int, help="training epochs per candidate; default 2")
@@ -205,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="the HTML file; default RUN/report.html, or comparison.html for several"
     )
     r.set_defaults(func=_cmd_report)
+
+    e = sub.add_parser("export", help="a trial's deployable library, weights and how to load it")
+    e.add_argument("run", help="the run directory (the --out of a search)")
+    e.add_argument("--trial", type=int, required=True, help="the trial number (see the report)")
+    e.add_argument("--out", required=True, help="the directory to write")
+    e.add_argument("--device", help="a profile of the run; default its first device")
+    e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("devices", help="run a tracker, serve a device, list or check devices")
     d.add_argument("action", choices=["tracker", "serve", "list", "check", "emulate"])

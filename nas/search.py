@@ -33,7 +33,7 @@ from hw_profiles.rpc import (
 from nas.config import SearchConfig
 from nas.errors import UserError
 from nas.stats import model_stats
-from nas.strategies import distributions, make_sampler
+from nas.strategies import DIFFERENTIABLE_STRATEGIES, distributions, make_sampler
 from nas.train import train_model
 from search_spaces.data import Dataset, load_dataset
 from search_spaces.ops import sparse_layers
@@ -328,9 +328,12 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
         builds.append((profile, compiled, compiled.export_library(out / "model.so")))
 
     def measure(build: tuple) -> tuple[Measurement, float]:
-        profile, _, lib = build
+        profile, compiled, lib = build
+        # The build checked host-runnable code against torch; other code is checked on its
+        # device, in the session that times it.
+        check = None if compiled.host_runnable else compiled.check_output
         started = time.perf_counter()
-        m = measure_library(lib, [ctx.example.numpy()], profile, ctx.tracker)
+        m = measure_library(lib, [ctx.example.numpy()], profile, ctx.tracker, check=check)
         return m, time.perf_counter() - started
 
     with ThreadPoolExecutor(max_workers=len(builds)) as pool:
@@ -388,6 +391,8 @@ def search(
     started = time.monotonic()
     with connect_devices(config, profiles) as tracker, _workers(config, tracker, worker):
         ctx = SearchContext(config, space, profiles, data, tracker, data.val_x[:1].contiguous())
+        if config.strategy in DIFFERENTIABLE_STRATEGIES and worker == 0:
+            enqueue_derived_archs(study, ctx, progress)
         while counted_trials(study) < config.trials:
             trial = study.ask(dists)
             trial.set_user_attr("worker", _worker_id())
@@ -409,6 +414,55 @@ def search(
             note = f"trial {trial.number}: acc {values[0]:.3f}  {shown}"
             progress(_progress_line(study, config.trials, started, note))
     return study
+
+
+def enqueue_derived_archs(
+    study: optuna.Study, ctx: SearchContext, progress: Callable[[str], None]
+) -> None:
+    """Runs the differentiable search once per study and enqueues the archs it derives, each
+    to be trained, compiled and measured as a normal trial next to its predicted latency."""
+    if "derived_archs" in study.user_attrs:
+        return  # derived before this run was resumed; what is left of them is enqueued
+    from nas.differentiable import derive_several, measure_latency_table
+
+    config, space = ctx.config, ctx.space
+    try:
+        supernet = space.supernet(ctx.data.num_classes, ctx.data.in_channels, config.image_size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    table = None
+    if config.strategy == "dass":
+        progress(f"measuring the latency table on {ctx.profiles[0].name} ...")
+        try:
+            table = measure_latency_table(
+                space,
+                supernet,
+                ctx.profiles[0],
+                ctx.tracker,
+                tuple(ctx.example.shape),
+                config.run_dir / "latency_table.json",
+                progress=progress,
+            )
+        except UserError as exc:
+            progress(f"no latency table ({exc}); dass runs without its latency term")
+    progress(f"{config.strategy}: searching the supernet ...")
+    outcomes = derive_several(
+        config.strategy,
+        space,
+        ctx.data,
+        count=max(1, config.trials - counted_trials(study)),
+        epochs=config.epochs,
+        seed=config.seed,
+        device=config.train_device,
+        latency_table=table,
+        max_latency_ms=config.max_latency_ms,
+    )
+    for outcome in outcomes:
+        attrs = {"search_driven_by": outcome.driven_by}
+        if outcome.predicted_latency_ms is not None:
+            attrs["predicted_latency_ms"] = outcome.predicted_latency_ms
+        study.enqueue_trial(outcome.arch, user_attrs=attrs, skip_if_exists=False)
+    study.set_user_attr("derived_archs", [o.arch for o in outcomes])
 
 
 @contextlib.contextmanager

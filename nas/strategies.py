@@ -35,6 +35,9 @@ STRATEGIES: dict[str, Callable[[int, Constraints], optuna.samplers.BaseSampler]]
 
 
 NNI_STRATEGIES = ("nni-random", "nni-evolution")
+# Differentiable strategies derive their archs up front (nas.differentiable) and enqueue them;
+# their sampler only serves if those run out.
+DIFFERENTIABLE_STRATEGIES = ("darts", "gumbel-darts", "dass")
 
 
 def make_sampler(
@@ -44,6 +47,8 @@ def make_sampler(
 
     `constraints` maps a finished trial to values that are <= 0 when it is feasible.
     """
+    if name in DIFFERENTIABLE_STRATEGIES:
+        return optuna.samplers.RandomSampler(seed=seed)
     if name in NNI_STRATEGIES:
         from nas.nni_strategies import make_nni_sampler  # NNI takes seconds to import
 
@@ -51,7 +56,7 @@ def make_sampler(
     try:
         factory = STRATEGIES[name]
     except KeyError:
-        known = ", ".join((*STRATEGIES, *NNI_STRATEGIES))
+        known = ", ".join((*STRATEGIES, *NNI_STRATEGIES, *DIFFERENTIABLE_STRATEGIES))
         raise UserError(f"unknown strategy {name!r}: choose one of {known}") from None
     return factory(seed, constraints)
 
