@@ -4,8 +4,6 @@ local tracker / server subprocesses (TVM's own `tvm.exec.rpc_tracker` and `rpc_s
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -182,25 +180,15 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when the process that started it
-    dies, so that a SIGKILLed search leaves no tracker or server behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _spawn(args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
     """Start a TVM RPC tool in its own process group, so that stopping it also stops the
-    worker processes it forks."""
+    worker processes it forks; the group dies with this process (`hw_profiles._guard`)."""
     return subprocess.Popen(
-        [sys.executable, "-m", *args],
+        [sys.executable, "-m", "hw_profiles._guard", str(os.getpid()), *args],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
 
 
