@@ -129,14 +129,8 @@ def test_search_on_a_device_the_user_attached(tmp_path: Path) -> None:
         run = tmp_path / "attached"
         done = hwnas(
             "search",
-            "--trials",
-            "1",
-            "--epochs",
-            "1",
-            "--out",
-            str(run),
-            "--tracker",
-            f"127.0.0.1:{port}",
+            *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--out", str(run)),
+            *("--tracker", f"127.0.0.1:{port}"),
         )
         assert done.returncode == 0, done.stderr[-3000:]
         study = load(run)
@@ -205,3 +199,77 @@ def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) ->
     assert again.returncode == 2
     assert "--device" in again.stderr
     assert len(load(run).trials) == 1
+
+
+@pytest.mark.parametrize("strategy", ["tpe", "nsga2", "nni-evolution"])
+def test_each_multi_trial_strategy_runs_a_search(tmp_path: Path, strategy: str) -> None:
+    run = tmp_path / strategy
+    done = hwnas(
+        "search",
+        "--space",
+        "tiny-sparse",
+        "--epochs",
+        "1",
+        "--trials",
+        "2",
+        "--strategy",
+        strategy,
+        "--out",
+        str(run),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load(run)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+    assert study.user_attrs["strategy"] == strategy
+
+
+@pytest.mark.arm
+def test_search_on_the_emulated_arm_board(tmp_path: Path) -> None:
+    """The whole loop on an aarch64 board under qemu: cross-compiled, checked against torch on
+    the board, timed there."""
+    run = tmp_path / "arm"
+    done = hwnas(
+        "search",
+        "--space",
+        "tiny-sparse",
+        "--epochs",
+        "1",
+        "--trials",
+        "1",
+        "--device",
+        "qemu-aarch64",
+        "--out",
+        str(run),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load(run)
+    (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trial.values[1] > 0
+    assert study.user_attrs["emulated"] is True
+    assert "not performance figures" in (run / "report.html").read_text()
+    lib = (run / "trials" / str(trial.number) / "model.so").read_bytes()
+    assert lib[:4] == b"\x7fELF" and lib[18] == 183  # e_machine EM_AARCH64
+
+
+@pytest.mark.slow
+def test_dass_enqueues_derived_archs_with_predicted_latency(tmp_path: Path) -> None:
+    run = tmp_path / "dass"
+    done = hwnas(
+        "search",
+        "--space",
+        "mbv2-sparse",
+        "--strategy",
+        "dass",
+        "--epochs",
+        "1",
+        "--trials",
+        "2",
+        "--out",
+        str(run),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load(run)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 2
+    assert all(t.user_attrs["predicted_latency_ms"] > 0 for t in complete)
+    assert (run / "latency_table.json").exists()
