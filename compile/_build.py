@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,10 +115,26 @@ class CompiledModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         fcompile = cc.cross_compiler(self.cross_compiler) if self.cross_compiler else None
         try:
-            self.executable.export_library(str(path), fcompile=fcompile)
+            with _native_warnings_silenced():
+                self.executable.export_library(str(path), fcompile=fcompile)
         except Exception as exc:  # the system or cross compiler failed
             raise CompileError(f"export to {path} failed: {str(exc).splitlines()[0]}") from exc
         return path
+
+
+@contextlib.contextmanager
+def _native_warnings_silenced() -> Iterator[None]:
+    """TVM's C++ runtime logs a "Scope Saving" warning for every constant it serialises, which
+    is noise to a user; its errors still arrive as Python exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def remote_output(remote) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""`hwnas devices tracker|serve|list|check` and `hwnas profiles`, run as a user runs them."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from hw_profiles.rpc import Tracker, tracker_summary
+
+
+def hwnas(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "nas.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_tracker_serve_list_and_check() -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    tracker = start("devices", "tracker", "--port", str(port))
+    server = None
+    try:
+
+        def tracker_up() -> bool:
+            try:
+                tracker_summary(Tracker("127.0.0.1", port), timeout_s=1.0)
+                return True
+            except Exception:
+                return False
+
+        wait_for(tracker_up, "the tracker")
+        empty = hwnas("devices", "list", "--tracker", address)
+        assert empty.returncode == 0 and "no RPC servers" in empty.stdout
+
+        server = start("devices", "serve", "--key", "x86-local", "--tracker", address)
+        wait_for(
+            lambda: tracker_summary(Tracker("127.0.0.1", port)).get("x86-local"), "the server"
+        )
+        listed = hwnas("devices", "list", "--tracker", address)
+        assert listed.returncode == 0, listed.stderr
+        row = next(line for line in listed.stdout.splitlines() if line.startswith("x86-local"))
+        assert row.split()[1] == "1"  # one free server
+        assert "x86/local" in row  # the profile that uses the key
+
+        checked = hwnas("devices", "check", "x86-local", "--tracker", address)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.startswith("ok ") and "GFLOP/s" in checked.stdout
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def test_device_commands_with_bad_input_are_one_line_errors() -> None:
+    for args, word in [
+        (["devices", "list", "--tracker", "127.0.0.1:1"], "127.0.0.1:1"),
+        (["devices", "list", "--tracker", "nohost"], "nohost"),
+        (["devices", "check", "no/such-board"], "no/such-board"),
+        (["devices", "serve", "--tracker", "127.0.0.1:1"], "--key"),
+        (["profiles", "show", "nope"], "nope"),
+    ]:
+        done = hwnas(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and word in lines[0], (args, done.stderr)
+
+
+def test_profiles_list_and_show() -> None:
+    listed = hwnas("profiles", "list")
+    assert listed.returncode == 0
+    names = {line.split()[0] for line in listed.stdout.splitlines()[1:]}
+    assert {"x86/local", "arm/rpi4", "arm/qemu-aarch64", "cuda/h100"} <= names
+    shown = hwnas("profiles", "show", "rpi4")
+    assert shown.returncode == 0 and "cortex-a72" in shown.stdout
