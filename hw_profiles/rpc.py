@@ -149,6 +149,13 @@ def request_session(
         base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
         reply = base.recvjson(sock)
     except TimeoutError:
+        if key in registered_keys(tracker):
+            # TVM's server stops serving after a kernel crashes it, yet stays registered.
+            raise DeviceError(
+                f"the RPC server(s) registered under '{key}' at {tracker} took no session within "
+                f"{timeout_s:g}s: busy with another client, or stopped serving after a crashing "
+                "kernel (TVM's rpc_server then stays registered); restart the server"
+            ) from None
         free = [k for k, v in tracker_summary(tracker).items() if v["free"] and k != key]
         raise DeviceError(
             f"no RPC server with key '{key}' became free at {tracker} within {timeout_s:g}s "

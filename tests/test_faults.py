@@ -258,3 +258,14 @@ def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Pat
         assert m.median_ms > 0
         # The survivor is free again, the killed one is gone from the tracker.
         assert tracker_summary(tracker)[key]["free"] == 1
+
+
+def test_a_registered_server_that_takes_no_session_is_named_as_such() -> None:
+    """TVM's server stays registered when it stops serving; the error says so, not 'no server'."""
+    from hw_profiles.rpc import DeviceError, request_session
+
+    with local_tracker() as tracker, local_server(tracker, "held"):
+        session = request_session(tracker, "held", timeout_s=30)
+        with pytest.raises(DeviceError, match="took no session"):
+            request_session(tracker, "held", timeout_s=3)
+        del session
