@@ -26,12 +26,14 @@ demo: setup
 	$(VENV)/bin/hwnas search --space mbv2-sparse --strategy random --device x86-local \
 	  --trials 6 --epochs 2 --out runs/demo
 
+# The tests share a study in PostgreSQL too: scripts/test-postgres.sh starts Debian's server on
+# 127.0.0.1 and prints the URL.
 test: setup system-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	HWNAS_TEST_POSTGRES=$$(bash scripts/test-postgres.sh) $(PY) -m pytest -q
 
 test-all: setup system-deps
-	$(PY) -m pytest -q -m ''
+	HWNAS_TEST_POSTGRES=$$(bash scripts/test-postgres.sh) $(PY) -m pytest -q -m ''
 
 bench: setup
 	$(PY) benchmarks/kernels.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -244,14 +245,29 @@ def find_study_name(storage_url: str, run_dir: Path) -> str:
     )
 
 
+def _configured_storage(run_dir: Path) -> str | None:
+    """The storage URL a run's `config.toml` names (`--storage`), if any."""
+    try:
+        config = tomllib.loads((run_dir / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    storage = config.get("storage")
+    return storage if isinstance(storage, str) and storage else None
+
+
 def build_info(run_dir: str | Path, study_name: str | None = None) -> ReportInfo:
-    """Read the study in ``<run_dir>/study.db`` and compute the report's contents."""
+    """Read the run's study (``<run_dir>/study.db``, or the storage its `config.toml` names)
+    and compute the report's contents."""
     run_dir = Path(run_dir)
     db = run_dir / STUDY_FILE
-    if not db.is_file():
-        # Checked first: Optuna would silently create an empty database here.
-        raise ReportError(f"no study at {db}; pass the run directory that `hwnas search` wrote")
-    storage_url = f"sqlite:///{db.resolve()}"
+    storage_url = _configured_storage(run_dir)
+    if storage_url is None:
+        if not db.is_file():
+            # Checked first: Optuna would silently create an empty database here.
+            raise ReportError(
+                f"no study at {db}; pass the run directory that `hwnas search` wrote"
+            )
+        storage_url = f"sqlite:///{db.resolve()}"
     if study_name is None:
         study_name = find_study_name(storage_url, run_dir)
     try:
