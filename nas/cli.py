@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 from nas.errors import UserError
@@ -43,24 +44,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-SEARCH_FLAGS = (
-    "out",
-    "space",
-    "strategy",
-    "device",
-    "trials",
-    "epochs",
-    "dataset",
-    "tracker",
-    "storage",
-    "workers",
-    "seed",
-    "train_device",
-    "max_latency_ms",
-    "max_params",
-)
-
-
 def _cmd_search(args: argparse.Namespace) -> int:
     from nas.config import SearchConfig
     from nas.search import search
@@ -68,7 +51,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     # Defaults, then the configuration file, then the flags given on the command line.
     values = SearchConfig.from_toml(Path(args.config)) if args.config else {}
-    values.update({k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None})
+    flags = {f.name: getattr(args, f.name, None) for f in fields(SearchConfig)}
+    values.update({name: value for name, value in flags.items() if value is not None})
     config = SearchConfig.from_dict(values)
     worker = args.worker_index
     progress = (lambda line: print(line, flush=True)) if worker == 0 else (lambda line: None)
@@ -215,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--max-latency-ms", type=float, help="constraint on the measured latency")
     s.add_argument("--max-params", type=int, help="constraint on the parameter count")
+    s.add_argument(
+        "--baseline",
+        help="evaluate each proposed arch's baseline instead: dense, dense-then-prune, random, "
+        "random-erk, small-dense or sparse-ift (compare the runs with hwnas report A B)",
+    )
     s.add_argument("--out", help="run directory; its name names the study; default runs/demo")
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_search)

@@ -28,6 +28,7 @@ class SearchConfig:
     image_size: int = 32
     max_latency_ms: float | None = None
     max_params: int | None = None
+    baseline: str | None = None
 
     @property
     def run_dir(self) -> Path:

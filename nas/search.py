@@ -35,6 +35,7 @@ from nas.errors import UserError
 from nas.stats import model_stats
 from nas.strategies import DIFFERENTIABLE_STRATEGIES, distributions, make_sampler
 from nas.train import train_model
+from search_spaces.baselines import BASELINES, build_baseline
 from search_spaces.data import Dataset, load_dataset
 from search_spaces.ops import sparse_layers
 from search_spaces.spaces import Space, get_space
@@ -66,6 +67,10 @@ def prepare(config: SearchConfig) -> tuple[Space, list[Profile], Dataset]:
     config.validate()
     space = get_space(config.space)
     make_sampler(config.strategy, config.seed, space.choices)
+    if config.baseline and config.baseline not in BASELINES:
+        raise UserError(
+            f"unknown baseline {config.baseline!r}: choose one of {', '.join(BASELINES)}"
+        )
     profiles = [load_profile(name.strip()) for name in config.device.split(",")]
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
@@ -273,12 +278,16 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
     (trial_dir / "arch.json").write_text(json.dumps(arch, indent=2, sort_keys=True))
 
     torch.manual_seed(config.seed + trial.number)
-    model = ctx.space.build(
-        arch,
-        num_classes=ctx.data.num_classes,
-        in_channels=ctx.data.in_channels,
-        image_size=config.image_size,
-    )
+    shape = (ctx.data.num_classes, ctx.data.in_channels, config.image_size)
+    method = None
+    if config.baseline:
+        # The proposed arch's baseline takes its place: same budget, the baseline's model.
+        baseline = build_baseline(ctx.space, arch, config.baseline, *shape)
+        model, method = baseline.model, baseline.method
+        trial.set_user_attr("baseline", config.baseline)
+        trial.set_user_attr("baseline_width_scale", baseline.width_scale)
+    else:
+        model = ctx.space.build(arch, *shape)
     params = sum(p.numel() for p in model.parameters())
     if config.max_params and params > config.max_params:
         trial.set_user_attr("params", params)
@@ -289,6 +298,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
         epochs=config.epochs,
         seed=config.seed + trial.number,
         device=config.train_device,
+        method=method,
     )
     model = model.cpu().eval()
     torch.save(model.state_dict(), trial_dir / "weights.pt")
@@ -380,7 +390,12 @@ def search(
     if worker == 0:
         (config.run_dir / CONFIG_FILE).write_text(config.to_toml())
         study.set_user_attr("space", config.space)
-        study.set_user_attr("strategy", config.strategy)
+        study.set_user_attr(
+            "strategy",
+            f"{config.strategy} ({config.baseline} baseline)"
+            if config.baseline
+            else config.strategy,
+        )
         study.set_user_attr("device", ",".join(p.name for p in profiles))
         study.set_user_attr("dataset", data.name)
         study.set_user_attr("emulated", any(p.emulated for p in profiles))

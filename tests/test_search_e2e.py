@@ -273,3 +273,17 @@ def test_dass_enqueues_derived_archs_with_predicted_latency(tmp_path: Path) -> N
     assert len(complete) == 2
     assert all(t.user_attrs["predicted_latency_ms"] > 0 for t in complete)
     assert (run / "latency_table.json").exists()
+
+
+def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
+    run = tmp_path / "small-dense"
+    args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1", "--out"]
+    done = hwnas(*args, str(run), "--baseline", "small-dense")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load(run)
+    (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trial.user_attrs["baseline"] == "small-dense"
+    assert trial.user_attrs["sparse_layers"] == 0  # a dense net, narrowed to the arch's nnz
+    assert study.user_attrs["strategy"] == "random (small-dense baseline)"
+    bad = hwnas(*args, str(tmp_path / "bad"), "--baseline", "medium-dense")
+    assert bad.returncode == 2 and "medium-dense" in bad.stderr
