@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from nas.errors import UserError
@@ -56,9 +56,32 @@ def _cmd_search(args: argparse.Namespace) -> int:
     config = SearchConfig.from_dict(values)
     worker = args.worker_index
     progress = (lambda line: print(line, flush=True)) if worker == 0 else (lambda line: None)
-    search(config, progress=progress, worker=worker)
-    if worker == 0:
-        print(f"report: {write_report(Path(config.out))}")
+    strategies = [name.strip() for name in config.strategy.split(",")]
+    if len(strategies) == 1:
+        search(config, progress=progress, worker=worker)
+        if worker == 0:
+            print(f"report: {write_report(Path(config.out))}")
+        return 0
+    return _compare_strategies(config, strategies, progress)
+
+
+def _compare_strategies(config, strategies: list[str], progress) -> int:
+    """Runs each strategy with the same budget (trials, and minutes when given) into
+    `<out>/<strategy>`, then writes one page comparing them."""
+    from nas.search import prepare, search
+    from reports import write_comparison, write_report
+
+    runs = [
+        replace(config, strategy=name, out=str(Path(config.out) / name)) for name in strategies
+    ]
+    for run in runs:
+        prepare(run)  # every strategy's input is checked before any of them starts
+    for run in runs:
+        progress(f"== {run.strategy}: {run.out}")
+        search(run, progress=progress)
+        write_report(Path(run.out))
+    out = write_comparison([Path(run.out) for run in runs], Path(config.out) / "comparison.html")
+    print(f"comparison: {out}")
     return 0
 
 
@@ -190,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--device", help="a profile name (hwnas profiles list) or a TOML file")
     s.add_argument("--trials", type=int, help="finished trials the study should hold; default 6")
+    s.add_argument(
+        "--budget-minutes",
+        type=float,
+        help="stop starting trials after this long; with several --strategy a,b each gets it",
+    )
     s.add_argument("--epochs", type=int, help="training epochs per candidate; default 2")
     s.add_argument("--dataset", help="digits (default), cifar10:PATH or folder:PATH")
     s.add_argument("--tracker", help="HOST:PORT of an RPC tracker; default: start one here")

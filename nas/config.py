@@ -29,6 +29,7 @@ class SearchConfig:
     max_latency_ms: float | None = None
     max_params: int | None = None
     baseline: str | None = None
+    budget_minutes: float | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -50,7 +51,7 @@ class SearchConfig:
             value = getattr(self, name)
             if value <= 0:
                 raise UserError(f"--{name} must be a positive number, got {value}")
-        for name in ("max_latency_ms", "max_params"):
+        for name in ("max_latency_ms", "max_params", "budget_minutes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 flag = "--" + name.replace("_", "-")

@@ -408,7 +408,11 @@ def search(
         ctx = SearchContext(config, space, profiles, data, tracker, data.val_x[:1].contiguous())
         if config.strategy in DIFFERENTIABLE_STRATEGIES and worker == 0:
             enqueue_derived_archs(study, ctx, progress)
+        deadline = started + 60 * config.budget_minutes if config.budget_minutes else None
         while counted_trials(study) < config.trials:
+            if deadline is not None and time.monotonic() >= deadline:
+                progress(f"the budget of {config.budget_minutes:g} minutes is spent")
+                break
             trial = study.ask(dists)
             trial.set_user_attr("worker", _worker_id())
             try:

@@ -287,3 +287,31 @@ def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
     assert study.user_attrs["strategy"] == "random (small-dense baseline)"
     bad = hwnas(*args, str(tmp_path / "bad"), "--baseline", "medium-dense")
     assert bad.returncode == 2 and "medium-dense" in bad.stderr
+
+
+def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
+    group = tmp_path / "group"
+    done = hwnas(
+        "search",
+        "--space",
+        "tiny-sparse",
+        "--epochs",
+        "1",
+        "--trials",
+        "50",
+        "--budget-minutes",
+        "0.3",
+        "--strategy",
+        "random,nsga2",
+        "--out",
+        str(group),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for strategy in ("random", "nsga2"):
+        study = load(group / strategy)
+        finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        assert 1 <= len(finished) < 50  # the minutes ran out before the trials did
+        assert study.user_attrs["strategy"] == strategy
+        assert (group / strategy / "report.html").exists()
+    comparison = (group / "comparison.html").read_text()
+    assert "random" in comparison and "nsga2" in comparison
