@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate each proposed arch's baseline instead: dense, dense-then-prune, random, "
         "random-erk, small-dense or sparse-ift (compare the runs with hwnas report A B)",
     )
+    s.add_argument(
+        "--dense-twin",
+        action="store_true",
+        default=None,
+        help="also time each candidate built all dense, for its speedup over its dense twin",
+    )
     s.add_argument("--out", help="run directory; its name names the study; default runs/demo")
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_search)

@@ -30,6 +30,7 @@ class SearchConfig:
     max_params: int | None = None
     baseline: str | None = None
     budget_minutes: float | None = None
+    dense_twin: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -65,7 +66,9 @@ class SearchConfig:
         for key, value in asdict(self).items():
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif not isinstance(value, (int, float)):
                 value = _toml_string(str(value))
             lines.append(f"{key} = {value}")
         return "\n".join(lines) + "\n"
@@ -82,7 +85,8 @@ class SearchConfig:
             )
         for key, value in data.items():
             expected = _FIELD_TYPES[known[key].type.split("|")[0].strip()]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+            wrong_bool = isinstance(value, bool) and expected is not bool
+            if value is not None and (wrong_bool or not isinstance(value, expected)):
                 raise UserError(f"{key} in {source} must be a {known[key].type}, got {value!r}")
         return cls(**data)
 
@@ -99,7 +103,7 @@ class SearchConfig:
         return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-_FIELD_TYPES = {"int": int, "float": (int, float), "str": str}
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
 def _toml_string(text: str) -> str:

@@ -335,10 +335,13 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
     for profile in ctx.profiles:
         out = trial_dir if len(ctx.profiles) == 1 else trial_dir / profile.name.replace("/", "-")
         compiled = hw_compile.build(model, ctx.example, profile)
-        builds.append((profile, compiled, compiled.export_library(out / "model.so")))
+        twin = None
+        if ctx.config.dense_twin:
+            dense = hw_compile.build(model, ctx.example, profile, kernel_choice="dense")
+            twin = (dense, dense.export_library(out / "dense_twin.so"))
+        builds.append((profile, compiled, compiled.export_library(out / "model.so"), twin))
 
-    def measure(build: tuple) -> tuple[Measurement, float]:
-        profile, compiled, lib = build
+    def timed(profile: Profile, compiled, lib: Path) -> tuple[Measurement, float]:
         # The build checked host-runnable code against torch; other code is checked on its
         # device, in the session that times it.
         check = None if compiled.host_runnable else compiled.check_output
@@ -346,10 +349,16 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
         m = measure_library(lib, [ctx.example.numpy()], profile, ctx.tracker, check=check)
         return m, time.perf_counter() - started
 
+    def measure(build: tuple) -> tuple[Measurement, float, Measurement | None]:
+        profile, compiled, lib, twin = build
+        m, seconds = timed(profile, compiled, lib)
+        twin_m = timed(profile, *twin)[0] if twin and not m.error else None
+        return m, seconds, twin_m
+
     with ThreadPoolExecutor(max_workers=len(builds)) as pool:
         measured = list(pool.map(measure, builds))
     results = []
-    for (profile, compiled, lib), (m, seconds) in zip(builds, measured, strict=True):
+    for (profile, compiled, lib, _), (m, seconds, twin) in zip(builds, measured, strict=True):
         if m.error:
             raise TrialFailed(f"measurement on {profile.name} failed: {m.error}")
         (lib.parent / "measurement.json").write_text(json.dumps(m.to_dict(), indent=2))
@@ -368,6 +377,8 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
                 "kernels": json.loads(json.dumps(compiled.kernels, default=str)),
             }
         )
+        if twin is not None and not twin.error:
+            results[-1]["dense_twin_ms"] = twin.median_ms
     return results
 
 

@@ -315,3 +315,26 @@ def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
         assert (group / strategy / "report.html").exists()
     comparison = (group / "comparison.html").read_text()
     assert "random" in comparison and "nsga2" in comparison
+
+
+def test_dense_twin_is_timed_on_request(tmp_path: Path) -> None:
+    run = tmp_path / "twin"
+    done = hwnas(
+        "search",
+        "--space",
+        "mbv2-sparse",
+        "--epochs",
+        "1",
+        "--trials",
+        "1",
+        "--seed",
+        "1",
+        "--dense-twin",
+        "--out",
+        str(run),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = load(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trial.user_attrs["dense_twin_ms"] > 0
+    assert (run / "trials" / str(trial.number) / "dense_twin.so").exists()
+    assert "dense_twin = true" in (run / "config.toml").read_text()
