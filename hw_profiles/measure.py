@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hw_profiles.profiles import Profile, Protocol
-from hw_profiles.rpc import Tracker, check_tracker, request_session
+from hw_profiles.rpc import DeviceError, Tracker, check_tracker, request_session
 
 __all__ = ["Measurement", "RemoteVM", "StepError", "measure_library", "run_remote", "time_remote"]
 
@@ -210,6 +210,11 @@ def time_remote(remote: RemoteVM, protocol: Protocol, key: str, enter: Callable[
     return best
 
 
+# How long a measurement waits for an unreachable tracker before its next try (a restarted
+# tracker has its servers back within a second or two).
+TRACKER_RETRY_WAIT_S = 5.0
+
+
 def _check_then_time(
     remote: RemoteVM,
     enter: Callable[[str], None],
@@ -255,7 +260,11 @@ def measure_library(
             errors.append(str(err))
             if err.step in ("request", "check") or "no answer within" in str(err):
                 break  # no server, a wrong output, or a hung kernel: a retry would do the same
-        except Exception as err:  # the tracker check, or anything unforeseen: still data
+        except DeviceError as err:  # the tracker is gone: it may be restarting
+            errors.append(f"request: {_first_line(err)}")
+            time.sleep(TRACKER_RETRY_WAIT_S)
+            continue
+        except Exception as err:  # anything unforeseen: still data
             errors.append(f"request: {_first_line(err)}")
             break
         # A server that died mid-measurement has left the tracker: the next request gets

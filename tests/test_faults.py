@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from torch import nn
 
 from hw_profiles.measure import measure_library
 from hw_profiles.profiles import load_profile
-from hw_profiles.rpc import local_server, local_tracker, tracker_summary
+from hw_profiles.rpc import Tracker, local_server, local_tracker, tracker_summary
 from nas.config import SearchConfig
 from nas.search import search
 from search_spaces.spaces import Space, register_space
@@ -269,3 +270,102 @@ def test_a_registered_server_that_takes_no_session_is_named_as_such() -> None:
         with pytest.raises(DeviceError, match="took no session"):
             request_session(tracker, "held", timeout_s=3)
         del session
+
+
+def _user_tracker(port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait(condition, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if condition():
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tracker_at = Tracker("127.0.0.1", port)
+    tracker = _user_tracker(port)
+    server = search_proc = None
+    run = tmp_path / "restart"
+    try:
+        _wait(lambda: tracker_summary(tracker_at) is not None, "the tracker")
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_server",
+                "--tracker",
+                f"127.0.0.1:{port}",
+                "--key",
+                "x86-local",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait(lambda: tracker_summary(tracker_at).get("x86-local"), "the server")
+        search_proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nas.cli",
+                "search",
+                "--space",
+                "tiny-sparse",
+                "--epochs",
+                "1",
+                "--trials",
+                "3",
+                "--out",
+                str(run),
+                "--tracker",
+                f"127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def first_trial_done() -> bool:
+            study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+            return bool(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+        _wait(first_trial_done, "the first trial", timeout_s=300)
+        tracker.kill()
+        tracker.wait()
+        time.sleep(2)
+        tracker = _user_tracker(port)
+        _, err = search_proc.communicate(timeout=600)
+        assert search_proc.returncode == 0, err[-3000:]
+    finally:
+        for proc in (search_proc, server, tracker):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(complete) + len(failed) == 3
+    assert len(complete) >= 2  # the trials after the restart were measured
+    assert all(t.user_attrs["fail_reason"] for t in failed)
