@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
+
+from helpers import free_port, hwnas, wait_for
 
 from hw_profiles.rpc import Tracker, tracker_summary
-
-
-def hwnas(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -26,34 +20,13 @@ def start(*args: str) -> subprocess.Popen:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
 def test_tracker_serve_list_and_check() -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
     tracker = start("devices", "tracker", "--port", str(port))
     server = None
     try:
-
-        def tracker_up() -> bool:
-            try:
-                tracker_summary(Tracker("127.0.0.1", port), timeout_s=1.0)
-                return True
-            except Exception:
-                return False
-
-        wait_for(tracker_up, "the tracker")
+        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port), 1.0) is not None, "tracker")
         empty = hwnas("devices", "list", "--tracker", address)
         assert empty.returncode == 0 and "no RPC servers" in empty.stdout
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,14 @@ import optuna
 import psutil
 import pytest
 import torch
+from helpers import (
+    assert_one_line_error,
+    free_port,
+    hwnas,
+    load_run,
+    start_tracker,
+    wait_for,
+)
 from torch import nn
 
 from hw_profiles.measure import measure_library
@@ -94,25 +101,6 @@ def test_a_failing_candidate_is_recorded_and_the_search_goes_on(
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def hwnas(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nas.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("hwnas: error: ")
-    for word in words:
-        assert word in lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -272,46 +260,14 @@ def test_a_registered_server_that_takes_no_session_is_named_as_such() -> None:
         del session
 
 
-def _user_tracker(port: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_tracker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--port-end",
-            str(port + 1),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _wait(condition, what: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if condition():
-                return
-        except Exception:
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
 def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tracker_at = Tracker("127.0.0.1", port)
-    tracker = _user_tracker(port)
+    tracker = start_tracker(port)
     server = search_proc = None
     run = tmp_path / "restart"
     try:
-        _wait(lambda: tracker_summary(tracker_at) is not None, "the tracker")
+        wait_for(lambda: tracker_summary(tracker_at) is not None, "the tracker")
         server = subprocess.Popen(
             [
                 sys.executable,
@@ -325,7 +281,7 @@ def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait(lambda: tracker_summary(tracker_at).get("x86-local"), "the server")
+        wait_for(lambda: tracker_summary(tracker_at).get("x86-local"), "the server")
         search_proc = subprocess.Popen(
             [
                 sys.executable,
@@ -349,21 +305,20 @@ def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
         )
 
         def first_trial_done() -> bool:
-            study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
-            return bool(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+            return bool(load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
 
-        _wait(first_trial_done, "the first trial", timeout_s=300)
+        wait_for(first_trial_done, "the first trial", timeout_s=300)
         tracker.kill()
         tracker.wait()
         time.sleep(2)
-        tracker = _user_tracker(port)
+        tracker = start_tracker(port)
         _, err = search_proc.communicate(timeout=600)
         assert search_proc.returncode == 0, err[-3000:]
     finally:
         for proc in (search_proc, server, tracker):
             if proc is not None and proc.poll() is None:
                 proc.kill()
-    study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+    study = load_run(run)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(complete) + len(failed) == 3

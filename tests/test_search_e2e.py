@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+from helpers import (
+    assert_one_line_error,
+    free_port,
+    hwnas,
+    load_run,
+    start_server,
+    start_tracker,
+    stop,
+    wait_for,
+)
 
 from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker, tracker_summary
-
-
-def hwnas(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nas.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def load(run: Path) -> optuna.Study:
-    return optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
 
 
 def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
@@ -35,7 +28,7 @@ def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[2/2]" in done.stdout
 
-    study = load(run)
+    study = load_run(run)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 2, [t.user_attrs.get("fail_reason") for t in study.trials]
     assert study.metric_names == ["accuracy", "latency_ms"]
@@ -64,7 +57,7 @@ def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
     args[args.index("2")] = "3"
     again = hwnas(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     numbers = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
     assert numbers == [0, 1, 2]
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
@@ -74,57 +67,16 @@ def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
     assert report.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_search_on_a_device_the_user_attached(tmp_path: Path) -> None:
     """A tracker and a server started with TVM's own commands, as a user would start them."""
-    port = _free_port()
+    port = free_port()
     key = load_profile("x86-local").key
-    tracker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_tracker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--port-end",
-            str(port + 1),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    tracker = start_tracker(port)
     server = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the tracker did not start"
-                time.sleep(0.2)
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.rpc_server",
-                "--tracker",
-                f"127.0.0.1:{port}",
-                "--key",
-                key,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        while tracker_summary(Tracker("127.0.0.1", port)).get(key, {}).get("free", 0) < 1:
-            assert time.monotonic() < deadline, "the server did not register"
-            time.sleep(0.3)
+        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port)) is not None, "the tracker")
+        server = start_server(port, key)
+        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port))[key]["free"], "the server")
 
         run = tmp_path / "attached"
         done = hwnas(
@@ -133,16 +85,13 @@ def test_search_on_a_device_the_user_attached(tmp_path: Path) -> None:
             *("--tracker", f"127.0.0.1:{port}"),
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        study = load(run)
+        study = load_run(run)
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
         # The device is free again once the search is over: the session was released.
         summary = tracker_summary(Tracker("127.0.0.1", port))
         assert summary[key]["free"] == 1
     finally:
-        for proc in (server, tracker):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=10)
+        stop(server, tracker)
 
 
 @pytest.mark.parametrize(
@@ -161,12 +110,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
 ) -> None:
     run = tmp_path / "bad"
     done = hwnas("search", "--out", str(run), *args, timeout=120)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert words in lines[0]
-    assert "Traceback" not in done.stderr
-    assert not (run / "study.db").exists()
+    assert_one_line_error(done, words)
+    assert not run.exists()
 
 
 def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) -> None:
@@ -185,7 +130,7 @@ def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) ->
         str(run),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     assert study.metric_names == ["accuracy", "latency_ms:x86/local", "latency_ms:x86/avx2"]
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trial.values) == 3 and all(v > 0 for v in trial.values[1:])
@@ -198,7 +143,7 @@ def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) ->
     again = hwnas("search", "--space", "tiny-sparse", "--trials", "2", "--out", str(run))
     assert again.returncode == 2
     assert "--device" in again.stderr
-    assert len(load(run).trials) == 1
+    assert len(load_run(run).trials) == 1
 
 
 @pytest.mark.parametrize("strategy", ["tpe", "nsga2", "nni-evolution"])
@@ -218,7 +163,7 @@ def test_each_multi_trial_strategy_runs_a_search(tmp_path: Path, strategy: str) 
         str(run),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
     assert study.user_attrs["strategy"] == strategy
 
@@ -242,7 +187,7 @@ def test_search_on_the_emulated_arm_board(tmp_path: Path) -> None:
         str(run),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert trial.values[1] > 0
     assert study.user_attrs["emulated"] is True
@@ -268,7 +213,7 @@ def test_dass_enqueues_derived_archs_with_predicted_latency(tmp_path: Path) -> N
         str(run),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 2
     assert all(t.user_attrs["predicted_latency_ms"] > 0 for t in complete)
@@ -280,7 +225,7 @@ def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
     args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1", "--out"]
     done = hwnas(*args, str(run), "--baseline", "small-dense")
     assert done.returncode == 0, done.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert trial.user_attrs["baseline"] == "small-dense"
     assert trial.user_attrs["sparse_layers"] == 0  # a dense net, narrowed to the arch's nnz
@@ -308,7 +253,7 @@ def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for strategy in ("random", "nsga2"):
-        study = load(group / strategy)
+        study = load_run(group / strategy)
         finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         assert 1 <= len(finished) < 50  # the minutes ran out before the trials did
         assert study.user_attrs["strategy"] == strategy
@@ -334,7 +279,7 @@ def test_dense_twin_is_timed_on_request(tmp_path: Path) -> None:
         str(run),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    (trial,) = load(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert trial.user_attrs["dense_twin_ms"] > 0
     assert (run / "trials" / str(trial.number) / "dense_twin.so").exists()
     assert "dense_twin = true" in (run / "config.toml").read_text()

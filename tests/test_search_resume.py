@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+from helpers import load_run
 
 from nas.search import INTERRUPTED
 from nas.strategies import STRATEGIES, distributions, make_sampler
@@ -24,10 +25,6 @@ COMPLETE = (optuna.trial.TrialState.COMPLETE,)
 
 def hwnas_args(*args: str) -> list[str]:
     return [sys.executable, "-m", "nas.cli", *args]
-
-
-def load(run: Path) -> optuna.Study:
-    return optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
 
 
 def processes_tagged(tag: str) -> list[psutil.Process]:
@@ -59,7 +56,7 @@ def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: 
             assert proc.poll() is None, "the search ended before it could be killed"
             assert time.monotonic() < deadline, "no trial finished in time"
             if (run / "study.db").exists():
-                trials = load(run).get_trials(deepcopy=False)
+                trials = load_run(run).get_trials(deepcopy=False)
                 states = [t.state for t in trials]
                 if optuna.trial.TrialState.COMPLETE in states and states[-1].name == "RUNNING":
                     break
@@ -70,7 +67,7 @@ def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: 
         if proc.poll() is None:
             proc.kill()
 
-    before = {t.number: t.values for t in load(run).get_trials(states=COMPLETE)}
+    before = {t.number: t.values for t in load_run(run).get_trials(states=COMPLETE)}
     assert before
     # The tracker and server it started went with it.
     gone = time.monotonic() + 30
@@ -80,7 +77,7 @@ def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: 
 
     done = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     complete = study.get_trials(states=COMPLETE)
     assert len(complete) == 4
     # Finished trials are kept as they were, and none was evaluated again.
@@ -104,7 +101,7 @@ def test_two_workers_share_one_study_without_duplicate_work(tmp_path: Path) -> N
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    study = load(run)
+    study = load_run(run)
     complete = study.get_trials(states=COMPLETE)
     # At most one trial over budget: a worker may start one while another finishes the last.
     assert 4 <= len(complete) <= 5

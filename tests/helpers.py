@@ -1,0 +1,101 @@
+"""What the tests share: the CLI as a user runs it, TVM's own tracker and server as a user
+starts them, and a run's study."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+
+
+def hwnas(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`hwnas ARGS...` in a fresh process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def load_run(run: Path) -> optuna.Study:
+    """The study a search wrote into run directory `run`."""
+    return optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    """Bad input: exit code 2 and one line that names the problem (each of `words`)."""
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("hwnas: error: ")
+    assert "Traceback" not in done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 120.0) -> None:
+    """Polls `condition` (an exception counts as not yet) until it is true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if condition():
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def start_tracker(port: int) -> subprocess.Popen:
+    """`python -m tvm.exec.rpc_tracker` on 127.0.0.1:port, as a user starts it."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def start_server(port: int, key: str) -> subprocess.Popen:
+    """`python -m tvm.exec.rpc_server --tracker 127.0.0.1:port --key KEY`, as on a board."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_server",
+            "--tracker",
+            f"127.0.0.1:{port}",
+            "--key",
+            key,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(*procs: subprocess.Popen | None) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
