@@ -89,7 +89,7 @@ def prepare(config: SearchConfig) -> tuple[Space, list[Profile], Dataset]:
     else:
         for profile in profiles:
             if not (profile.emulated or hw_compile.runs_on_host(profile)):
-                _local_device(Tracker("127.0.0.1", 0), profile)  # raises the one-line error
+                raise _needs_tracker(profile)
     return space, profiles, data
 
 
@@ -243,7 +243,11 @@ def _local_device(tracker: Tracker, profile: Profile) -> contextlib.AbstractCont
         return emulated_server(tracker, profile.key, cpu=profile.target.get("mcpu", "cortex-a72"))
     if hw_compile.runs_on_host(profile):
         return local_server(tracker, profile.key)
-    raise UserError(
+    raise _needs_tracker(profile)
+
+
+def _needs_tracker(profile: Profile) -> UserError:
+    return UserError(
         f"{profile.name} is not this machine: on the board run `python -m tvm.exec.rpc_server "
         f"--tracker HOST:PORT --key {profile.key}`, then pass --tracker HOST:PORT"
     )
@@ -257,8 +261,9 @@ def _previous_result(study: optuna.Study, arch: dict) -> optuna.trial.FrozenTria
     return None
 
 
-def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
-    """Trains, compiles and measures one candidate; records its attributes on the trial."""
+def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
+    """Trains, compiles and measures one candidate; records its attributes on the trial.
+    Returns its accuracy and one latency per device."""
     config = ctx.config
     arch = {
         name: trial.suggest_categorical(name, values) for name, values in ctx.space.choices.items()
@@ -271,7 +276,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, float]:
             if key not in ("worker", "arch"):
                 trial.set_user_attr(key, value)
         trial.set_user_attr("same_as_trial", previous.number)
-        return previous.values[0], previous.values[1]
+        return tuple(previous.values)
 
     trial_dir = config.run_dir / "trials" / str(trial.number)
     trial_dir.mkdir(parents=True, exist_ok=True)
