@@ -76,6 +76,8 @@ def prepare(config: SearchConfig) -> tuple[Space, list[Profile], Dataset]:
     if len(set(names)) != len(names):
         raise UserError(f"--device names a device twice ({config.device}): name each once")
     data = load_dataset(config.dataset, seed=config.seed, image_size=config.image_size)
+    if config.strategy in DIFFERENTIABLE_STRATEGIES:
+        _supernet(space, data, config)  # a space without one is refused before anything runs
     if config.tracker:
         tracker = parse_tracker(config.tracker)
         keys = registered_keys(tracker)
@@ -451,6 +453,13 @@ def search(
     return study
 
 
+def _supernet(space: Space, data: Dataset, config: SearchConfig) -> torch.nn.Module:
+    try:
+        return space.supernet(data.num_classes, data.in_channels, config.image_size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def enqueue_derived_archs(
     study: optuna.Study, ctx: SearchContext, progress: Callable[[str], None]
 ) -> None:
@@ -461,10 +470,7 @@ def enqueue_derived_archs(
     from nas.differentiable import derive_several, measure_latency_table
 
     config, space = ctx.config, ctx.space
-    try:
-        supernet = space.supernet(ctx.data.num_classes, ctx.data.in_channels, config.image_size)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    supernet = _supernet(space, ctx.data, config)
     table = None
     if config.strategy == "dass":
         progress(f"measuring the latency table on {ctx.profiles[0].name} ...")
