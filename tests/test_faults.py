@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker, local_server, local_tracker, tracker_summary
 from nas.config import SearchConfig
 from nas.search import search
+from search_spaces import spaces
 from search_spaces.spaces import Space, register_space
 
 
@@ -55,7 +57,6 @@ class _Faulty(nn.Module):
         return self.head(y)
 
 
-@register_space("test-faults")
 class FaultSpace(Space):
     description = "test only: candidates that fail in a chosen way"
 
@@ -67,6 +68,15 @@ class FaultSpace(Space):
         return _Faulty(arch["fault"], in_channels, num_classes)
 
 
+@pytest.fixture
+def fault_space() -> Iterator[None]:
+    """The test-only space, registered for the test that uses it and removed after, so that
+    the registry tests, which go through every registered space, never see it."""
+    register_space("test-faults")(FaultSpace)
+    yield
+    spaces._REGISTRY.pop("test-faults")
+
+
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [
@@ -76,7 +86,7 @@ class FaultSpace(Space):
     ],
 )
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(
-    tmp_path: Path, fault: str, reason: str
+    tmp_path: Path, fault: str, reason: str, fault_space: None
 ) -> None:
     config = SearchConfig(out=str(tmp_path / fault), space="test-faults", trials=2, epochs=1)
     config.run_dir.mkdir()
