@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
+from nas.config import SearchConfig
 from nas.errors import UserError
 
 EXIT_BAD_INPUT = 2
@@ -45,7 +47,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from nas.config import SearchConfig
     from nas.search import search
     from reports import write_report
 
@@ -65,7 +66,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return _compare_strategies(config, strategies, progress)
 
 
-def _compare_strategies(config, strategies: list[str], progress) -> int:
+def _compare_strategies(
+    config: SearchConfig, strategies: list[str], progress: Callable[[str], None]
+) -> int:
     """Runs each strategy with the same budget (trials, and minutes when given) into
     `<out>/<strategy>`, then writes one page comparing them."""
     from nas.search import prepare, search
