@@ -1,4 +1,4 @@
-"""The `hwnas` command line: search, report, devices, spaces, profiles."""
+"""The `hwnas` command line: search, report, export, devices, spaces, profiles."""
 
 from __future__ import annotations
 
