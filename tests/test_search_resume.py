@@ -55,11 +55,14 @@ def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: 
         while True:
             assert proc.poll() is None, "the search ended before it could be killed"
             assert time.monotonic() < deadline, "no trial finished in time"
+            states = []
             if (run / "study.db").exists():
-                trials = load_run(run).get_trials(deepcopy=False)
-                states = [t.state for t in trials]
-                if optuna.trial.TrialState.COMPLETE in states and states[-1].name == "RUNNING":
-                    break
+                try:
+                    states = [t.state for t in load_run(run).get_trials(deepcopy=False)]
+                except KeyError:  # the database is there, the study not yet
+                    pass
+            if optuna.trial.TrialState.COMPLETE in states and states[-1].name == "RUNNING":
+                break
             time.sleep(0.5)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
