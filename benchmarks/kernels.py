@@ -172,7 +172,7 @@ def sparse_times(
 
     x = rng.standard_normal((1, shape.cols, shape.m)).astype(np.float32)
     bsr = to_bsr(w, block)
-    spec = KernelSpec(1, shape.rows, shape.cols, shape.m, bsr.block, len(bsr.data), bsr.block_rows)
+    spec = KernelSpec(1, shape.rows, shape.cols, shape.m, bsr.block, bsr.block_rows)
     kernel = matmul_kernel(spec, "x86", dense=False, num_cores=1, avx512=avx512())
     inputs = [x, bsr.data, bsr.indices, bsr.indptr, np.zeros(shape.rows, np.float32)]
     times = {"ours sparse": time_tvm(kernel, inputs, (1, shape.rows, shape.m), min_ms, repeats)}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,7 +62,11 @@ class CompiledModel:
     # The example input and torch's output on it, kept to check the library on its device.
     example_input: np.ndarray | None = field(default=None, repr=False)
     expected_output: np.ndarray | None = field(default=None, repr=False)
+    # Our kernels' object files (CPU targets), linked into the library (see compile.objects).
+    objects: list[Path] = field(default_factory=list, repr=False)
     _vm: Any = field(default=None, repr=False)
+    _library: Path | None = field(default=None, repr=False)  # exported for this host
+    _workdir: Any = field(default=None, repr=False)
 
     @property
     def host_runnable(self) -> bool:
@@ -76,7 +82,10 @@ class CompiledModel:
                 "export_library() it and run it on its device (check_remote)"
             )
         if self._vm is None:
-            self._vm = relax.VirtualMachine(self.executable, dev)
+            if self.family == "cuda":
+                self._vm = relax.VirtualMachine(self.executable, dev)
+            else:  # the kernels are in their object files: run the linked library
+                self._vm = relax.VirtualMachine(tvm.runtime.load_module(self._host_lib()), dev)
         out = self._vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), dev))
         return out.numpy()
 
@@ -113,13 +122,25 @@ class CompiledModel:
         """Write a shared library for the profile's device (cross-compiled when it says so)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self._library is not None:  # already linked here to run the check
+            shutil.copyfile(self._library, path)
+            return path
         fcompile = cc.cross_compiler(self.cross_compiler) if self.cross_compiler else None
         try:
             with _native_warnings_silenced():
-                self.executable.export_library(str(path), fcompile=fcompile)
+                self.executable.export_library(
+                    str(path), fcompile=fcompile, addons=[str(o) for o in self.objects]
+                )
         except Exception as exc:  # the system or cross compiler failed
             raise CompileError(f"export to {path} failed: {str(exc).splitlines()[0]}") from exc
         return path
+
+    def _host_lib(self) -> str:
+        if self._library is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="hwnas-build-")
+            path = self.export_library(Path(self._workdir.name) / "model.so")
+            self._library = path
+        return str(self._library)
 
 
 @contextlib.contextmanager
@@ -254,7 +275,10 @@ def build(
         with torch.no_grad():
             exported = torch.export.export(deploy, (example_input,))
         mod = from_exported_program(
-            exported, keep_params_as_input=True, unwrap_unit_return_tuple=True
+            exported,
+            keep_params_as_input=True,
+            unwrap_unit_return_tuple=True,
+            run_ep_decomposition=False,
         )
     except Exception as exc:
         raise CompileError(
@@ -283,14 +307,14 @@ def build(
         avx512,
         chooser,
     )
-    mod = apply_rewrite(mod, plan)
+    mod, objects = apply_rewrite(mod, plan, target)
     by_var = {weight_vars[name]: tvm.runtime.tensor(tensors[name]) for name in weight_vars}
     mod = relax.transform.BindParams("main", by_var)(mod)
     mod["main"] = mod["main"].without_attr("params")
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     try:
         with tvm.transform.PassContext(config=BUILD_CONFIG):
-            executable = tvm.compile(mod, target=target)
+            executable = tvm.compile(mod, target=target, relax_pipeline=_relax_pipeline(target))
     except Exception as exc:
         raise CompileError(f"TVM build failed: {str(exc).splitlines()[0]}") from exc
 
@@ -321,6 +345,7 @@ def build(
         folded_batchnorm=folded,
         example_input=example_input.detach().cpu().numpy().astype(np.float32),
         expected_output=expected,
+        objects=objects,
     )
     if check and compiled.host_runnable:
         got = compiled.run(compiled.example_input)
@@ -330,6 +355,33 @@ def build(
             raise OutputMismatch(problem + (f"; worst layer: {worst}" if worst else ""))
     compiled.compile_seconds = time.perf_counter() - start
     return compiled
+
+
+@tvm.transform.module_pass(opt_level=0, name="hwnas.DropUncalledPrimFuncs")
+def _drop_uncalled_prim_funcs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    called = {
+        gvar
+        for func in mod.functions.values()
+        if isinstance(func, relax.Function)
+        for gvar in relax.analysis.all_global_vars(func)
+    }
+    kept = {
+        gvar: func
+        for gvar, func in mod.functions.items()
+        if isinstance(func, relax.Function) or gvar in called
+    }
+    return tvm.IRModule(kept, attrs=mod.attrs)
+
+
+def _relax_pipeline(target: tvm.target.Target):
+    """TVM's default pipeline; on a CPU followed by dropping the PrimFuncs nothing calls. TVM
+    turns each legalized reshape into a view (no copy) but still compiles its PrimFunc: that
+    was about half of a small model's build time."""
+    if target.kind.name != "llvm":
+        return "default"
+    return tvm.transform.Sequential(
+        [relax.pipeline.default_build_pipeline(), _drop_uncalled_prim_funcs]
+    )
 
 
 def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
@@ -378,9 +430,10 @@ def _layer_reference(module: nn.Module, x: torch.Tensor, plan: LayerPlan) -> np.
 
 def run_layer_kernel(plan: LayerPlan, x: np.ndarray, target) -> np.ndarray:
     """Build and run one layer's kernel(s) alone on the layer's input `x` (for diagnostics)."""
-    funcs = {kernel_symbol(plan.name, plan.impl): plan.kernel}
+    funcs = {kernel_symbol(plan.name, plan.impl): plan.kernel.func()}
     if plan.im2col is not None:
-        funcs[kernel_symbol(plan.name, "im2col")] = plan.im2col
+        funcs[kernel_symbol(plan.name, "im2col")] = plan.im2col.func()
+    funcs = {symbol: func.with_attr("global_symbol", symbol) for symbol, func in funcs.items()}
     with tvm.transform.PassContext(config=BUILD_CONFIG):
         lib = tvm.compile(tvm.IRModule(funcs), target=target)
     dev = local_device(target)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import tvm
 
-from compile.kernels import BUILD_CONFIG, KernelSpec
+from compile.kernels import KERNEL_VERSION, Kernel, KernelSpec
+from compile.objects import cache_dir, load_kernel, target_key
 
 CHOICES = ("auto", "sparse", "dense")
 # Without timings (targets this host cannot run), a layer goes sparse at or above this sparsity.
@@ -26,22 +27,18 @@ SPARSE_ABOVE = 0.7
 # Layers whose density falls in the same bucket of this width share a cached timing.
 DENSITY_BUCKET = 0.05
 CACHE_FILE = "kernel_times.json"
-# Part of every cache key: bump it when a kernel or its tiling changes, so old times are unused.
-KERNEL_VERSION = 2
-
-
-def cache_dir() -> Path:
-    """`$HWNAS_CACHE`, else `~/.cache/hwnas`."""
-    return Path(os.environ.get("HWNAS_CACHE") or Path.home() / ".cache" / "hwnas")
 
 
 @dataclass(frozen=True)
 class KernelCandidate:
-    """One way to compute a layer: a kernel, its constant inputs and its matmul spec."""
+    """One way to compute a layer: a kernel taking (X, *constants, Y), and its constants."""
 
-    kernel: Any  # tvm.tirx.PrimFunc taking (X, *constants, Y)
+    kernel: Kernel
     constants: list[np.ndarray]
-    spec: KernelSpec
+
+    @property
+    def spec(self) -> KernelSpec:
+        return self.kernel.shape
 
 
 @dataclass(frozen=True)
@@ -101,22 +98,19 @@ class KernelChooser:
         bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
         shape = f"{spec.batch}x{spec.rows}x{spec.cols}x{spec.m}"
         block = f"{spec.block[0]}x{spec.block[1]}"
-        target = json.dumps(dict(self.target.export()), sort_keys=True, default=str)
-        return f"v{KERNEL_VERSION}|{target}|{shape}|{block}|{bucket}"
+        return f"v{KERNEL_VERSION}|{target_key(self.target)}|{shape}|{block}|{bucket}"
 
     def _time(self, candidate: KernelCandidate) -> float:
         spec = candidate.spec
         dev = tvm.cpu()
-        with tvm.transform.PassContext(config=BUILD_CONFIG):
-            lib = tvm.compile(candidate.kernel, target=self.target)
+        lib, symbol = load_kernel(candidate.kernel, self.target)
         rng = np.random.default_rng(0)
         x = rng.standard_normal((spec.batch, spec.cols, spec.m)).astype(np.float32)
         inputs = (x, *candidate.constants)
         args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
         out = tvm.runtime.tensor(np.empty((spec.batch, spec.rows, spec.m), np.float32), dev)
-        name = str(candidate.kernel.attrs["global_symbol"])
-        timer = lib.mod.time_evaluator(
-            name, dev, number=1, repeat=self.repeats, min_repeat_ms=self.min_repeat_ms
+        timer = lib.time_evaluator(
+            symbol, dev, number=1, repeat=self.repeats, min_repeat_ms=self.min_repeat_ms
         )
         return float(np.min(timer(*args, out).results)) * 1e3
 

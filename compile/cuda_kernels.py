@@ -11,7 +11,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from compile.kernels import ACTIVATIONS, ConvGeometry, KernelSpec
+from compile.kernels import ACTIVATIONS, ConvGeometry, KernelSpec, stored_blocks
 
 THREADS_PER_BLOCK = 128
 
@@ -36,7 +36,7 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     """BSR W x X on a GPU: one thread per (batch, block row, m), bs_r accumulators each."""
     B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
     BR, BC = spec.block
-    NNZB, NRB = spec.nnz_storage, spec.block_rows
+    NNZB, NRB = stored_blocks(), spec.block_rows
     work = B * NRB * M
     n_blocks, n_threads = _launch(work)
     act = ACTIVATIONS.index(spec.activation)

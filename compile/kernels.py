@@ -7,6 +7,7 @@ this with the activations transposed (K = in_features, M = batch rows).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -19,6 +20,9 @@ ACTIVATIONS = ("none", "relu", "relu6")
 # survives when the build runs under `BUILD_CONFIG` (StorageRewrite drops annotations).
 _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
+# Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
+# changes, so that nothing built or timed before is used.
+KERNEL_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,14 @@ class KernelSpec:
     cols: int  # K: input features / channels
     m: int  # columns of the activation matrix (H * W, or the Linear's batch rows)
     block: tuple[int, int]
-    nnz_storage: int  # blocks stored in `data` (at least 1)
     block_rows: int
     activation: str = "none"
+
+
+def stored_blocks() -> tirx.Var:
+    """The number of blocks a BSR kernel's `data` holds: symbolic, read from the array's shape
+    when the kernel runs, so one built kernel serves every mask with the same shape and block."""
+    return tirx.Var("nnzb", "int32")
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     parallel over (batch x block row x M tile), unrolled over the block, vectorized over M."""
     B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
     BR, BC = spec.block
-    NNZB, NRB = spec.nnz_storage, spec.block_rows
+    NNZB, NRB = stored_blocks(), spec.block_rows
     MT = tiling.tile_m
     n_full = M // MT
     tail = M % MT
@@ -238,7 +247,7 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     bs_r x bs_c values instead of M; parallel over (batch x block row)."""
     B, N, K = spec.batch, spec.rows, spec.cols
     BR, BC = spec.block
-    NNZB, NRB = spec.nnz_storage, spec.block_rows
+    NNZB, NRB = stored_blocks(), spec.block_rows
     work = B * NRB
     n_chunks = min(tiling.chunks, work)
     per_chunk = -(-work // n_chunks)
@@ -473,3 +482,46 @@ def im2col_kernel(geo: ConvGeometry, family: str, num_cores: int | None = None) 
 
         return im2col_cuda(geo)
     return im2col_cpu(geo, num_cores)
+
+
+KERNEL_OPS = ("sparse", "dense", "depthwise", "im2col")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One of our kernels, named by what it computes. Making the PrimFunc parses its TVMScript
+    (about 0.2 s), so it is made only when needed (`func`, memoised); `key` names the kernel
+    for the cache of built kernels (`compile.objects`), which usually makes parsing unneeded."""
+
+    op: str  # one of KERNEL_OPS
+    family: str
+    shape: KernelSpec | ConvGeometry  # KernelSpec for matmuls, ConvGeometry otherwise
+    activation: str = "none"  # depthwise (a matmul's is in its spec)
+    num_cores: int | None = None
+    avx512: bool = False
+
+    def __post_init__(self) -> None:
+        if self.op not in KERNEL_OPS:
+            raise ValueError(f"kernel op must be one of {KERNEL_OPS}, got {self.op!r}")
+
+    @property
+    def key(self) -> str:
+        return repr(self)
+
+    def func(self) -> tirx.PrimFunc:
+        return _make(self)
+
+
+@functools.lru_cache(maxsize=1024)
+def _make(kernel: Kernel) -> tirx.PrimFunc:
+    if kernel.op in ("sparse", "dense"):
+        return matmul_kernel(
+            kernel.shape,
+            kernel.family,
+            dense=kernel.op == "dense",
+            num_cores=kernel.num_cores,
+            avx512=kernel.avx512,
+        )
+    if kernel.op == "depthwise":
+        return depthwise_kernel(kernel.shape, kernel.family, kernel.activation, kernel.num_cores)
+    return im2col_kernel(kernel.shape, kernel.family, kernel.num_cores)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,15 +16,8 @@ from tvm.ir import Op
 
 from compile.bsr import BsrWeight, choose_block, full_bsr, pack_dense, to_bsr
 from compile.choose import KernelCandidate, KernelChooser
-from compile.kernels import (
-    ConvGeometry,
-    KernelSpec,
-    dense_block_rows,
-    depthwise_kernel,
-    im2col_kernel,
-    matmul_kernel,
-    vector_unit,
-)
+from compile.kernels import ConvGeometry, Kernel, KernelSpec, dense_block_rows, vector_unit
+from compile.objects import kernel_object
 
 try:
     from search_spaces.ops import SPARSE_LAYERS
@@ -138,8 +132,8 @@ class LayerPlan:
     fused_bias: bool = False
     bsr: BsrWeight | None = None  # sparse layers, whichever kernel they got
     times_ms: dict[str, float] = field(default_factory=dict)  # sparse / dense, when timed
-    kernel: object = field(repr=False, default=None)  # tvm.tirx.PrimFunc
-    im2col: object = field(repr=False, default=None)  # PrimFunc, convs that are not plain 1x1
+    kernel: Kernel | None = field(repr=False, default=None)
+    im2col: Kernel | None = field(repr=False, default=None)  # convs that are not plain 1x1
 
 
 @dataclass
@@ -333,12 +327,12 @@ def plan_rewrite(
                 impl="depthwise",
                 spec=None,
                 constants=[np.ascontiguousarray(weight.reshape(rows, kh, kw)), bias],
+                kernel=Kernel("depthwise", family, geometry, activation, num_cores),
                 **common,
             )
-            plan.kernel = depthwise_kernel(geometry, family, activation, num_cores)
             if name in sparse:
                 dense_reasons[name] = "depthwise convolution (no sparse kernel)"
-            plans.append(_named(plan))
+            plans.append(plan)
             continue
         matrix = weight.reshape(rows, -1)
         cols = matrix.shape[1]
@@ -353,27 +347,29 @@ def plan_rewrite(
                 dense_reasons[name] = "mask is all ones"
             else:
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
-                spec = KernelSpec(
-                    batch, rows, cols, m, bsr.block, len(bsr.data), bsr.block_rows, activation
-                )
-                kernel = matmul_kernel(
-                    spec, family, dense=False, num_cores=num_cores, avx512=avx512
-                )
+                spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation)
+                kernel = Kernel("sparse", family, spec, num_cores=num_cores, avx512=avx512)
                 consts = [bsr.data, bsr.indices, bsr.indptr, bias]
-                sparse_candidate = KernelCandidate(kernel, consts, spec)
+                sparse_candidate = KernelCandidate(kernel, consts)
                 density = float(np.count_nonzero(matrix)) / matrix.size
                 choice = chooser.choose(sparse_candidate, dense, density)
                 if choice.impl == "sparse":
                     impl, dense = "sparse", sparse_candidate
                 else:
                     dense_reasons[name] = f"dense kernel chosen: {choice.reason}"
-        plan = LayerPlan(impl=impl, spec=dense.spec, constants=dense.constants, bsr=bsr, **common)
-        plan.kernel = dense.kernel
+        plan = LayerPlan(
+            impl=impl,
+            spec=dense.spec,
+            constants=dense.constants,
+            bsr=bsr,
+            kernel=dense.kernel,
+            **common,
+        )
         if choice is not None and choice.sparse_ms is not None:
             plan.times_ms = {"sparse": choice.sparse_ms, "dense": choice.dense_ms}
         if kind == "conv" and not _is_plain_1x1(geometry):
-            plan.im2col = im2col_kernel(geometry, family, num_cores)
-        plans.append(_named(plan))
+            plan.im2col = Kernel("im2col", family, geometry, num_cores=num_cores)
+        plans.append(plan)
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
 
 
@@ -396,22 +392,13 @@ def _dense_candidate(
     if m == 1 and family != "cuda":
         bsr = full_bsr(matrix, (vector_unit(family, avx512).lanes, 1))
         consts = [bsr.data, bsr.indices, bsr.indptr, bias]
-        spec = KernelSpec(batch, rows, cols, m, bsr.block, len(bsr.data), bsr.block_rows)
+        spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation)
     else:
         nr = min(dense_block_rows(family, avx512), rows)
         consts = [pack_dense(matrix, nr), bias]
-        n_rb = -(-rows // nr)
-        spec = KernelSpec(batch, rows, cols, m, (nr, 1), n_rb * cols, n_rb)
-    spec = replace(spec, activation=activation)
-    kernel = matmul_kernel(spec, family, dense=True, num_cores=num_cores, avx512=avx512)
-    return KernelCandidate(kernel, consts, spec)
-
-
-def _named(plan: LayerPlan) -> LayerPlan:
-    plan.kernel = plan.kernel.with_attr("global_symbol", kernel_symbol(plan.name, plan.impl))
-    if plan.im2col is not None:
-        plan.im2col = plan.im2col.with_attr("global_symbol", kernel_symbol(plan.name, "im2col"))
-    return plan
+        spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation)
+    kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
+    return KernelCandidate(kernel, consts)
 
 
 def _find_layer_call(graph: _Graph, weight_var: str) -> tuple[str, relax.Call] | None:
@@ -444,13 +431,18 @@ def kernel_symbol(layer_name: str, impl: str = "sparse") -> str:
 
 @relax.expr_functor.mutator
 class _LayerRewriter(relax.PyExprMutator):
-    """Replaces each planned layer's output binding by call_tir(s) to its kernel(s)."""
+    """Replaces each planned layer's output binding by calls to its kernel(s): on a CPU target
+    by symbol (`call_dps_packed`) to a kernel built once into an object file (`objects`
+    collects the files the library must link); on a GPU by `call_tir` to the PrimFunc, which
+    TVM builds with the module."""
 
-    def __init__(self, mod, plans: list[LayerPlan]):
+    def __init__(self, mod, plans: list[LayerPlan], target):
         super().__init__(mod)
         self.mod_ = mod
         self.plans = {p.output_var: p for p in plans}
         self.inputs: dict[str, relax.Var] = {}
+        self.target = target
+        self.objects: dict[str, Path] = {}
 
     def transform(self):
         func = self.mod_["main"]
@@ -474,10 +466,15 @@ class _LayerRewriter(relax.PyExprMutator):
         self.set_var_remap(binding.var, new_var)
         return None
 
-    def _call(self, kernel, symbol: str, args: list, shape) -> relax.Var:
-        gvar = self.builder_.add_func(kernel, symbol)
+    def _call(self, kernel: Kernel, symbol: str, args: list, shape) -> relax.Var:
         out_ty = relax.TensorType(list(shape), "float32")
-        return self.builder_.emit(relax.call_tir(gvar, args, out_ty))
+        if self.target.kind.name == "cuda":
+            func = kernel.func().with_attr("global_symbol", symbol)
+            gvar = self.builder_.add_func(func, symbol)
+            return self.builder_.emit(relax.call_tir(gvar, args, out_ty))
+        obj = kernel_object(kernel, self.target)
+        self.objects[obj.symbol] = obj.path
+        return self.builder_.emit(relax.call_dps_packed(obj.symbol, args, out_ty))
 
     def _layer(self, plan: LayerPlan, x: relax.Expr) -> relax.Expr:
         emit = self.builder_.emit
@@ -507,9 +504,11 @@ class _LayerRewriter(relax.PyExprMutator):
         return relax.op.reshape(y, (*plan.input_shape[:-1], spec.rows))
 
 
-def apply_rewrite(mod, plan: RewritePlan):
-    """The module with every planned layer computed by its kernel(s)."""
+def apply_rewrite(mod, plan: RewritePlan, target) -> tuple[object, list[Path]]:
+    """The module with every planned layer computed by its kernel(s) for `target`, and the
+    kernel object files its library must link (none on a GPU target)."""
     if not plan.layers:
-        return mod
-    mod = _LayerRewriter(mod, plan.layers).transform()
-    return relax.transform.DeadCodeElimination(["main"])(mod)
+        return mod, []
+    rewriter = _LayerRewriter(mod, plan.layers, target)
+    mod = rewriter.transform()
+    return relax.transform.DeadCodeElimination(["main"])(mod), list(rewriter.objects.values())

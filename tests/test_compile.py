@@ -18,6 +18,7 @@ import compile as hw_compile
 from compile.bsr import block_fill, bsr_to_dense, choose_block, to_bsr
 from compile.choose import KernelChooser
 from compile.kernels import KernelSpec, sparse_matmul_kernel
+from compile.objects import load_kernel
 from compile.rewrite import _dense_candidate, deploy_copy, fold_batchnorm
 
 
@@ -107,9 +108,7 @@ def test_choose_block_prefers_declared_then_a_fitting_default():
 def _run_kernel(w, x, bias, block, activation):
     bsr = to_bsr(w, block)
     batch, k, m = x.shape
-    spec = KernelSpec(
-        batch, w.shape[0], k, m, bsr.block, len(bsr.data), bsr.block_rows, activation
-    )
+    spec = KernelSpec(batch, w.shape[0], k, m, bsr.block, bsr.block_rows, activation)
     kernel = sparse_matmul_kernel(spec, "x86", num_cores=2)  # bsr_matvec when m == 1
     lib = tvm.compile(kernel, target=HOST.target)
     dev = tvm.cpu()
@@ -239,11 +238,11 @@ def test_dense_kernel_matches_numpy(m, batch):
     x = rng.standard_normal((batch, 37, m)).astype(np.float32)
     bias = rng.standard_normal(53).astype(np.float32)
     candidate = _dense_candidate(w, bias, batch, m, "relu6", "x86", 2, True)
-    lib = tvm.compile(candidate.kernel, target=HOST.target)
+    lib, symbol = load_kernel(candidate.kernel, HOST.target)  # through the object cache
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.full((batch, 53, m), np.nan, np.float32), dev)
     args = [tvm.runtime.tensor(a, dev) for a in (x, *candidate.constants)]
-    lib[str(candidate.kernel.attrs["global_symbol"])](*args, out)
+    lib[symbol](*args, out)
     want = np.clip(np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None], 0, 6)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 

@@ -21,7 +21,7 @@ KEY = "qemu-aarch64-compile-test"
 
 def test_neon_tiles_fill_half_the_vector_registers():
     def tile(block: tuple[int, int], m: int = 1024) -> int:
-        return choose_tiling("arm", KernelSpec(1, 64, 64, m, block, 1, 64 // block[0])).tile_m
+        return choose_tiling("arm", KernelSpec(1, 64, 64, m, block, 64 // block[0])).tile_m
 
     # 16 of 32 128-bit registers hold accumulators: bs_r x tile_m = 64 floats.
     assert tile((4, 1)) == 16
