@@ -29,7 +29,7 @@ from e2e import machine  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
 from compile.bsr import to_bsr  # noqa: E402
-from compile.kernels import BUILD_CONFIG, KernelSpec, matmul_kernel  # noqa: E402
+from compile.kernels import BUILD_CONFIG, Kernel, KernelSpec, matmul_kernel  # noqa: E402
 from compile.rewrite import _dense_candidate  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
@@ -90,6 +90,8 @@ def block_sparse_weight(shape: Shape, sparsity: float, block, rng) -> np.ndarray
 
 def time_tvm(kernel, inputs: list[np.ndarray], out_shape, min_ms: float, repeats: int) -> float:
     target = tvm.target.Target(TARGET)
+    if isinstance(kernel, Kernel):
+        kernel = kernel.func()
     with tvm.transform.PassContext(config=BUILD_CONFIG):
         lib = tvm.compile(kernel, target=target)
     dev = tvm.cpu()

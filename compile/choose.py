@@ -31,14 +31,12 @@ CACHE_FILE = "kernel_times.json"
 
 @dataclass(frozen=True)
 class KernelCandidate:
-    """One way to compute a layer: a kernel taking (X, *constants, Y), and its constants."""
+    """One way to compute a layer: a kernel taking (X, *constants, Y), its constants and the
+    layer's matmul spec."""
 
     kernel: Kernel
     constants: list[np.ndarray]
-
-    @property
-    def spec(self) -> KernelSpec:
-        return self.kernel.shape
+    spec: KernelSpec
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ this with the activations transposed (K = in_features, M = batch rows).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -22,7 +22,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 3
+KERNEL_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,16 @@ def stored_blocks() -> tirx.Var:
     return tirx.Var("nnzb", "int32")
 
 
+def _dim(name: str) -> tirx.Var:
+    """A CPU kernel's size read from its arrays' shapes when it runs (rows, cols, channels):
+    the same built kernel then serves every layer that differs only in these."""
+    return tirx.Var(name, "int32")
+
+
 @dataclass(frozen=True)
 class Tiling:
-    """Per-shape schedule parameters: M-tile width and number of parallel chunks."""
+    """Per-shape schedule parameters: M-tile width and the most parallel chunks (fewer when
+    there is less work)."""
 
     tile_m: int
     chunks: int
@@ -94,11 +101,23 @@ def choose_tiling(
     # A power of two: a 24-wide AVX2 tile (3 vectors) ran 4-6x slower than a 16-wide one.
     tile = max(unit.lanes, min(unit.widest, 1 << (per_row.bit_length() - 1)))
     tile = min(tile, spec.m)
-    n_tiles = -(-spec.m // tile)
-    work = spec.batch * spec.block_rows * n_tiles
     # A few chunks per core balance load; each chunk allocates its accumulators once.
-    chunks = min(work, 4 * (num_cores or 16))
-    return Tiling(tile_m=tile, chunks=max(1, chunks))
+    return Tiling(tile_m=tile, chunks=_max_chunks(num_cores))
+
+
+def _max_chunks(num_cores: int | None) -> int:
+    return 4 * (num_cores or 16)
+
+
+# A work index over (batch, rows) split into its batch and row. The row count is read from the
+# arrays, so the split is a division at run time, avoided at batch 1 (the usual case): an
+# integer division per work item costs a sparse kernel much of its time.
+def _outer(w, rows, batch: int):
+    return T.int32(0) if batch == 1 else w // rows
+
+
+def _inner(w, rows, batch: int):
+    return w if batch == 1 else w % rows
 
 
 @T.macro
@@ -121,19 +140,22 @@ def _store_tile(acc_buf, bias_buf, y_buf, tb, row0, m0, rows, width, n_rows, act
 
 def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     """CPU schedule (x86 AVX2/AVX-512, ARM NEON): bs_r x tile_m accumulators in registers,
-    parallel over (batch x block row x M tile), unrolled over the block, vectorized over M."""
-    B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
+    parallel over (batch x block row x M tile), unrolled over the block, vectorized over M.
+    Rows, columns and stored blocks are read from the arrays (only B, M, the block and the
+    activation are built in)."""
+    B, M = spec.batch, spec.m
+    N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
     BR, BC = spec.block
-    NNZB, NRB = stored_blocks(), spec.block_rows
+    NNZB, NRB = stored_blocks(), NP - 1
     MT = tiling.tile_m
     n_full = M // MT
     tail = M % MT
     n_mt = n_full + (1 if tail else 0)
     work = B * NRB * n_mt
-    n_chunks = min(tiling.chunks, work)
-    per_chunk = -(-work // n_chunks)
+    n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
-    guard_rows = NRB * BR > N
+    guard_rows = BR > 1  # the last block row may overhang the rows
     act = ACTIVATIONS.index(spec.activation)
 
     @T.macro
@@ -157,7 +179,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         X: T.Buffer((B, K, M), "float32"),
         data: T.Buffer((NNZB, BR, BC), "float32"),
         indices: T.Buffer((NNZB,), "int32"),
-        indptr: T.Buffer((NRB + 1,), "int32"),
+        indptr: T.Buffer((NP,), "int32"),
         bias: T.Buffer((N,), "float32"),
         Y: T.Buffer((B, N, M), "float32"),
     ):
@@ -169,8 +191,9 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:
-                    b = T.bind(w // (NRB * n_mt))
-                    rb = T.bind(w // n_mt % NRB)
+                    rbb = T.bind(w // n_mt)
+                    b = T.bind(_outer(rbb, NRB, B))
+                    rb = T.bind(_inner(rbb, NRB, B))
                     mt = T.bind(w % n_mt)
                     if has_tail:
                         if mt < n_full:
@@ -190,18 +213,19 @@ def dense_block_rows(family: str, avx512: bool = True) -> int:
 
 def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     """Dense twin of `bsr_matmul_cpu`: W packed as (N / bs_r, K, bs_r), no index indirection;
-    bs_r x tile_m accumulators in registers, parallel over (batch x row block x M tile)."""
-    B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
+    bs_r x tile_m accumulators in registers, parallel over (batch x row block x M tile).
+    Rows, columns and row blocks are read from the arrays."""
+    B, M = spec.batch, spec.m
+    N, K, NRB = _dim("n"), _dim("k"), _dim("block_rows")
     BR = spec.block[0]
-    NRB = spec.block_rows
     MT = tiling.tile_m
     n_full, tail = M // MT, M % MT
     n_mt = n_full + (1 if tail else 0)
     work = B * NRB * n_mt
-    n_chunks = min(tiling.chunks, work)
-    per_chunk = -(-work // n_chunks)
+    n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
-    guard = NRB * BR > N
+    guard = BR > 1
     act = ACTIVATIONS.index(spec.activation)
 
     @T.macro
@@ -228,8 +252,9 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:
-                    b = T.bind(w // (NRB * n_mt))
-                    rb = T.bind(w // n_mt % NRB)
+                    rbb = T.bind(w // n_mt)
+                    b = T.bind(_outer(rbb, NRB, B))
+                    rb = T.bind(_inner(rbb, NRB, B))
                     mt = T.bind(w % n_mt)
                     if has_tail:
                         if mt < n_full:
@@ -244,14 +269,16 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
 
 def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     """M == 1 (a Linear at batch 1, a 1x1 conv on a 1x1 map): vectorized over the block's
-    bs_r x bs_c values instead of M; parallel over (batch x block row)."""
-    B, N, K = spec.batch, spec.rows, spec.cols
+    bs_r x bs_c values instead of M; parallel over (batch x block row). Rows, columns and
+    blocks are read from the arrays."""
+    B = spec.batch
+    N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
     BR, BC = spec.block
-    NNZB, NRB = stored_blocks(), spec.block_rows
+    NNZB, NRB = stored_blocks(), NP - 1
     work = B * NRB
-    n_chunks = min(tiling.chunks, work)
-    per_chunk = -(-work // n_chunks)
-    guard = NRB * BR > N
+    n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    per_chunk = (work + n_chunks - 1) // n_chunks
+    guard = BR > 1
     act = ACTIVATIONS.index(spec.activation)
 
     @T.prim_func(s_tir=True)
@@ -259,7 +286,7 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         X: T.Buffer((B, K, 1), "float32"),
         data: T.Buffer((NNZB, BR, BC), "float32"),
         indices: T.Buffer((NNZB,), "int32"),
-        indptr: T.Buffer((NRB + 1,), "int32"),
+        indptr: T.Buffer((NP,), "int32"),
         bias: T.Buffer((N,), "float32"),
         Y: T.Buffer((B, N, 1), "float32"),
     ):
@@ -270,8 +297,8 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:
-                    b = T.bind(w // NRB)
-                    rb = T.bind(w % NRB)
+                    b = T.bind(_outer(w, NRB, B))
+                    rb = T.bind(_inner(w, NRB, B))
                     for e in T.vectorized(BR * BC):
                         acc[e] = T.float32(0)
                     for p0 in range(indptr[rb + 1] - indptr[rb]):
@@ -313,9 +340,9 @@ class ConvGeometry:
         return (self.out_width - 1) * self.stride[1] + self.kernel[1]
 
 
-def _chunks(work: int, num_cores: int | None) -> tuple[int, int]:
-    n_chunks = max(1, min(work, 4 * (num_cores or 16)))
-    return n_chunks, -(-work // n_chunks)
+def _chunks(work, num_cores: int | None) -> tuple:
+    n_chunks = T.max(T.min(work, _max_chunks(num_cores)), 1)
+    return n_chunks, (work + n_chunks - 1) // n_chunks
 
 
 @T.macro
@@ -330,8 +357,9 @@ def depthwise_conv_cpu(
     geo: ConvGeometry, activation: str = "none", num_cores: int | None = None
 ) -> tirx.PrimFunc:
     """Depthwise kxk conv: parallel over (batch x channel), each plane copied once into a
-    zero-bordered buffer, then vectorized over the output row; bias and activation fused."""
-    B, C, H, W = geo.batch, geo.channels, geo.height, geo.width
+    zero-bordered buffer, then vectorized over the output row; bias and activation fused.
+    The channel count is read from the arrays."""
+    B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
     KH, KW = geo.kernel
     SH, SW = geo.stride
     PT, PL = geo.pad
@@ -359,8 +387,8 @@ def depthwise_conv_cpu(
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < B * C:
-                    b = T.bind(w // C)
-                    c = T.bind(w % C)
+                    b = T.bind(_outer(w, C, B))
+                    c = T.bind(_inner(w, C, B))
                     _load_plane(plane, X, b, c, rows, cols, PT, PL)
                     for oh in range(OH):
                         for j in T.vectorized(OW):
@@ -387,8 +415,9 @@ def depthwise_conv_cpu(
 
 def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc:
     """Unfold an NCHW input into (B, C * kh * kw, OH * OW) columns (row order c, kh, kw, as in
-    `weight.reshape(out, -1)`), so that any groups=1 conv becomes a matmul for our kernels."""
-    B, C, H, W = geo.batch, geo.channels, geo.height, geo.width
+    `weight.reshape(out, -1)`), so that any groups=1 conv becomes a matmul for our kernels.
+    The channel count is read from the arrays."""
+    B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
     KH, KW = geo.kernel
     SH, SW = geo.stride
     PT, PL = geo.pad
@@ -414,8 +443,8 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc
                 for w0 in range(per_chunk):
                     w = T.bind(t * per_chunk + w0)
                     if w < B * C:
-                        b = T.bind(w // C)
-                        c = T.bind(w % C)
+                        b = T.bind(_outer(w, C, B))
+                        c = T.bind(_inner(w, C, B))
                         _load_plane(plane, X, b, c, rows, cols, PT, PL)
                         for kh in range(KH):
                             for kw in range(KW):
@@ -503,6 +532,12 @@ class Kernel:
     def __post_init__(self) -> None:
         if self.op not in KERNEL_OPS:
             raise ValueError(f"kernel op must be one of {KERNEL_OPS}, got {self.op!r}")
+        if self.family != "cuda":  # CPU kernels read these sizes from their arrays
+            if isinstance(self.shape, KernelSpec):
+                shape = replace(self.shape, rows=0, cols=0, block_rows=0)
+            else:
+                shape = replace(self.shape, channels=0)
+            object.__setattr__(self, "shape", shape)
 
     @property
     def key(self) -> str:

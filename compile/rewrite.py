@@ -350,7 +350,7 @@ def plan_rewrite(
                 spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation)
                 kernel = Kernel("sparse", family, spec, num_cores=num_cores, avx512=avx512)
                 consts = [bsr.data, bsr.indices, bsr.indptr, bias]
-                sparse_candidate = KernelCandidate(kernel, consts)
+                sparse_candidate = KernelCandidate(kernel, consts, spec)
                 density = float(np.count_nonzero(matrix)) / matrix.size
                 choice = chooser.choose(sparse_candidate, dense, density)
                 if choice.impl == "sparse":
@@ -398,7 +398,7 @@ def _dense_candidate(
         consts = [pack_dense(matrix, nr), bias]
         spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation)
     kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
-    return KernelCandidate(kernel, consts)
+    return KernelCandidate(kernel, consts, spec)
 
 
 def _find_layer_call(graph: _Graph, weight_var: str) -> tuple[str, relax.Call] | None:
