@@ -8,7 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from tvm.target import codegen
 from compile.choose import KernelChooser
 from compile.errors import CompileError, OutputMismatch
 from compile.kernels import BUILD_CONFIG
+from compile.layers import layer_calls, layer_output, run_layer_calls
+from compile.objects import kernel_object
 from compile.rewrite import (
     LayerPlan,
     RewritePlan,
@@ -34,6 +36,7 @@ from compile.rewrite import (
     kernel_symbol,
     plan_rewrite,
 )
+from hw_profiles.measure import KernelCall
 
 RTOL = 1e-4
 # Absolute tolerance as a share of the largest expected magnitude (summation order differs).
@@ -64,6 +67,8 @@ class CompiledModel:
     expected_output: np.ndarray | None = field(default=None, repr=False)
     # Our kernels' object files (CPU targets), linked into the library (see compile.objects).
     objects: list[Path] = field(default_factory=list, repr=False)
+    # How each Conv2d/Linear on our kernels is computed (model order), for per-layer timing.
+    layer_plans: list[LayerPlan] = field(default_factory=list, repr=False)
     _vm: Any = field(default=None, repr=False)
     _library: Path | None = field(default=None, repr=False)  # exported for this host
     _workdir: Any = field(default=None, repr=False)
@@ -134,6 +139,58 @@ class CompiledModel:
         except Exception as exc:  # the system or cross compiler failed
             raise CompileError(f"export to {path} failed: {str(exc).splitlines()[0]}") from exc
         return path
+
+    def export_layer_library(
+        self,
+        path: str | Path,
+        *,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        seed: int = 0,
+    ) -> dict[str, list[KernelCall]]:
+        """Write the layers' kernels alone as one shared library for the profile's device (their
+        object files linked, cross-compiled when the profile says so) and return, per layer
+        (torch module name, model order), the calls that compute it: what
+        `hw_profiles.measure.measure_layers` times. Each layer runs on `inputs[name]` (torch
+        layout, e.g. captured with a forward hook), else on random data of its input shape
+        (`seed` fixes it).
+
+        A conv computed by im2col + matmul is two calls, timed as their sum. Layers left to
+        TVM's default build (`kernels[...]["impl"] == "tvm-default"`) have no kernel of ours and
+        are left out. CUDA targets build their kernels into the model's module (`call_tir`), so
+        per-layer device times are not available for them yet: `CompileError`.
+        """
+        if self.family == "cuda":
+            raise CompileError("per-layer device times are not available for CUDA targets yet")
+        if not self.layer_plans:
+            raise CompileError("no layer of this model runs on our kernels: nothing to time")
+        rng = np.random.default_rng(seed)
+        objects: dict[str, Path] = {}
+
+        def symbol_of(kernel) -> str:
+            obj = kernel_object(kernel, self.target)
+            objects[obj.symbol] = obj.path
+            return obj.symbol
+
+        calls: dict[str, list[KernelCall]] = {}
+        for plan in self.layer_plans:
+            x = (inputs or {}).get(plan.name)
+            if x is None:
+                x = rng.standard_normal(plan.input_shape).astype(np.float32)
+            elif tuple(x.shape) != plan.input_shape:
+                raise CompileError(
+                    f"input for layer {plan.name!r} has shape {tuple(x.shape)}, "
+                    f"not the layer's {plan.input_shape}"
+                )
+            calls[plan.name] = layer_calls(plan, x, symbol_of, rng)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        link = cc.cross_compiler(self.cross_compiler) if self.cross_compiler else cc.create_shared
+        try:
+            with _native_warnings_silenced():
+                link(str(path), [str(p) for p in objects.values()])
+        except Exception as exc:  # the system or cross compiler failed
+            raise CompileError(f"linking {path} failed: {str(exc).splitlines()[0]}") from exc
+        return calls
 
     def _host_lib(self) -> str:
         if self._library is None:
@@ -346,6 +403,7 @@ def build(
         example_input=example_input.detach().cpu().numpy().astype(np.float32),
         expected_output=expected,
         objects=objects,
+        layer_plans=plan.layers,
     )
     if check and compiled.host_runnable:
         got = compiled.run(compiled.example_input)
@@ -430,35 +488,17 @@ def _layer_reference(module: nn.Module, x: torch.Tensor, plan: LayerPlan) -> np.
 
 def run_layer_kernel(plan: LayerPlan, x: np.ndarray, target) -> np.ndarray:
     """Build and run one layer's kernel(s) alone on the layer's input `x` (for diagnostics)."""
-    funcs = {kernel_symbol(plan.name, plan.impl): plan.kernel.func()}
+    symbols = {plan.kernel: kernel_symbol(plan.name, plan.impl)}
     if plan.im2col is not None:
-        funcs[kernel_symbol(plan.name, "im2col")] = plan.im2col.func()
-    funcs = {symbol: func.with_attr("global_symbol", symbol) for symbol, func in funcs.items()}
+        symbols[plan.im2col] = kernel_symbol(plan.name, "im2col")
+    funcs = {
+        symbol: kernel.func().with_attr("global_symbol", symbol)
+        for kernel, symbol in symbols.items()
+    }
     with tvm.transform.PassContext(config=BUILD_CONFIG):
         lib = tvm.compile(tvm.IRModule(funcs), target=target)
-    dev = local_device(target)
-
-    def call(symbol: str, inputs: list[np.ndarray], shape) -> np.ndarray:
-        out = tvm.runtime.tensor(np.zeros(shape, np.float32), dev)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
-        lib[symbol](*args, out)
-        return out.numpy()
-
-    geo, spec = plan.geometry, plan.spec
-    symbol = kernel_symbol(plan.name, plan.impl)
-    if plan.kind == "depthwise":
-        shape = (geo.batch, geo.channels, geo.out_height, geo.out_width)
-        return call(symbol, [x, *plan.constants], shape)
-    if plan.kind == "conv":
-        if plan.im2col is not None:
-            x3 = call(kernel_symbol(plan.name, "im2col"), [x], (spec.batch, spec.cols, spec.m))
-        else:
-            x3 = x.reshape(spec.batch, spec.cols, spec.m)
-        y = call(symbol, [x3, *plan.constants], (spec.batch, spec.rows, spec.m))
-        return y.reshape(geo.batch, spec.rows, geo.out_height, geo.out_width)
-    x3 = x.reshape(spec.m, spec.cols).T.reshape(1, spec.cols, spec.m)
-    y = call(symbol, [x3, *plan.constants], (1, spec.rows, spec.m))
-    return y.reshape(spec.rows, spec.m).T.reshape(*plan.input_shape[:-1], spec.rows)
+    calls = layer_calls(plan, x, symbols.__getitem__, np.random.default_rng(0))
+    return layer_output(plan, run_layer_calls(lib, local_device(target), calls))
 
 
 def worst_layer(deploy: nn.Module, example_input, plan: RewritePlan, target) -> str | None:

@@ -11,7 +11,13 @@ from hw_profiles.devices import (
     format_profile,
     format_profile_table,
 )
-from hw_profiles.measure import Measurement, measure_library
+from hw_profiles.measure import (
+    KernelCall,
+    LayerTimes,
+    Measurement,
+    measure_layers,
+    measure_library,
+)
 from hw_profiles.profiles import Profile, ProfileError, Protocol, list_profiles, load_profile
 from hw_profiles.rpc import (
     DeviceError,
@@ -27,6 +33,8 @@ from hw_profiles.rpc import (
 __all__ = [
     "CheckResult",
     "DeviceError",
+    "KernelCall",
+    "LayerTimes",
     "Measurement",
     "Profile",
     "ProfileError",
@@ -43,6 +51,7 @@ __all__ = [
     "load_profile",
     "local_server",
     "local_tracker",
+    "measure_layers",
     "measure_library",
     "parse_tracker",
     "request_session",

@@ -241,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also time each candidate built all dense, for its speedup over its dense twin",
     )
+    s.add_argument(
+        "--layer-times",
+        action="store_true",
+        default=None,
+        help="also time each layer's kernels alone on the device, for the report's per-layer "
+        "times (one more timing per layer)",
+    )
     s.add_argument("--out", help="run directory; its name names the study; default runs/demo")
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_search)

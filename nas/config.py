@@ -31,6 +31,7 @@ class SearchConfig:
     baseline: str | None = None
     budget_minutes: float | None = None
     dense_twin: bool = False
+    layer_times: bool = False
 
     @property
     def run_dir(self) -> Path:

@@ -21,7 +21,13 @@ import optuna
 import torch
 
 import compile as hw_compile
-from hw_profiles.measure import Measurement, measure_library
+from hw_profiles.measure import (
+    KernelCall,
+    LayerTimes,
+    Measurement,
+    measure_layers,
+    measure_library,
+)
 from hw_profiles.profiles import Profile, load_profile
 from hw_profiles.rpc import (
     Tracker,
@@ -349,7 +355,8 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
         if ctx.config.dense_twin:
             dense = hw_compile.build(model, ctx.example, profile, kernel_choice="dense")
             twin = (dense, dense.export_library(out / "dense_twin.so"))
-        builds.append((profile, compiled, lib, twin, compile_s))
+        layers = _layer_library(profile, compiled, out) if ctx.config.layer_times else None
+        builds.append((profile, compiled, lib, twin, layers, compile_s))
 
     def timed(profile: Profile, compiled, lib: Path) -> tuple[Measurement, float]:
         # The build checked host-runnable code against torch; other code is checked on its
@@ -359,16 +366,19 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
         m = measure_library(lib, [ctx.example.numpy()], profile, ctx.tracker, check=check)
         return m, time.perf_counter() - started
 
-    def measure(build: tuple) -> tuple[Measurement, float, Measurement | None]:
-        profile, compiled, lib, twin, _ = build
+    def measure(build: tuple) -> tuple[Measurement, float, Measurement | None, LayerTimes | None]:
+        profile, compiled, lib, twin, layers, _ = build
         m, seconds = timed(profile, compiled, lib)
         twin_m = timed(profile, *twin)[0] if twin and not m.error else None
-        return m, seconds, twin_m
+        layer_times = layers if isinstance(layers, LayerTimes) else None
+        if isinstance(layers, tuple) and not m.error:
+            layer_times = measure_layers(*layers, profile, ctx.tracker)
+        return m, seconds, twin_m, layer_times
 
     with ThreadPoolExecutor(max_workers=len(builds)) as pool:
         measured = list(pool.map(measure, builds))
     results = []
-    for (profile, compiled, lib, _, compile_s), (m, seconds, twin) in zip(
+    for (profile, compiled, lib, _, _, compile_s), (m, seconds, twin, layer_times) in zip(
         builds, measured, strict=True
     ):
         if m.error:
@@ -391,7 +401,25 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
         )
         if twin is not None and not twin.error:
             results[-1]["dense_twin_ms"] = twin.median_ms
+        if layer_times is not None and layer_times.ok:
+            results[-1]["layer_ms"] = layer_times.ms
+        elif layer_times is not None:
+            results[-1]["layer_ms_error"] = layer_times.error
     return results
+
+
+def _layer_library(
+    profile: Profile, compiled, out: Path
+) -> tuple[Path, dict[str, list[KernelCall]]] | LayerTimes:
+    """The layer library for `--layer-times` (`out/layers.so`) and its calls per layer, or
+    `LayerTimes(error=...)`: per-layer times are an extra, so their failure never fails the
+    trial (a CUDA target has none yet)."""
+    path = out / "layers.so"
+    try:
+        return path, compiled.export_layer_library(path)
+    except Exception as exc:  # recorded as the trial's layer_ms_error
+        log.debug("no layer library for %s\n%s", out, traceback.format_exc())
+        return LayerTimes(key=profile.key, error=f"build: {_describe_failure(exc)}")
 
 
 def _describe_failure(exc: BaseException) -> str:

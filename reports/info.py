@@ -40,14 +40,19 @@ class LayerDetail:
     impl: str | None = None  # "sparse" or "dense" when the compiler recorded its choice
     sparse_ms: float | None = None
     dense_ms: float | None = None
-    measured_ms: float | None = None  # this layer's time measured on the device
+    # This layer's kernel(s) timed alone on the device (`--layer-times`); sparse_ms and
+    # dense_ms are the compiler's timings on the build host, which chose between them.
+    measured_ms: float | None = None
+
+    @property
+    def host_ms(self) -> float | None:
+        """The chosen kernel's time on the build host (compile time)."""
+        return {"sparse": self.sparse_ms, "dense": self.dense_ms}.get(self.impl or "")
 
     @property
     def chosen_ms(self) -> float | None:
-        """The layer's time: measured on the device, else the chosen kernel's timed run."""
-        if self.measured_ms is not None:
-            return self.measured_ms
-        return {"sparse": self.sparse_ms, "dense": self.dense_ms}.get(self.impl or "")
+        """The layer's time: measured on the device, else the chosen kernel's on the host."""
+        return self.measured_ms if self.measured_ms is not None else self.host_ms
 
     @property
     def sparse_speedup(self) -> float | None:

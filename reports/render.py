@@ -438,7 +438,7 @@ def _detail_html(info: ReportInfo, p: TrialPoint) -> str:
     return (
         f"<div class='detail-head'><h2>Trial <span class='detail-number'>{p.number}</span></h2>"
         f"{''.join(badges)}</div>{same}<div class='cards'>{card_html}</div>"
-        f"<h3>Layers</h3>{_layer_chart_svg(p.layers)}"
+        f"<h3>Layers</h3>{_layer_chart_svg(p.layers)}{_layer_times_note(info, p.layers)}"
         f"<h3>Architecture</h3><table class='kv'>{arch_rows}</table>"
         f"<h3>Reproduce</h3>{commands or '<p>No command recorded.</p>'}"
     )
@@ -447,16 +447,50 @@ def _detail_html(info: ReportInfo, p: TrialPoint) -> str:
 _IMPL_COLOUR = {"sparse": "#059669", "dense": "#8190a5", None: "#2563eb"}
 
 
+def _on_device(layers: Sequence[LayerDetail]) -> bool:
+    """Whether the layers' times were measured on the device (`--layer-times`); else the only
+    times are the compiler's kernel timings on the build host."""
+    return any(layer.measured_ms is not None for layer in layers)
+
+
+def _layer_times_note(info: ReportInfo, layers: Sequence[LayerDetail]) -> str:
+    """Says where the layer chart's times come from: the device, or the build host."""
+    if _on_device(layers):
+        device = info.devices[0].device if info.devices else info.study_attrs.get("device")
+        on = f" ({device})" if device else ""
+        return (
+            f"<p class='hint layer-times'>Times measured on the device{_e(on)}: each layer's "
+            "kernel(s) timed alone, an im2col and its matmul summed. The sparse / dense speedups "
+            "are the compiler's kernel timings on the build host, from which it chose.</p>"
+        )
+    if any(layer.host_ms is not None for layer in layers):
+        return (
+            "<p class='hint layer-times'>Times are the compiler's kernel timings on the build "
+            "host (compile time), not the device's; <code>--layer-times</code> measures each "
+            "layer on the device.</p>"
+        )
+    return ""
+
+
 def _layer_chart_svg(layers: Sequence[LayerDetail]) -> str:
-    """Horizontal bars per layer: its density, and its time coloured by the kernel chosen."""
+    """Horizontal bars per layer: its density, and its time coloured by the kernel chosen: the
+    time measured on the device when there is one, else the chosen kernel's on the build host
+    beside the other kernel's (never the two sources in one chart)."""
     if not layers:
         return "<p class='empty'>No per-layer data recorded.</p>"
     has_density = any(layer.density is not None for layer in layers)
+    on_device = _on_device(layers)
+
+    def time_of(layer: LayerDetail) -> float | None:
+        return layer.measured_ms if on_device else layer.host_ms
+
+    def other_of(layer: LayerDetail) -> float | None:
+        if on_device:
+            return None  # host timings drawn beside device times would mislead
+        return {"sparse": layer.dense_ms, "dense": layer.sparse_ms}.get(layer.impl or "")
+
     times = [
-        t
-        for layer in layers
-        for t in (layer.chosen_ms, layer.sparse_ms, layer.dense_ms)
-        if t is not None and t > 0
+        t for layer in layers for t in (time_of(layer), other_of(layer)) if t is not None and t > 0
     ]
     has_time = bool(times)
     has_impl = any(layer.impl for layer in layers)
@@ -470,7 +504,10 @@ def _layer_chart_svg(layers: Sequence[LayerDetail]) -> str:
     if has_density:
         parts.append(f"<text class='col' x='{density_x}' y='14'>density</text>")
     if has_time:
-        parts.append(f"<text class='col' x='{time_x}' y='14'>time (ms), kernel chosen</text>")
+        where = "on the device" if on_device else "on the build host"
+        parts.append(
+            f"<text class='col' x='{time_x}' y='14'>time {where} (ms), kernel chosen</text>"
+        )
     elif has_impl:
         parts.append(f"<text class='col' x='{time_x}' y='14'>kernel</text>")
     longest = max(times, default=1.0)
@@ -497,8 +534,7 @@ def _layer_chart_svg(layers: Sequence[LayerDetail]) -> str:
         colour = _IMPL_COLOUR.get(layer.impl, _IMPL_COLOUR[None])
         label = layer.impl or ""
         if has_time:
-            chosen = layer.chosen_ms
-            other = {"sparse": layer.dense_ms, "dense": layer.sparse_ms}.get(layer.impl or "")
+            chosen, other = time_of(layer), other_of(layer)
             if other is not None and other > 0:
                 parts.append(
                     f"<rect class='alt-bar' x='{time_x}' y='{y + 3}' "
@@ -513,7 +549,9 @@ def _layer_chart_svg(layers: Sequence[LayerDetail]) -> str:
             # speedup over dense is what made the compiler choose.
             speedup = _fmt_speedup(layer.sparse_speedup) if layer.sparse_speedup else ""
             if speedup and layer.impl == "dense":
-                speedup = f"(sparse {speedup})"
+                speedup = f"(sparse {speedup}{' on host' if on_device else ''})"
+            elif speedup and on_device:
+                speedup = f"({speedup} on host)"
             text = " ".join(
                 t for t in (f"{_fmt_ms(chosen)} ms" if chosen else "", label, speedup) if t
             )
@@ -526,23 +564,31 @@ def _layer_chart_svg(layers: Sequence[LayerDetail]) -> str:
             )
         parts.append("</g>")
     if has_time or has_impl:
-        y = height - 10
+        if on_device:  # depthwise layers have a time too; the speedups are the host's
+            extra, x = "", 240
+            if any(layer.impl is None and layer.measured_ms for layer in layers):
+                extra, x = (
+                    f"<rect x='240' y='-9' width='14' height='10' fill='{_IMPL_COLOUR[None]}'/>"
+                    "<text x='260' y='0'>depthwise</text>",
+                    350,
+                )
+            extra += f"<text x='{x}' y='0'>N\u00d7 = dense / sparse ms on the host</text>"
+        elif has_time:
+            extra = (
+                "<rect class='alt-bar' x='240' y='-10' width='14' height='12'/>"
+                "<text x='260' y='0'>the other kernel; N\u00d7 = dense ms / sparse ms</text>"
+            )
+        else:
+            extra = ""
         parts.append(
-            f"<g class='legend' transform='translate(0 {y})'>"
+            f"<g class='legend' transform='translate(0 {height - 10})'>"
             f"<rect x='0' y='-9' width='14' height='10' fill='{_IMPL_COLOUR['sparse']}'/>"
             "<text x='20' y='0'>sparse kernel</text>"
             f"<rect x='120' y='-9' width='14' height='10' fill='{_IMPL_COLOUR['dense']}'/>"
-            "<text x='140' y='0'>dense kernel</text>"
-            + (
-                "<rect class='alt-bar' x='240' y='-10' width='14' height='12'/>"
-                "<text x='260' y='0'>the other kernel; N\u00d7 = dense ms / sparse ms</text>"
-                if has_time
-                else ""
-            )
-            + "</g>"
+            f"<text x='140' y='0'>dense kernel</text>{extra}</g>"
         )
     return (
-        f"<svg class='layers' viewBox='0 0 {max(width, 560)} {height}' role='img' "
+        f"<svg class='layers' viewBox='0 0 {max(width, 580)} {height}' role='img' "
         f"aria-label='per-layer density and time'>{''.join(parts)}</svg>"
     )
 

@@ -341,6 +341,31 @@ def test_detail_template_holds_the_trials_data(run: Path) -> None:
     assert "hwnas export" in three and "hwnas search" in three
 
 
+def test_layer_times_say_where_they_were_measured(tmp_path: Path) -> None:
+    run = make_run(tmp_path, points=POINTS[:2], with_others=False)
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{run / 'study.db'}")
+    host_only = _attrs(1, 0.9, 10.0)
+    del host_only["layer_ms"]
+    study.add_trial(create_trial(values=[0.9, 10.0], user_attrs=host_only))
+    info = build_info(run)
+    device, host = info.trial_by_number[1], info.trial_by_number[2]
+    fifth = POINTS[1][1] / 5  # trial 1's layer_ms, as `_attrs` writes them
+    assert all(layer.chosen_ms == layer.measured_ms == fifth for layer in device.layers[:4])
+    assert all(layer.measured_ms is None for layer in host.layers)
+    assert host.layers[0].chosen_ms == host.layers[0].host_ms == host.layers[0].sparse_ms
+    page = render_html(info)
+    templates = dict(re.findall(r"<template id='detail-(\d+)'>(.*?)</template>", page, re.DOTALL))
+    # Device times are drawn alone: the host's timings of the other kernel are not beside them.
+    on_device = templates["1"]
+    assert "Times measured on the device (x86/local)" in on_device
+    assert "time on the device (ms)" in on_device and "on host)" in on_device
+    assert "class='alt-bar'" not in on_device
+    on_host = templates["2"]
+    assert "kernel timings on the build host (compile time), not the device's" in on_host
+    assert "time on the build host (ms)" in on_host and "class='alt-bar'" in on_host
+    assert "measured on the device" not in on_host and "layer-times" not in templates["0"]
+
+
 def make_multi_device_run(root: Path, name: str = "multi", device: str = "arm/rpi4") -> Path:
     """A 3-objective study: accuracy and the latency on two devices, which rank differently."""
     run = root / name

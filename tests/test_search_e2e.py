@@ -126,6 +126,7 @@ def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) ->
         "1",
         "--device",
         "x86-local,x86/avx2",
+        "--layer-times",
         "--out",
         str(run),
     )
@@ -138,6 +139,7 @@ def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) ->
     assert list(per_device) == ["x86/local", "x86/avx2"]
     for name, figures in per_device.items():
         assert figures["latency_p10_ms"] <= figures["latency_ms"] <= figures["latency_p90_ms"]
+        assert list(figures["layer_ms"]) == list(figures["kernels"])  # timed on each device
         assert (run / "trials" / "0" / name.replace("/", "-") / "model.so").exists()
     # Resuming with other devices would mix objectives: refused, and the study stays.
     again = hwnas("search", "--space", "tiny-sparse", "--trials", "2", "--out", str(run))
@@ -285,3 +287,22 @@ def test_dense_twin_is_timed_on_request(tmp_path: Path) -> None:
     assert trial.user_attrs["dense_twin_ms"] > 0
     assert (run / "trials" / str(trial.number) / "dense_twin.so").exists()
     assert "dense_twin = true" in (run / "config.toml").read_text()
+
+
+def test_layer_times_are_measured_on_request(tmp_path: Path) -> None:
+    run = tmp_path / "layers"
+    args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1"]
+    done = hwnas(*args, "--layer-times", "--out", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    layer_ms = trial.user_attrs["layer_ms"]
+    # Every layer on our kernels (stem, 1x1 conv, classifier) has its time from the device.
+    assert list(layer_ms) == list(trial.user_attrs["kernels"]) and len(layer_ms) == 3
+    assert all(ms > 0 for ms in layer_ms.values())
+    assert "layer_ms_error" not in trial.user_attrs
+    assert (run / "trials" / str(trial.number) / "layers.so").exists()
+    assert "layer_times = true" in (run / "config.toml").read_text()
+    html = (run / "report.html").read_text()
+    assert "Times measured on the device (x86/local)" in html
+    assert "time on the device (ms)" in html
+    assert html.count("class='time-bar'") == len(layer_ms)

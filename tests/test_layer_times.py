@@ -1,0 +1,185 @@
+"""Per-layer times on the device: a model's layer kernels linked into one library, each layer's
+output equal to torch's, and each layer timed through a real tracker and rpc_server (no mocks,
+no timing asserted)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+import compile as hw_compile
+from compile.layers import layer_output, run_layer_calls
+from hw_profiles.measure import KernelCall, measure_layers
+from hw_profiles.profiles import Profile, load_profile
+from hw_profiles.rpc import Tracker, local_server, local_tracker, request_session, tracker_summary
+from search_spaces.ops import SparseConv2d, SparseLinear
+
+KEY = "hwnas-test-layers"
+
+
+def _model() -> nn.Sequential:
+    """A 3x3 conv (im2col + matmul), a depthwise conv, a sparse 1x1 conv and a sparse Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU6(),
+        SparseConv2d(8, 16, 1, sparsity=0.75, pattern="block", block=(4, 1)),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        SparseLinear(16, 10, sparsity=0.5, pattern="block", block=(1, 4)),
+    )
+    for module in model.modules():
+        if isinstance(module, (SparseConv2d, SparseLinear)):
+            module.update_mask()
+    return model.eval()
+
+
+def _quick(profile: Profile, key: str) -> Profile:
+    """`profile` served under `key`, with a protocol short enough for a test."""
+    quick = dataclasses.replace(
+        profile.protocol, warmup=1, min_repeat_ms=2.0, repeats=3, remeasure=0, timeout_s=120.0
+    )
+    return dataclasses.replace(profile, key=key, protocol=quick)
+
+
+def _layer_inputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+    """Each named layer's input when the model runs on `x`."""
+    captured: dict[str, np.ndarray] = {}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, args, _out, name=name: captured.__setitem__(name, args[0].numpy())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def _torch_layer(model: nn.Module, name: str, x: np.ndarray, activation: str) -> np.ndarray:
+    """The layer's output in torch, with the activation its kernel fused."""
+    with torch.no_grad():
+        y = model.get_submodule(name)(torch.from_numpy(x))
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "relu6":
+        y = torch.clamp(y, 0, 6)
+    return y.numpy()
+
+
+def _check_layers(compiled, model, x, calls, run) -> None:
+    """Every layer's calls, run by `run(calls)`, give torch's layer output."""
+    inputs = _layer_inputs(model, x, list(calls))
+    plans = {plan.name: plan for plan in compiled.layer_plans}
+    for name, layer in calls.items():
+        expected = _torch_layer(model, name, inputs[name], compiled.kernels[name]["activation"])
+        got = layer_output(plans[name], run(layer))
+        assert hw_compile.compare_outputs(got, expected) is None, name
+
+
+@pytest.fixture(scope="module")
+def built() -> tuple[nn.Module, torch.Tensor, hw_compile.CompiledModel]:
+    model = _model()
+    x = torch.randn(1, 3, 16, 16)
+    compiled = hw_compile.build(model, x, load_profile("x86/local"), kernel_choice="sparse")
+    return model, x, compiled
+
+
+@pytest.fixture(scope="module")
+def tracker() -> Iterator[Tracker]:
+    with local_tracker() as tr, local_server(tr, KEY):
+        yield tr
+
+
+def test_layer_library_gives_each_layers_torch_output(built, tmp_path: Path) -> None:
+    model, x, compiled = built
+    assert set(compiled.sparse_layers) == {"4", "8"}
+    path = tmp_path / "layers.so"
+    inputs = _layer_inputs(model, x, [plan.name for plan in compiled.layer_plans])
+    calls = compiled.export_layer_library(path, inputs=inputs)
+    # Every Conv2d/Linear in model order; the 3x3 conv is its im2col and its matmul.
+    assert list(calls) == ["0", "2", "4", "8"]
+    assert [len(layer) for layer in calls.values()] == [2, 1, 1, 1]
+    assert all(isinstance(call, KernelCall) for layer in calls.values() for call in layer)
+    lib = tvm.runtime.load_module(str(path))
+    _check_layers(compiled, model, x, calls, lambda layer: run_layer_calls(lib, tvm.cpu(), layer))
+    # Without inputs: random data of each layer's input shape, the same for the same seed.
+    again = compiled.export_layer_library(tmp_path / "random.so", seed=3)
+    first = again["0"][0].inputs[0]
+    assert first.shape == (1, 3, 16, 16) and not np.array_equal(first, inputs["0"])
+    same = compiled.export_layer_library(tmp_path / "random.so", seed=3)["0"][0].inputs[0]
+    np.testing.assert_array_equal(first, same)
+    with pytest.raises(hw_compile.CompileError, match="not the layer's"):
+        compiled.export_layer_library(tmp_path / "bad.so", inputs={"2": inputs["0"]})
+
+
+def test_every_layer_is_timed_on_the_device(built, tracker: Tracker, tmp_path: Path) -> None:
+    _, _, compiled = built
+    profile = _quick(load_profile("x86/local"), KEY)
+    path = tmp_path / "layers.so"
+    calls = compiled.export_layer_library(path)
+    times = measure_layers(path, calls, profile, tracker)
+    assert times.ok, times.error
+    assert list(times.ms) == list(compiled.kernels) == ["0", "2", "4", "8"]
+    assert all(math.isfinite(ms) and ms > 0 for ms in times.ms.values())
+    assert times.repeats == 3 and times.key == KEY
+    # The session is released: the server is free again.
+    assert tracker_summary(tracker)[KEY]["free"] >= 1
+
+
+def test_layer_failures_come_back_as_data(built, tracker: Tracker, tmp_path: Path) -> None:
+    _, _, compiled = built
+    profile = _quick(load_profile("x86/local"), KEY)
+    missing = measure_layers(tmp_path / "none.so", {}, profile, tracker)
+    assert not missing.ok and missing.error.startswith("upload:")
+    path = tmp_path / "layers.so"
+    calls = compiled.export_layer_library(path)
+    wrong = {"fc": [KernelCall("no_such_symbol", calls["8"][0].inputs, (1, 10, 1))]}
+    once = dataclasses.replace(profile, protocol=dataclasses.replace(profile.protocol, retries=0))
+    failed = measure_layers(path, wrong, once, tracker)
+    assert not failed.ok and failed.ms == {}
+    assert failed.error.startswith("warmup layer 'fc' (no_such_symbol):"), failed.error
+
+
+@pytest.mark.arm
+def test_layers_are_timed_on_the_emulated_arm_board(tmp_path: Path) -> None:
+    """Cross-compiled for aarch64: the layer library gives torch's layer outputs on the board
+    and every layer gets a time there."""
+    from hw_profiles.emulate import emulated_server
+
+    key = "qemu-aarch64-layers-test"
+    profile = _quick(load_profile("arm/qemu-aarch64"), key)
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    compiled = hw_compile.build(model, x, profile, kernel_choice="sparse")
+    path = tmp_path / "layers.so"
+    inputs = _layer_inputs(model, x, [plan.name for plan in compiled.layer_plans])
+    calls = compiled.export_layer_library(path, inputs=inputs)
+    assert path.read_bytes()[18] == 183  # e_machine EM_AARCH64
+
+    def check_on_board(tr: Tracker) -> None:
+        remote = request_session(tr, key, timeout_s=60)
+        remote.upload(str(path))
+        lib, dev = remote.load_module(path.name), remote.cpu(0)
+        _check_layers(compiled, model, x, calls, lambda layer: run_layer_calls(lib, dev, layer))
+
+    with local_tracker() as tr, emulated_server(tr, key, cpu="cortex-a72"):
+        check_on_board(tr)
+        gc.collect()  # the session is released: the board has one server
+        times = measure_layers(path, calls, profile, tr)
+    assert times.ok, times.error
+    assert list(times.ms) == ["0", "2", "4", "8"]
+    assert all(math.isfinite(ms) and ms > 0 for ms in times.ms.values())
