@@ -16,7 +16,6 @@ import pwd
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from hw_profiles.rpc import DeviceError, LocalServer, Tracker, parse_tracker, tracker_summary
+from hw_profiles.rpc import (
+    DeviceError,
+    LocalServer,
+    Tracker,
+    _log_tail,
+    _server_process,
+    parse_tracker,
+    tracker_summary,
+)
 
 __all__ = [
     "BoardFiles",
@@ -298,31 +305,12 @@ def qemu_cpus() -> list[str]:
     return [line.split()[0] for line in done.stdout.splitlines()[1:] if line.strip()]
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(log: IO[bytes], lines: int = 3) -> str:
-    log.seek(0)
-    text = log.read().decode(errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:]) or "no output"
-
-
-def _free_count(tracker: Tracker, key: str) -> int:
-    return tracker_summary(tracker).get(key, {}).get("free", 0)
+def _board_env(cpu: str) -> dict[str, str]:
+    """The board server's environment: this one without the host Python's PYTHON* settings (the
+    board's wrapper sets its own), and qemu told which CPU to emulate."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["QEMU_CPU"] = cpu
+    return env
 
 
 @contextlib.contextmanager
@@ -337,39 +325,11 @@ def _board_server(
     cpus = qemu_cpus()
     if cpu not in cpus:
         raise DeviceError(f"unknown CPU '{cpu}' for qemu-aarch64: choose one of {', '.join(cpus)}")
-    before = _free_count(tracker, key)  # also checks that the tracker answers
-    port = _free_port(host)
-    cmd = [str(board.python), "-m", "tvm.exec.rpc_server"]
-    cmd += ["--tracker", f"{tracker.connect_host}:{tracker.port}", "--key", key]
-    cmd += ["--host", host, "--port", str(port), "--port-end", str(port + 50)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["QEMU_CPU"] = cpu
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopping it stops its workers
-        )
-        try:
-            deadline = time.monotonic() + start_timeout_s
-            while _free_count(tracker, key) <= before:
-                if proc.poll() is not None:
-                    raise DeviceError(f"the emulated board's RPC server exited: {_tail(log)}")
-                if time.monotonic() > deadline:
-                    raise DeviceError(
-                        f"the emulated board did not register '{key}' with {tracker} within "
-                        f"{start_timeout_s:g}s: {_tail(log)}"
-                    )
-                time.sleep(0.5)
-            logger.info(
-                "emulated %s board serving '%s' via %s (pid %d)", cpu, key, tracker, proc.pid
-            )
-            yield LocalServer(key, tracker, proc.pid), proc, log
-        finally:
-            _stop_group(proc)
+    label = f"the emulated {cpu} board's RPC server"
+    with _server_process(
+        tracker, key, host, start_timeout_s, str(board.python), _board_env(cpu), label
+    ) as running:
+        yield running
 
 
 @contextlib.contextmanager
@@ -417,4 +377,6 @@ def serve_emulated(
             code = proc.wait()
         except KeyboardInterrupt:
             return
-        raise DeviceError(f"the emulated board's RPC server exited with code {code}: {_tail(log)}")
+        raise DeviceError(
+            f"the emulated board's RPC server exited with code {code}: {_log_tail(log)}"
+        )

@@ -13,9 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
+
+from hw_profiles import _guard
 
 __all__ = [
     "DeviceError",
@@ -187,11 +189,24 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-    """Start a TVM RPC tool in its own process group, so that stopping it also stops the
-    worker processes it forks; the group dies with this process (`hw_profiles._guard`)."""
+def _spawn(
+    args: list[str],
+    log: IO[bytes],
+    python: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `python -m ARGS` (a TVM RPC tool) in its own process group, so that stopping it
+    also stops the worker processes it forks; the group dies with this process
+    (`hw_profiles._guard`). With `python` None the tool runs in the guard's own process, under
+    this interpreter; else the guard runs `python` as its child. `env`: the environment (default:
+    this process's)."""
+    guard = [sys.executable, "-m", "hw_profiles._guard", str(os.getpid())]
+    if python is not None:
+        # -I: the guard needs only the standard library, and ignores `env`'s PYTHON* variables.
+        guard = [sys.executable, "-I", _guard.__file__, str(os.getpid()), "--exec", python, "-m"]
     return subprocess.Popen(
-        [sys.executable, "-m", "hw_profiles._guard", str(os.getpid()), *args],
+        [*guard, *args],
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -276,27 +291,42 @@ def local_server(
 ) -> Iterator[LocalServer]:
     """Run `python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY` until the block exits;
     returns once the tracker lists one more free server under `key`."""
+    with _server_process(tracker, key, host, start_timeout_s) as (server, _, _):
+        yield server
+
+
+@contextlib.contextmanager
+def _server_process(
+    tracker: Tracker,
+    key: str,
+    host: str,
+    start_timeout_s: float,
+    python: str | None = None,
+    env: Mapping[str, str] | None = None,
+    label: str = "the RPC server",
+) -> Iterator[tuple[LocalServer, subprocess.Popen[bytes], IO[bytes]]]:
+    """`local_server`, also yielding the guarded process and its log; `python` and `env` run the
+    server under another Python, such as the emulated board's (`hw_profiles.emulate`), and
+    `label` names it in errors."""
     check_tracker(tracker)
     before = tracker_summary(tracker).get(key, {}).get("free", 0)
     port = _free_port(host)
     args = ["tvm.exec.rpc_server", "--tracker", f"{tracker.connect_host}:{tracker.port}"]
     args += ["--key", key, "--host", host, "--port", str(port), "--port-end", str(port + 50)]
     with tempfile.TemporaryFile() as log:
-        proc = _spawn(args, log)
+        proc = _spawn(args, log, python, env)
         try:
             deadline = time.monotonic() + start_timeout_s
             while tracker_summary(tracker).get(key, {}).get("free", 0) <= before:
                 if proc.poll() is not None:
-                    raise DeviceError(
-                        f"the RPC server for '{key}' exited at start: {_log_tail(log)}"
-                    )
+                    raise DeviceError(f"{label} for '{key}' exited at start: {_log_tail(log)}")
                 if time.monotonic() > deadline:
                     raise DeviceError(
-                        f"the RPC server for '{key}' did not register with {tracker} within "
+                        f"{label} for '{key}' did not register with {tracker} within "
                         f"{start_timeout_s:g}s: {_log_tail(log)}"
                     )
                 time.sleep(0.2)
-            logger.info("RPC server '%s' registered with %s (pid %d)", key, tracker, proc.pid)
-            yield LocalServer(key, tracker, proc.pid)
+            logger.info("%s '%s' registered with %s (pid %d)", label, key, tracker, proc.pid)
+            yield LocalServer(key, tracker, proc.pid), proc, log
         finally:
             _stop(proc)

@@ -38,10 +38,10 @@ from hw_profiles.rpc import (
 )
 from nas.config import SearchConfig
 from nas.errors import UserError
-from nas.stats import model_stats
 from nas.strategies import DIFFERENTIABLE_STRATEGIES, distributions, make_sampler
 from nas.train import train_model
 from search_spaces.baselines import BASELINES, build_baseline
+from search_spaces.counting import count_model
 from search_spaces.data import Dataset, load_dataset
 from search_spaces.ops import sparse_layers
 from search_spaces.spaces import Space, get_space
@@ -315,7 +315,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     )
     model = model.cpu().eval()
     torch.save(model.state_dict(), trial_dir / "weights.pt")
-    stats = model_stats(model, ctx.example)
+    stats = count_model(model, ctx.example, count="nonzero")
     trial.set_user_attr("params", stats.params)
     trial.set_user_attr("nnz", stats.nnz)
     trial.set_user_attr("macs", stats.macs)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from search_spaces.baselines import BASELINES, Baseline, build_baseline, count_nnz_macs
+from search_spaces.baselines import BASELINES, Baseline, build_baseline
+from search_spaces.counting import COUNT_MODES, ModelCounts, count_model
 from search_spaces.data import Dataset, DatasetError, load_dataset
 from search_spaces.masks import MASK_METHODS, MaskMethod, allocate_sparsities, set_masks
 from search_spaces.ops import (
@@ -19,15 +20,17 @@ from search_spaces.supernet import Supernet
 
 __all__ = [
     "BASELINES",
+    "COUNT_MODES",
     "LAYER_METHODS",
     "MASK_METHODS",
     "SPARSE_LAYERS",
     "Baseline",
     "MaskMethod",
+    "ModelCounts",
     "Supernet",
     "allocate_sparsities",
     "build_baseline",
-    "count_nnz_macs",
+    "count_model",
     "score_mask",
     "set_masks",
     "Dataset",

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from search_spaces.ops import SPARSE_LAYERS
+from search_spaces.counting import count_model
 from search_spaces.spaces import Space
 
-__all__ = ["BASELINES", "Baseline", "build_baseline", "count_nnz_macs"]
+__all__ = ["BASELINES", "Baseline", "build_baseline"]
 
 BASELINES = ("dense", "dense-then-prune", "random", "random-erk", "small-dense", "sparse-ift")
 # Width scales tried when matching a budget: a geometric grid, refined by bisection.
@@ -37,7 +37,8 @@ _MIN_SCALE, _MAX_SCALE = 0.1, 8.0
 @dataclass
 class Baseline:
     """One baseline of an arch: its model, the mask method to train it with (None = the
-    layers' own), the width scale applied, and its nonzero weights and MACs per image."""
+    layers' own), the width scale applied, and its kept weights and MACs per image
+    (`count_model(..., count="kept")`)."""
 
     kind: str
     arch: dict[str, Any]
@@ -46,37 +47,6 @@ class Baseline:
     width_scale: float
     nnz: int
     macs: int
-
-
-@torch.no_grad()
-def count_nnz_macs(model: nn.Module, in_channels: int, image_size: int) -> tuple[int, int]:
-    """Nonzero weights of the convs and linears (mask-aware) and their nonzero multiply-adds
-    for one image, the MACs a sparse kernel has to do."""
-    macs = 0
-
-    def kept(module: nn.Module) -> float:
-        if isinstance(module, SPARSE_LAYERS):
-            return float(module.mask.sum())
-        return float(module.weight.numel())
-
-    def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Conv2d):
-            spatial = output.shape[-1] * output.shape[-2]
-            macs += round(kept(module) * spatial)
-        elif isinstance(module, nn.Linear):
-            macs += round(kept(module))
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(count) for m in layers]
-    was_training = model.training
-    try:
-        model.eval()(torch.zeros(1, in_channels, image_size, image_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return round(sum(kept(m) for m in layers)), macs
 
 
 def _match_width(
@@ -117,8 +87,11 @@ def build_baseline(
     arch = space.validate(arch)
     shape = (num_classes, in_channels, image_size)
 
+    image = torch.zeros(1, in_channels, image_size, image_size)
+
     def stats(model: nn.Module) -> tuple[int, int]:
-        return count_nnz_macs(model, in_channels, image_size)
+        counts = count_model(model, image, count="kept")
+        return counts.nnz, counts.macs
 
     def make(kind_arch: dict, model: nn.Module, method: str | None, scale: float) -> Baseline:
         nnz, macs = stats(model)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import psutil
 
 
 def hwnas(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -53,6 +54,19 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 120.
             pass
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.3)
+
+
+def processes_tagged(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment has HWNAS_TEST_TAG=`tag`: a process a test started with
+    it, and all that process started."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("HWNAS_TEST_TAG") == tag and proc.status() != "zombie":
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def start_tracker(port: int) -> subprocess.Popen:

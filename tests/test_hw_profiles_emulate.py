@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import tvm
+from helpers import processes_tagged, wait_for
 from tvm import relax, rpc
 from tvm.support import cc, utils
 
@@ -96,3 +99,33 @@ def test_cross_compiled_module_runs_on_the_emulated_board(
     np.testing.assert_allclose(result, np.maximum(x_np @ w_np, 0), rtol=1e-5, atol=1e-5)
     assert timing.mean > 0
     assert KEY not in tracker_summary(tracker), "the server must be gone after the block"
+
+
+_SERVE_UNTIL_KILLED = """
+import sys, time
+from hw_profiles.emulate import emulated_server
+from hw_profiles.rpc import local_tracker
+with local_tracker() as tracker, emulated_server(tracker, sys.argv[1]):
+    print("serving", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_board_server_dies_with_a_killed_parent(board: BoardFiles) -> None:
+    tag = uuid.uuid4().hex
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_UNTIL_KILLED, KEY],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HWNAS_TEST_TAG": tag},
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "serving"
+        assert any("qemu" in proc.name() for proc in processes_tagged(tag))
+        parent.kill()  # SIGKILL: the parent cannot stop what it started
+        parent.wait(30)
+        wait_for(lambda: not processes_tagged(tag), "the board's server to die too", 30)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(30)

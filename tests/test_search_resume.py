@@ -11,9 +11,8 @@ import uuid
 from pathlib import Path
 
 import optuna
-import psutil
 import pytest
-from helpers import load_run
+from helpers import load_run, processes_tagged
 
 from nas.search import INTERRUPTED
 from nas.strategies import STRATEGIES, distributions, make_sampler
@@ -25,18 +24,6 @@ COMPLETE = (optuna.trial.TrialState.COMPLETE,)
 
 def hwnas_args(*args: str) -> list[str]:
     return [sys.executable, "-m", "nas.cli", *args]
-
-
-def processes_tagged(tag: str) -> list[psutil.Process]:
-    """Live processes whose environment carries `tag` (the search and all it started)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("HWNAS_TEST_TAG") == tag and proc.status() != "zombie":
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from search_spaces.baselines import BASELINES, build_baseline, count_nnz_macs
+from search_spaces.baselines import BASELINES, build_baseline
+from search_spaces.counting import count_model
 from search_spaces.ops import SPARSE_LAYERS, SparseConv2d, sparse_layers
 from search_spaces.spaces import get_space, list_spaces
 from search_spaces.sparse_ift import ift_width_factor
@@ -137,7 +138,8 @@ def test_baselines_match_nonzeros_and_flops(name):
         )
         arch.update({"normal.sparsity": 0.9, "reduce.sparsity": 0.9, "channels": 16})
     candidate = space.build(arch, 10, 1, 32)
-    nnz, macs = count_nnz_macs(candidate, 1, 32)
+    counts = count_model(candidate, torch.zeros(1, 1, 32, 32), count="kept")
+    nnz, macs = counts.nnz, counts.macs
     built = {kind: build_baseline(space, arch, kind, 10, 1, 32) for kind in BASELINES}
     dense = built["dense"]
     assert not sparse_layers(dense.model) and dense.nnz > nnz and dense.macs > macs
