@@ -77,36 +77,34 @@ def fault_space() -> Iterator[None]:
     spaces._REGISTRY.pop("test-faults")
 
 
-@pytest.mark.parametrize(
-    ("fault", "reason"),
-    [
-        ("nan", "TrainingDiverged"),
-        ("mismatch", "OutputMismatch"),
-        ("compile", "CompileError"),
-    ],
-)
-def test_a_failing_candidate_is_recorded_and_the_search_goes_on(
-    tmp_path: Path, fault: str, reason: str, fault_space: None
+FAULTS = {"nan": "TrainingDiverged", "mismatch": "OutputMismatch", "compile": "CompileError"}
+
+
+def test_failing_candidates_are_recorded_and_the_search_goes_on(
+    tmp_path: Path, fault_space: None
 ) -> None:
-    config = SearchConfig(out=str(tmp_path / fault), space="test-faults", trials=2, epochs=1)
+    config = SearchConfig(
+        out=str(tmp_path / "faults"), space="test-faults", trials=len(FAULTS) + 1, epochs=1
+    )
     config.run_dir.mkdir()
     study = optuna.create_study(
         study_name=config.study_name,
         storage=config.storage_url,
         directions=["maximize", "minimize"],
     )
-    study.enqueue_trial({"fault": fault})
-    study.enqueue_trial({"fault": "none"})
+    for fault in (*FAULTS, "none"):
+        study.enqueue_trial({"fault": fault})
     lines: list[str] = []
     search(config, progress=lines.append)
 
-    failed, complete = optuna.load_study(
+    *failed, complete = optuna.load_study(
         study_name=config.study_name, storage=config.storage_url
     ).trials
-    assert failed.state == optuna.trial.TrialState.FAIL
-    assert failed.user_attrs["fail_reason"].startswith(reason)
+    for trial, reason in zip(failed, FAULTS.values(), strict=True):
+        assert trial.state == optuna.trial.TrialState.FAIL
+        assert trial.user_attrs["fail_reason"].startswith(reason)
+        assert any("failed" in line and reason in line for line in lines)
     assert complete.state == optuna.trial.TrialState.COMPLETE
-    assert any("failed" in line and reason in line for line in lines)
 
 
 def _digest(path: Path) -> str:

@@ -67,33 +67,6 @@ def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
     assert report.exists()
 
 
-def test_search_on_a_device_the_user_attached(tmp_path: Path) -> None:
-    """A tracker and a server started with TVM's own commands, as a user would start them."""
-    port = free_port()
-    key = load_profile("x86-local").key
-    tracker = start_tracker(port)
-    server = None
-    try:
-        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port)) is not None, "the tracker")
-        server = start_server(port, key)
-        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port))[key]["free"], "the server")
-
-        run = tmp_path / "attached"
-        done = hwnas(
-            "search",
-            *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--out", str(run)),
-            *("--tracker", f"127.0.0.1:{port}"),
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        study = load_run(run)
-        assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
-        # The device is free again once the search is over: the session was released.
-        summary = tracker_summary(Tracker("127.0.0.1", port))
-        assert summary[key]["free"] == 1
-    finally:
-        stop(server, tracker)
-
-
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -146,30 +119,6 @@ def test_search_on_two_devices_has_one_latency_objective_each(tmp_path: Path) ->
     assert again.returncode == 2
     assert "--device" in again.stderr
     assert len(load_run(run).trials) == 1
-
-
-# tpe's and nsga2's sampling is tested on a toy space (test_strategies.py); through the CLI
-# they share random's path, so one Optuna sampler and the NNI adapter run here.
-@pytest.mark.parametrize("strategy", ["nsga2", "nni-evolution"])
-def test_each_multi_trial_strategy_runs_a_search(tmp_path: Path, strategy: str) -> None:
-    run = tmp_path / strategy
-    done = hwnas(
-        "search",
-        "--space",
-        "tiny-sparse",
-        "--epochs",
-        "1",
-        "--trials",
-        "2",
-        "--strategy",
-        strategy,
-        "--out",
-        str(run),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    study = load_run(run)
-    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
-    assert study.user_attrs["strategy"] == strategy
 
 
 @pytest.mark.arm
@@ -238,6 +187,8 @@ def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "medium-dense" in bad.stderr
 
 
+# tpe's and nsga2's sampling is tested on a toy space (test_strategies.py); through the CLI
+# they share random's path, so one Optuna sampler and the NNI adapter run here.
 def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
     group = tmp_path / "group"
     done = hwnas(
@@ -251,57 +202,63 @@ def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
         "--budget-minutes",
         "0.3",
         "--strategy",
-        "random,nsga2",
+        "nsga2,nni-evolution",
         "--out",
         str(group),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for strategy in ("random", "nsga2"):
+    for strategy in ("nsga2", "nni-evolution"):
         study = load_run(group / strategy)
         finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         assert 1 <= len(finished) < 50  # the minutes ran out before the trials did
         assert study.user_attrs["strategy"] == strategy
         assert (group / strategy / "report.html").exists()
     comparison = (group / "comparison.html").read_text()
-    assert "random" in comparison and "nsga2" in comparison
+    assert "nni-evolution" in comparison and "nsga2" in comparison
 
 
-def test_dense_twin_is_timed_on_request(tmp_path: Path) -> None:
-    run = tmp_path / "twin"
-    done = hwnas(
-        "search",
-        "--space",
-        "tiny-sparse",
-        "--epochs",
-        "1",
-        "--trials",
-        "1",
-        "--seed",
-        "1",
-        "--dense-twin",
-        "--out",
-        str(run),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+def test_search_on_a_device_the_user_attached_with_dense_twin_and_layer_times(
+    tmp_path: Path,
+) -> None:
+    """A tracker and a server started with TVM's own commands, as a user would start them; the
+    dense twin and the per-layer times are measured on request."""
+    port = free_port()
+    key = load_profile("x86-local").key
+    tracker = start_tracker(port)
+    server = None
+    try:
+        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port)) is not None, "the tracker")
+        server = start_server(port, key)
+        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port))[key]["free"], "the server")
+
+        run = tmp_path / "attached"
+        done = hwnas(
+            "search",
+            *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--seed", "1"),
+            *("--dense-twin", "--layer-times", "--out", str(run)),
+            *("--tracker", f"127.0.0.1:{port}"),
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        # The device is free again once the search is over: the session was released.
+        summary = tracker_summary(Tracker("127.0.0.1", port))
+        assert summary[key]["free"] == 1
+    finally:
+        stop(server, tracker)
+
+    trial_dir = run / "trials" / str(trial.number)
+    config = (run / "config.toml").read_text()
     assert trial.user_attrs["dense_twin_ms"] > 0
-    assert (run / "trials" / str(trial.number) / "dense_twin.so").exists()
-    assert "dense_twin = true" in (run / "config.toml").read_text()
+    assert (trial_dir / "dense_twin.so").exists()
+    assert "dense_twin = true" in config
 
-
-def test_layer_times_are_measured_on_request(tmp_path: Path) -> None:
-    run = tmp_path / "layers"
-    args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1"]
-    done = hwnas(*args, "--layer-times", "--out", str(run))
-    assert done.returncode == 0, done.stderr[-3000:]
-    (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     layer_ms = trial.user_attrs["layer_ms"]
     # Every layer on our kernels (stem, 1x1 conv, classifier) has its time from the device.
     assert list(layer_ms) == list(trial.user_attrs["kernels"]) and len(layer_ms) == 3
     assert all(ms > 0 for ms in layer_ms.values())
     assert "layer_ms_error" not in trial.user_attrs
-    assert (run / "trials" / str(trial.number) / "layers.so").exists()
-    assert "layer_times = true" in (run / "config.toml").read_text()
+    assert (trial_dir / "layers.so").exists()
+    assert "layer_times = true" in config
     html = (run / "report.html").read_text()
     assert "Times measured on the device (x86/local)" in html
     assert "time on the device (ms)" in html
