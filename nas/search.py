@@ -52,6 +52,8 @@ DIRECTIONS = ["maximize", "minimize"]
 METRIC_NAMES = ["accuracy", "latency_ms"]
 INTERRUPTED = "interrupted: the search stopped while this trial ran"
 CONFIG_FILE = "config.toml"
+# How often a worker of a differentiable search looks for the archs worker 0 derives.
+DERIVED_POLL_S = 2.0
 
 
 class TrialFailed(Exception):
@@ -459,6 +461,8 @@ def search(
         ctx = SearchContext(config, space, profiles, data, tracker, data.val_x[:1].contiguous())
         if config.strategy in DIFFERENTIABLE_STRATEGIES and worker == 0:
             enqueue_derived_archs(study, ctx, progress)
+        elif config.strategy in DIFFERENTIABLE_STRATEGIES:
+            _wait_for_derived_archs(study, progress)
         deadline = started + 60 * config.budget_minutes if config.budget_minutes else None
         while counted_trials(study) < config.trials:
             if deadline is not None and time.monotonic() >= deadline:
@@ -537,6 +541,19 @@ def enqueue_derived_archs(
             attrs["predicted_latency_ms"] = outcome.predicted_latency_ms
         study.enqueue_trial(outcome.arch, user_attrs=attrs, skip_if_exists=False)
     study.set_user_attr("derived_archs", [o.arch for o in outcomes])
+
+
+def _wait_for_derived_archs(study: optuna.Study, progress: Callable[[str], None]) -> None:
+    """A worker of a differentiable search evaluates the archs it derives: it waits until
+    worker 0 has enqueued them (the supernet search takes a while) instead of sampling archs
+    of its own, and stops if the search that started it has gone."""
+    parent = os.getppid()
+    if "derived_archs" not in study.user_attrs:
+        progress("waiting for the differentiable search to derive its archs ...")
+    while "derived_archs" not in study.user_attrs:
+        if os.getppid() != parent:
+            raise UserError("the search that started this worker has stopped")
+        time.sleep(DERIVED_POLL_S)
 
 
 @contextlib.contextmanager

@@ -128,3 +128,34 @@ def test_one_seed_proposes_the_same_archs(strategy: str) -> None:
 
     assert proposals(11) == proposals(11)
     assert proposals(11) != proposals(12)
+
+
+def test_a_differentiable_searchs_worker_waits_for_the_derived_archs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers other than the first evaluate the archs the supernet search derives: they wait
+    for them to be enqueued instead of sampling archs of their own."""
+    import threading
+
+    import nas.search
+
+    monkeypatch.setattr(nas.search, "DERIVED_POLL_S", 0.05)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"])
+    derived = threading.Timer(
+        0.5,
+        lambda: optuna.load_study(study_name="s", storage=storage).set_user_attr(
+            "derived_archs", [{"a": 1}]
+        ),
+    )
+    lines: list[str] = []
+    derived.start()
+    try:
+        nas.search._wait_for_derived_archs(study, lines.append)
+    finally:
+        derived.cancel()
+    assert study.user_attrs["derived_archs"] == [{"a": 1}]
+    assert any("waiting" in line for line in lines)
+    lines.clear()
+    nas.search._wait_for_derived_archs(study, lines.append)  # already there: no wait
+    assert not lines
