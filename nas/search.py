@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -54,6 +55,8 @@ INTERRUPTED = "interrupted: the search stopped while this trial ran"
 CONFIG_FILE = "config.toml"
 # How often a worker of a differentiable search looks for the archs worker 0 derives.
 DERIVED_POLL_S = 2.0
+# A worker writes its id on a trial milliseconds after creating it (see `_orphaned`).
+ASK_GRACE_S = 5.0
 
 
 class TrialFailed(Exception):
@@ -204,11 +207,22 @@ def _alive_here(worker: str) -> bool:
     return True
 
 
+def _orphaned(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a RUNNING trial's worker is gone. A worker records itself on a trial right after
+    asking for it; a trial still without a worker ASK_GRACE_S after it started was asked for by
+    a process killed in between."""
+    worker = trial.user_attrs.get("worker")
+    if worker is None:
+        started = trial.datetime_start
+        return started is not None and (datetime.now() - started).total_seconds() > ASK_GRACE_S
+    return not _alive_here(worker)
+
+
 def fail_orphaned_trials(study: optuna.Study) -> None:
     """Marks RUNNING trials whose worker process is gone as failed, so nothing stays RUNNING."""
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if _alive_here(t.user_attrs.get("worker", "")):
+        if not _orphaned(t):
             continue
         storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
         storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)

@@ -159,3 +159,28 @@ def test_a_differentiable_searchs_worker_waits_for_the_derived_archs(
     lines.clear()
     nas.search._wait_for_derived_archs(study, lines.append)  # already there: no wait
     assert not lines
+
+
+def test_a_trial_killed_before_it_named_its_worker_is_failed_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search killed between asking for a trial and recording itself on it leaves a RUNNING
+    trial with no worker: once older than the grace, it is failed as interrupted (so it neither
+    stays RUNNING nor counts against the budget); a live worker's trial is left alone."""
+    import nas.search
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, directions=["maximize"])
+    unnamed = study.ask()
+    live = study.ask()
+    live.set_user_attr("worker", nas.search._worker_id())
+    nas.search.fail_orphaned_trials(study)
+    assert study.trials[unnamed.number].state == optuna.trial.TrialState.RUNNING  # too young
+
+    monkeypatch.setattr(nas.search, "ASK_GRACE_S", -1.0)
+    nas.search.fail_orphaned_trials(study)
+    trials = study.trials
+    assert trials[unnamed.number].state == optuna.trial.TrialState.FAIL
+    assert trials[unnamed.number].user_attrs["fail_reason"] == INTERRUPTED
+    assert trials[live.number].state == optuna.trial.TrialState.RUNNING
+    assert nas.search.counted_trials(study) == 1
