@@ -22,7 +22,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 4
+KERNEL_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -353,21 +353,102 @@ def _load_plane(plane, x_buf, tb, tc, rows, cols, pad_top, pad_left):
             plane[r + pad_top, q + pad_left] = x_buf[tb, tc, r, q]
 
 
+def _phase_interior(phase: int, pad: int, size: int, stride: int, count: int) -> tuple[int, int]:
+    """The first index and count of a phase's positions that hold input (not padding): position
+    p of phase `phase` is input index p * stride + phase - pad, for p in [0, count)."""
+    first = max(0, -(-(pad - phase) // stride))
+    end = min(count, (size - 1 + pad - phase) // stride + 1)
+    return first, max(0, end - first)
+
+
 def depthwise_conv_cpu(
-    geo: ConvGeometry, activation: str = "none", num_cores: int | None = None
+    geo: ConvGeometry, activation: str = "none", num_cores: int | None = None, lanes: int = 8
 ) -> tirx.PrimFunc:
-    """Depthwise kxk conv: parallel over (batch x channel), each plane copied once into a
-    zero-bordered buffer, then vectorized over the output row; bias and activation fused.
-    The channel count is read from the arrays."""
+    """Depthwise kxk conv: parallel over (batch x channel). Each input plane is copied once into
+    a zero-bordered buffer split by stride phase (for stride 2, the even and odd rows/columns
+    apart), so every tap reads a contiguous run; strided columns are split by a vector shuffle.
+    Output rows are computed in register groups that share each loaded input row between the
+    taps of the rows it feeds, vectorized over the output row; bias and activation fused. The
+    channel count is read from the arrays."""
     B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
     KH, KW = geo.kernel
     SH, SW = geo.stride
     PT, PL = geo.pad
     OH, OW = geo.out_height, geo.out_width
-    HP, WP = geo.padded_height, geo.padded_width
-    rows, cols = min(H, HP - PT), min(W, WP - PL)  # input rows/cols the output reads
+    DR, DC = (KH - 1) // SH, (KW - 1) // SW  # reach of the taps inside one phase
+    PR, PW = OH + DR, OW + DC  # one phase's rows and columns
+    PP = PR * PW
+    # Each phase: (index, row phase, column phase, first row, rows, first column, columns).
+    phases = []
+    for pr in range(SH):
+        for pc in range(SW):
+            r0, nr = _phase_interior(pr, PT, H, SH, PR)
+            q0, nq = _phase_interior(pc, PL, W, SW, PW)
+            phases.append((len(phases), pr, pc, r0, nr, q0, nq))
+    # Output rows per register group: about 8 vector registers of accumulators.
+    RG = max(1, min(OH, 8 * lanes // max(OW, lanes)))
+    n_groups, tail = OH // RG, OH % RG
     n_chunks, per_chunk = _chunks(B * C, num_cores)
     act = ACTIVATIONS.index(activation)
+
+    @T.macro
+    def load_phase(buf, x_buf, tb, tc, ph):
+        """Copy the input positions of phase `ph` into its part of `buf`."""
+        if ph[4] > 0 and ph[6] == 1:
+            for r in range(ph[4]):
+                buf[ph[0] * PP + (ph[3] + r) * PW + ph[5]] = x_buf[
+                    tb, tc, (ph[3] + r) * SH + ph[1] - PT, ph[5] * SW + ph[2] - PL
+                ]
+        elif ph[4] > 0 and ph[6] > 1 and SW == 1:
+            for r in range(ph[4]):
+                for q in T.vectorized(ph[6]):
+                    buf[ph[0] * PP + (ph[3] + r) * PW + ph[5] + q] = x_buf[
+                        tb, tc, (ph[3] + r) * SH + ph[1] - PT, ph[5] + q + ph[2] - PL
+                    ]
+        elif ph[4] > 0 and ph[6] > 1:
+            # One contiguous load of the row's span, then every SW-th lane: a shuffle, where
+            # a strided load would be one scalar load per lane.
+            for r in range(ph[4]):
+                buf[T.ramp(ph[0] * PP + (ph[3] + r) * PW + ph[5], 1, ph[6])] = T.Shuffle(
+                    [
+                        x_buf[
+                            tb,
+                            tc,
+                            (ph[3] + r) * SH + ph[1] - PT,
+                            T.ramp(ph[5] * SW + ph[2] - PL, 1, SW * (ph[6] - 1) + 1),
+                        ]
+                    ],
+                    [SW * i for i in range(ph[6])],
+                )
+
+    @T.macro
+    def row_group(acc, buf, weight, bias, y_buf, tb, tc, oh0, rows):
+        """Output rows oh0 .. oh0 + rows - 1: each phase row loaded once for all its taps."""
+        for i in T.unroll(rows):
+            for j in T.vectorized(OW):
+                acc[i, j] = T.float32(0)
+        for r in T.unroll(rows + DR):
+            for kh in T.unroll(KH):
+                for kw in T.unroll(KW):
+                    if r - kh // SH >= 0 and r - kh // SH < rows:
+                        for j in T.vectorized(OW):
+                            acc[r - kh // SH, j] = acc[r - kh // SH, j] + weight[
+                                tc, kh, kw
+                            ] * buf[((kh % SH) * SW + kw % SW) * PP + (oh0 + r) * PW + kw // SW + j]
+        for i in T.unroll(rows):
+            for j in T.vectorized(OW):
+                if act == 0:
+                    y_buf[tb, tc, oh0 + i, j] = acc[i, j] + bias[tc]
+                elif act == 1:
+                    y_buf[tb, tc, oh0 + i, j] = T.max(acc[i, j] + bias[tc], T.float32(0))
+                else:
+                    y_buf[tb, tc, oh0 + i, j] = T.min(
+                        T.max(acc[i, j] + bias[tc], T.float32(0)), T.float32(6)
+                    )
+
+    P0, P1, P2, P3 = (phases + [phases[0]] * 3)[:4]  # macros take one phase each
+    if len(phases) > 4:
+        raise ValueError(f"depthwise stride {geo.stride} is not supported (at most 2 x 2)")
 
     @T.prim_func(s_tir=True)
     def depthwise_conv(
@@ -378,37 +459,27 @@ def depthwise_conv_cpu(
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
         for t in T.parallel(n_chunks):
-            plane = T.alloc_buffer((HP, WP), "float32", scope="local", annotations=_ON_STACK)
-            acc = T.alloc_buffer((1, OW), "float32", scope="local", annotations=_ON_STACK)
-            # The border stays zero: only the interior is rewritten for each channel.
-            for r in range(HP):
-                for q in T.vectorized(WP):
-                    plane[r, q] = T.float32(0)
+            buf = T.alloc_buffer((SH * SW * PP,), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((RG, OW), "float32", scope="local", annotations=_ON_STACK)
+            # The padding stays zero: only the input positions are rewritten for each channel.
+            for e in T.vectorized(SH * SW * PP):
+                buf[e] = T.float32(0)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < B * C:
                     b = T.bind(_outer(w, C, B))
                     c = T.bind(_inner(w, C, B))
-                    _load_plane(plane, X, b, c, rows, cols, PT, PL)
-                    for oh in range(OH):
-                        for j in T.vectorized(OW):
-                            acc[0, j] = T.float32(0)
-                        for kh in T.unroll(KH):
-                            for kw in T.unroll(KW):
-                                for j in T.vectorized(OW):
-                                    acc[0, j] = (
-                                        acc[0, j]
-                                        + weight[c, kh, kw] * plane[oh * SH + kh, j * SW + kw]
-                                    )
-                        for j in T.vectorized(OW):
-                            if act == 0:
-                                Y[b, c, oh, j] = acc[0, j] + bias[c]
-                            elif act == 1:
-                                Y[b, c, oh, j] = T.max(acc[0, j] + bias[c], T.float32(0))
-                            else:
-                                Y[b, c, oh, j] = T.min(
-                                    T.max(acc[0, j] + bias[c], T.float32(0)), T.float32(6)
-                                )
+                    load_phase(buf, X, b, c, P0)
+                    if len(phases) > 1:
+                        load_phase(buf, X, b, c, P1)
+                    if len(phases) > 2:
+                        load_phase(buf, X, b, c, P2)
+                    if len(phases) > 3:
+                        load_phase(buf, X, b, c, P3)
+                    for g in range(n_groups):
+                        row_group(acc, buf, weight, bias, Y, b, c, g * RG, RG)
+                    if tail > 0:
+                        row_group(acc, buf, weight, bias, Y, b, c, n_groups * RG, tail)
 
     return depthwise_conv
 
@@ -494,14 +565,19 @@ def sparse_matmul_kernel(
 
 
 def depthwise_kernel(
-    geo: ConvGeometry, family: str, activation: str = "none", num_cores: int | None = None
+    geo: ConvGeometry,
+    family: str,
+    activation: str = "none",
+    num_cores: int | None = None,
+    avx512: bool = True,
 ) -> tirx.PrimFunc:
     """The depthwise conv kernel for a target family."""
     if family == "cuda":
         from compile.cuda_kernels import depthwise_conv_cuda
 
         return depthwise_conv_cuda(geo, activation)
-    return depthwise_conv_cpu(geo, activation, num_cores)
+    lanes = vector_unit(family, avx512).lanes
+    return depthwise_conv_cpu(geo, activation, num_cores, lanes)
 
 
 def im2col_kernel(geo: ConvGeometry, family: str, num_cores: int | None = None) -> tirx.PrimFunc:
@@ -558,5 +634,7 @@ def _make(kernel: Kernel) -> tirx.PrimFunc:
             avx512=kernel.avx512,
         )
     if kernel.op == "depthwise":
-        return depthwise_kernel(kernel.shape, kernel.family, kernel.activation, kernel.num_cores)
+        return depthwise_kernel(
+            kernel.shape, kernel.family, kernel.activation, kernel.num_cores, kernel.avx512
+        )
     return im2col_kernel(kernel.shape, kernel.family, kernel.num_cores)

@@ -327,7 +327,7 @@ def plan_rewrite(
                 impl="depthwise",
                 spec=None,
                 constants=[np.ascontiguousarray(weight.reshape(rows, kh, kw)), bias],
-                kernel=Kernel("depthwise", family, geometry, activation, num_cores),
+                kernel=Kernel("depthwise", family, geometry, activation, num_cores, avx512),
                 **common,
             )
             if name in sparse:

@@ -17,7 +17,7 @@ from tvm.target import codegen
 import compile as hw_compile
 from compile.bsr import block_fill, bsr_to_dense, choose_block, to_bsr
 from compile.choose import KernelChooser
-from compile.kernels import KernelSpec, sparse_matmul_kernel
+from compile.kernels import ConvGeometry, Kernel, KernelSpec, sparse_matmul_kernel
 from compile.objects import load_kernel
 from compile.rewrite import _dense_candidate, deploy_copy, fold_batchnorm
 
@@ -245,6 +245,36 @@ def test_dense_kernel_matches_numpy(m, batch):
     lib[symbol](*args, out)
     want = np.clip(np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None], 0, 6)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "pad"),
+    [
+        ((16, 16), (3, 3), (1, 1), (1, 1)),
+        ((16, 16), (3, 3), (2, 2), (1, 1)),
+        ((9, 12), (5, 5), (2, 2), (2, 2)),
+        ((7, 5), (3, 1), (2, 1), (0, 0)),
+        ((2, 3), (3, 3), (1, 2), (2, 1)),
+        ((1, 1), (3, 3), (2, 2), (1, 1)),
+    ],
+)
+def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
+    """Stride phases, odd sizes, pads wider than the input, a 1x1 map."""
+    rng = np.random.default_rng(7)
+    (h, w), (kh, kw) = size, kernel
+    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
+    ow = (w + 2 * pad[1] - kw) // stride[1] + 1
+    geo = ConvGeometry(2, 5, h, w, kernel, stride, pad, oh, ow)
+    x = rng.standard_normal((2, 5, h, w)).astype(np.float32)
+    weight = rng.standard_normal((5, kh, kw)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    lib, symbol = load_kernel(Kernel("depthwise", "x86", geo, "relu6", 2), HOST.target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((2, 5, oh, ow), np.nan, np.float32), dev)
+    lib[symbol](*[tvm.runtime.tensor(a, dev) for a in (x, weight, bias)], out)
+    t = torch.from_numpy
+    want = nn.functional.conv2d(t(x), t(weight)[:, None], t(bias), stride, pad, groups=5)
+    np.testing.assert_allclose(out.numpy(), want.clamp(0, 6).numpy(), rtol=1e-4, atol=1e-5)
 
 
 class DenseNet(nn.Module):
