@@ -431,10 +431,11 @@ def depthwise_conv_cpu(
             for kh in T.unroll(KH):
                 for kw in T.unroll(KW):
                     if r - kh // SH >= 0 and r - kh // SH < rows:
+                        src = T.bind(((kh % SH) * SW + kw % SW) * PP + (oh0 + r) * PW + kw // SW)
                         for j in T.vectorized(OW):
-                            acc[r - kh // SH, j] = acc[r - kh // SH, j] + weight[
-                                tc, kh, kw
-                            ] * buf[((kh % SH) * SW + kw % SW) * PP + (oh0 + r) * PW + kw // SW + j]
+                            acc[r - kh // SH, j] = (
+                                acc[r - kh // SH, j] + weight[tc, kh, kw] * buf[src + j]
+                            )
         for i in T.unroll(rows):
             for j in T.vectorized(OW):
                 if act == 0:
