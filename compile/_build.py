@@ -448,6 +448,7 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         "kind": layer.kind,
         "activation": layer.activation,
         "fused_bias": layer.fused_bias,
+        "fused_residual": layer.residual_var is not None,
         "im2col": layer.im2col is not None,
     }
     if layer.bsr is not None:

@@ -103,10 +103,11 @@ class KernelChooser:
         dev = tvm.cpu()
         lib, symbol = load_kernel(candidate.kernel, self.target)
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((spec.batch, spec.cols, spec.m)).astype(np.float32)
-        inputs = (x, *candidate.constants)
+        x = rng.standard_normal(spec.x_shape).astype(np.float32)
+        residual = (np.zeros(spec.y_shape, np.float32),) if spec.residual else ()
+        inputs = (x, *candidate.constants, *residual)
         args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
-        out = tvm.runtime.tensor(np.empty((spec.batch, spec.rows, spec.m), np.float32), dev)
+        out = tvm.runtime.tensor(np.empty(spec.y_shape, np.float32), dev)
         timer = lib.time_evaluator(
             symbol, dev, number=1, repeat=self.repeats, min_repeat_ms=self.min_repeat_ms
         )

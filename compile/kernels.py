@@ -36,6 +36,20 @@ class KernelSpec:
     block: tuple[int, int]
     block_rows: int
     activation: str = "none"
+    # A conv's X and Y are its (batch, channels, height, width) tensors, read as (batch,
+    # channels, m) inside the kernel: no reshape call around it. None: (batch, channels, m).
+    in_hw: tuple[int, int] | None = None
+    out_hw: tuple[int, int] | None = None
+    # A residual tensor (Y's shape) added after the activation: an extra input before Y.
+    residual: bool = False
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.cols, *(self.in_hw or (self.m,)))
+
+    @property
+    def y_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.rows, *(self.out_hw or (self.m,)))
 
 
 def stored_blocks() -> tirx.Var:
@@ -48,6 +62,12 @@ def _dim(name: str) -> tirx.Var:
     """A CPU kernel's size read from its arrays' shapes when it runs (rows, cols, channels):
     the same built kernel then serves every layer that differs only in these."""
     return tirx.Var(name, "int32")
+
+
+def _io_shapes(spec: KernelSpec, cols, rows) -> tuple[tuple, tuple]:
+    """X's and Y's buffer shapes with the symbolic row and column counts."""
+    x = (spec.batch, cols, *(spec.in_hw or (spec.m,)))
+    return x, (spec.batch, rows, *(spec.out_hw or (spec.m,)))
 
 
 @dataclass(frozen=True)
@@ -120,22 +140,47 @@ def _inner(w, rows, batch: int):
     return w if batch == 1 else w % rows
 
 
+def _activate(value, act: int):
+    """`value` through activation number `act` (an index into ACTIVATIONS)."""
+    if act == 1:
+        return T.max(value, T.float32(0))
+    if act == 2:
+        return T.min(T.max(value, T.float32(0)), T.float32(6))
+    return value
+
+
 @T.macro
-def _store_tile(acc_buf, bias_buf, y_buf, tb, row0, m0, rows, width, n_rows, act, guard):
-    """Write `rows` x `width` accumulators plus bias, through the activation, to Y."""
+def _store_tile(
+    acc_buf, bias_buf, res_buf, y_buf, tb, row0, m0, rows, width, n_rows, epilogue, guard
+):
+    """Write `rows` x `width` accumulators plus bias, through the activation, to Y; then add
+    `res_buf` when there is a residual. `epilogue`: (activation number, residual or not)."""
     for i in T.unroll(rows):
         if not guard or row0 + i < n_rows:
             for j in T.vectorized(width):
-                if act == 0:
-                    y_buf[tb, row0 + i, m0 + j] = acc_buf[i, j] + bias_buf[row0 + i]
-                elif act == 1:
-                    y_buf[tb, row0 + i, m0 + j] = T.max(
-                        acc_buf[i, j] + bias_buf[row0 + i], T.float32(0)
+                if not epilogue[1]:
+                    y_buf[tb, row0 + i, m0 + j] = _activate(
+                        acc_buf[i, j] + bias_buf[row0 + i], epilogue[0]
                     )
                 else:
-                    y_buf[tb, row0 + i, m0 + j] = T.min(
-                        T.max(acc_buf[i, j] + bias_buf[row0 + i], T.float32(0)), T.float32(6)
+                    y_buf[tb, row0 + i, m0 + j] = (
+                        _activate(acc_buf[i, j] + bias_buf[row0 + i], epilogue[0])
+                        + res_buf[tb, row0 + i, m0 + j]
                     )
+
+
+def _without_residual(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
+    """Our matmul kernels are written with a residual input `R4` (before Y), viewed as `R` at
+    the top of the body; without a residual in `spec` the body never reads it, so drop both."""
+    if spec.residual:
+        return func
+    params = [p for p in func.params if p.name != "R4"]
+    body = [
+        stmt
+        for stmt in func.body.seq
+        if not (isinstance(stmt, tirx.DeclBuffer) and stmt.buffer.name == "R")
+    ]
+    return tirx.PrimFunc(params, tirx.SeqStmt(body), func.ret_type, func.attrs)
 
 
 def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
@@ -156,10 +201,12 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
     guard_rows = BR > 1  # the last block row may overhang the rows
-    act = ACTIVATIONS.index(spec.activation)
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
     @T.macro
-    def tile(acc_buf, x_buf, w_data, w_indices, w_indptr, bias_buf, y_buf, tb, trb, m0, width):
+    def tile(
+        acc_buf, x_buf, w_data, w_indices, w_indptr, bias_buf, r_buf, y_buf, tb, trb, m0, width
+    ):
         for i in T.unroll(BR):
             for j in T.vectorized(width):
                 acc_buf[i, j] = T.float32(0)
@@ -172,18 +219,26 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 for i in T.unroll(BR):
                     for j in T.vectorized(width):
                         acc_buf[i, j] = acc_buf[i, j] + w_data[p, i, c] * x_buf[tb, k0 + c, m0 + j]
-        _store_tile(acc_buf, bias_buf, y_buf, tb, trb * BR, m0, BR, width, N, act, guard_rows)
+        _store_tile(
+            acc_buf, bias_buf, r_buf, y_buf, tb, trb * BR, m0, BR, width, N, epilogue, guard_rows
+        )
+
+    XS, YS = _io_shapes(spec, K, N)
 
     @T.prim_func(s_tir=True)
     def bsr_matmul(
-        X: T.Buffer((B, K, M), "float32"),
+        X4: T.Buffer(XS, "float32"),
         data: T.Buffer((NNZB, BR, BC), "float32"),
         indices: T.Buffer((NNZB,), "int32"),
         indptr: T.Buffer((NP,), "int32"),
         bias: T.Buffer((N,), "float32"),
-        Y: T.Buffer((B, N, M), "float32"),
+        R4: T.Buffer(YS, "float32"),
+        Y4: T.Buffer(YS, "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         # The parallel loop runs over chunks so that the accumulators are allocated once per
         # chunk, not once per work item (a local buffer in a parallel body is a heap alloc).
         for t in T.parallel(n_chunks):
@@ -197,13 +252,13 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     mt = T.bind(w % n_mt)
                     if has_tail:
                         if mt < n_full:
-                            tile(acc, X, data, indices, indptr, bias, Y, b, rb, mt * MT, MT)
+                            tile(acc, X, data, indices, indptr, bias, R, Y, b, rb, mt * MT, MT)
                         else:
-                            tile(acc, X, data, indices, indptr, bias, Y, b, rb, mt * MT, tail)
+                            tile(acc, X, data, indices, indptr, bias, R, Y, b, rb, mt * MT, tail)
                     else:
-                        tile(acc, X, data, indices, indptr, bias, Y, b, rb, mt * MT, MT)
+                        tile(acc, X, data, indices, indptr, bias, R, Y, b, rb, mt * MT, MT)
 
-    return bsr_matmul
+    return _without_residual(bsr_matmul, spec)
 
 
 def dense_block_rows(family: str, avx512: bool = True) -> int:
@@ -226,10 +281,10 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
     guard = BR > 1
-    act = ACTIVATIONS.index(spec.activation)
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
     @T.macro
-    def tile(acc_buf, x_buf, w_data, bias_buf, y_buf, tb, trb, m0, width):
+    def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, tb, trb, m0, width):
         for i in T.unroll(BR):
             for j in T.vectorized(width):
                 acc_buf[i, j] = T.float32(0)
@@ -237,16 +292,24 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             for i in T.unroll(BR):
                 for j in T.vectorized(width):
                     acc_buf[i, j] = acc_buf[i, j] + w_data[trb, k, i] * x_buf[tb, k, m0 + j]
-        _store_tile(acc_buf, bias_buf, y_buf, tb, trb * BR, m0, BR, width, N, act, guard)
+        _store_tile(
+            acc_buf, bias_buf, r_buf, y_buf, tb, trb * BR, m0, BR, width, N, epilogue, guard
+        )
+
+    XS, YS = _io_shapes(spec, K, N)
 
     @T.prim_func(s_tir=True)
     def dense_matmul(
-        X: T.Buffer((B, K, M), "float32"),
+        X4: T.Buffer(XS, "float32"),
         data: T.Buffer((NRB, K, BR), "float32"),
         bias: T.Buffer((N,), "float32"),
-        Y: T.Buffer((B, N, M), "float32"),
+        R4: T.Buffer(YS, "float32"),
+        Y4: T.Buffer(YS, "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         for t in T.parallel(n_chunks):
             acc = T.alloc_buffer((BR, MT), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
@@ -258,13 +321,13 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     mt = T.bind(w % n_mt)
                     if has_tail:
                         if mt < n_full:
-                            tile(acc, X, data, bias, Y, b, rb, mt * MT, MT)
+                            tile(acc, X, data, bias, R, Y, b, rb, mt * MT, MT)
                         else:
-                            tile(acc, X, data, bias, Y, b, rb, mt * MT, tail)
+                            tile(acc, X, data, bias, R, Y, b, rb, mt * MT, tail)
                     else:
-                        tile(acc, X, data, bias, Y, b, rb, mt * MT, MT)
+                        tile(acc, X, data, bias, R, Y, b, rb, mt * MT, MT)
 
-    return dense_matmul
+    return _without_residual(dense_matmul, spec)
 
 
 def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
@@ -279,18 +342,24 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     per_chunk = (work + n_chunks - 1) // n_chunks
     guard = BR > 1
-    act = ACTIVATIONS.index(spec.activation)
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+
+    XS, YS = _io_shapes(spec, K, N)
 
     @T.prim_func(s_tir=True)
     def bsr_matvec(
-        X: T.Buffer((B, K, 1), "float32"),
+        X4: T.Buffer(XS, "float32"),
         data: T.Buffer((NNZB, BR, BC), "float32"),
         indices: T.Buffer((NNZB,), "int32"),
         indptr: T.Buffer((NP,), "int32"),
         bias: T.Buffer((N,), "float32"),
-        Y: T.Buffer((B, N, 1), "float32"),
+        R4: T.Buffer(YS, "float32"),
+        Y4: T.Buffer(YS, "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
         for t in T.parallel(n_chunks):
             acc = T.alloc_buffer((BR * BC,), "float32", scope="local", annotations=_ON_STACK)
             red = T.alloc_buffer((BR, 1), "float32", scope="local", annotations=_ON_STACK)
@@ -311,9 +380,9 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         red[i, 0] = acc[i * BC]
                         for c in T.unroll(BC - 1):
                             red[i, 0] = red[i, 0] + acc[i * BC + c + 1]
-                    _store_tile(red, bias, Y, b, rb * BR, 0, BR, 1, N, act, guard)
+                    _store_tile(red, bias, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard)
 
-    return bsr_matvec
+    return _without_residual(bsr_matvec, spec)
 
 
 @dataclass(frozen=True)
@@ -438,14 +507,7 @@ def depthwise_conv_cpu(
                             )
         for i in T.unroll(rows):
             for j in T.vectorized(OW):
-                if act == 0:
-                    y_buf[tb, tc, oh0 + i, j] = acc[i, j] + bias[tc]
-                elif act == 1:
-                    y_buf[tb, tc, oh0 + i, j] = T.max(acc[i, j] + bias[tc], T.float32(0))
-                else:
-                    y_buf[tb, tc, oh0 + i, j] = T.min(
-                        T.max(acc[i, j] + bias[tc], T.float32(0)), T.float32(6)
-                    )
+                y_buf[tb, tc, oh0 + i, j] = _activate(acc[i, j] + bias[tc], act)
 
     P0, P1, P2, P3 = (phases + [phases[0]] * 3)[:4]  # macros take one phase each
     if len(phases) > 4:

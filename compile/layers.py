@@ -36,10 +36,12 @@ def layer_calls(
     if plan.kind == "depthwise":
         shape = (geo.batch, geo.channels, geo.out_height, geo.out_width)
         return [KernelCall(symbol_of(plan.kernel), (x, *consts), shape)]
-    matmul_out = (spec.batch, spec.rows, spec.m)
+    matmul_out = spec.y_shape
     if plan.kind == "conv":
+        if spec.residual:  # zeros: the layer's own output, with the residual's read timed
+            consts = (*consts, np.zeros(spec.y_shape, np.float32))
         if plan.im2col is None:
-            x3 = x.reshape(spec.batch, spec.cols, spec.m)
+            x3 = x.reshape(spec.x_shape)
             return [KernelCall(symbol_of(plan.kernel), (x3, *consts), matmul_out)]
         cols = (spec.batch, spec.cols, spec.m)
         x3 = rng.standard_normal(cols).astype(np.float32)

@@ -130,6 +130,7 @@ class LayerPlan:
     output_var: str  # last Relax var the kernel replaces (the layer, bias add or activation)
     activation: str = "none"
     fused_bias: bool = False
+    residual_var: str | None = None  # a tensor added to the output (fused into the kernel)
     bsr: BsrWeight | None = None  # sparse layers, whichever kernel they got
     times_ms: dict[str, float] = field(default_factory=dict)  # sparse / dense, when timed
     kernel: Kernel | None = field(repr=False, default=None)
@@ -311,6 +312,12 @@ def plan_rewrite(
         out_var, activation, bias, fused_bias = _epilogue(
             graph, call_var, f"{name}.bias", weight_vars, tensors, rows
         )
+        residual_var = None
+        if kind == "conv" and family != "cuda":
+            out_shape = (geometry.batch, rows, geometry.out_height, geometry.out_width)
+            found_residual = _residual(graph, out_var, out_shape)
+            if found_residual is not None:
+                out_var, residual_var = found_residual
         common = dict(
             name=name,
             kind=kind,
@@ -320,6 +327,7 @@ def plan_rewrite(
             output_var=out_var,
             activation=activation,
             fused_bias=fused_bias,
+            residual_var=residual_var,
         )
         if kind == "depthwise":
             kh, kw = geometry.kernel
@@ -336,18 +344,26 @@ def plan_rewrite(
             continue
         matrix = weight.reshape(rows, -1)
         cols = matrix.shape[1]
+        maps: tuple = (None, None, False)
         if kind == "conv":
             batch, m = geometry.batch, geometry.out_height * geometry.out_width
+            if family != "cuda":  # CPU kernels take the conv's 4-D tensors (no reshapes)
+                hw = (geometry.out_height, geometry.out_width)
+                maps = (hw if _is_plain_1x1(geometry) else None, hw, residual_var is not None)
         else:
             batch, m = 1, math.prod(x_shape[:-1])
-        dense = _dense_candidate(matrix, bias, batch, m, activation, family, num_cores, avx512)
+        dense = _dense_candidate(
+            matrix, bias, batch, m, activation, family, num_cores, avx512, maps
+        )
         impl, choice, bsr = "dense", None, None
         if name in sparse:
             if not np.any(matrix == 0):
                 dense_reasons[name] = "mask is all ones"
             else:
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
-                spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation)
+                spec = KernelSpec(
+                    batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps
+                )
                 kernel = Kernel("sparse", family, spec, num_cores=num_cores, avx512=avx512)
                 consts = [bsr.data, bsr.indices, bsr.indptr, bias]
                 sparse_candidate = KernelCandidate(kernel, consts, spec)
@@ -373,6 +389,29 @@ def plan_rewrite(
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
 
 
+def _residual(graph: _Graph, out_var: str, shape: tuple[int, ...]) -> tuple[str, str] | None:
+    """When a conv's output `out_var` goes only into an add with another float32 tensor of its
+    own `shape` (a residual connection), that add's var and the other tensor's var."""
+    nxt = graph.only_consumer(out_var)
+    if nxt is None or not nxt[1].op.same_as(_ADD):
+        return None
+    a, b = nxt[1].args
+    if isinstance(a, relax.Var) and a.name == out_var:
+        other = b
+    elif isinstance(b, relax.Var) and b.name == out_var:
+        other = a
+    else:
+        return None
+    if (
+        not isinstance(other, relax.Var)
+        or other.name == out_var
+        or _static_shape(other) != shape
+        or str(other.ty.dtype) != "float32"
+    ):
+        return None
+    return nxt[0], other.name
+
+
 def _is_plain_1x1(geometry: ConvGeometry) -> bool:
     return geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.pad == (0, 0)
 
@@ -386,17 +425,19 @@ def _dense_candidate(
     family: str,
     num_cores: int | None,
     avx512: bool,
+    maps: tuple = (None, None, False),
 ) -> KernelCandidate:
-    """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1."""
+    """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1. `maps`:
+    the spec's `in_hw`, `out_hw` (a conv's 4-D input and output) and `residual`."""
     rows, cols = matrix.shape
     if m == 1 and family != "cuda":
         bsr = full_bsr(matrix, (vector_unit(family, avx512).lanes, 1))
         consts = [bsr.data, bsr.indices, bsr.indptr, bias]
-        spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation)
+        spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
     else:
         nr = min(dense_block_rows(family, avx512), rows)
         consts = [pack_dense(matrix, nr), bias]
-        spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation)
+        spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation, *maps)
     kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
     return KernelCandidate(kernel, consts, spec)
 
@@ -489,9 +530,16 @@ class _LayerRewriter(relax.PyExprMutator):
             if plan.im2col is not None:
                 cols = (spec.batch, spec.cols, spec.m)
                 x3 = self._call(plan.im2col, kernel_symbol(plan.name, "im2col"), [x], cols)
-            else:
-                x3 = emit(relax.op.reshape(x, (spec.batch, spec.cols, spec.m)))
-            y = self._call(plan.kernel, symbol, [x3, *consts], (spec.batch, spec.rows, spec.m))
+            elif spec.in_hw is None:
+                x3 = emit(relax.op.reshape(x, spec.x_shape))
+            else:  # the kernel reads the conv's input as it is: no reshape call
+                x3 = x
+            args = [x3, *consts]
+            if plan.residual_var is not None:
+                args.append(self.visit_expr(self.inputs[plan.residual_var]))
+            y = self._call(plan.kernel, symbol, args, spec.y_shape)
+            if spec.out_hw is not None:
+                return y
             return relax.op.reshape(y, (geo.batch, spec.rows, geo.out_height, geo.out_width))
         if spec.m == 1:
             x3 = emit(relax.op.reshape(x, (1, spec.cols, 1)))

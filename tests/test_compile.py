@@ -180,6 +180,37 @@ def test_sparse_1x1_conv_matches_torch(sparsity, batch, block):
         assert tuple(info["block"]) == block
 
 
+class ResidualNet(nn.Module):
+    """Residual adds after a sparse 1x1 conv (on either side of the add), after a dense 3x3
+    conv's ReLU (im2col), on a 1x1 map, and one that must not be fused (a broadcast add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = MaskedConv2d(12, 12, 1, sparsity=0.8, block=(4, 1))
+        self.pw2 = MaskedConv2d(12, 12, 1, sparsity=0.5, block=(4, 1), seed=1)
+        self.k3 = nn.Conv2d(12, 12, 3, padding=1)
+        self.tiny = nn.Conv2d(12, 12, 1)
+        self.bcast = nn.Conv2d(12, 12, 1)
+
+    def forward(self, x):
+        x = x + self.pw(x)
+        x = self.pw2(x) + x
+        x = torch.relu(self.k3(x)) + x
+        y = x.mean((2, 3), keepdim=True)
+        y = y + self.tiny(y)
+        return self.bcast(x) + y
+
+
+def test_residual_add_is_fused_into_the_conv_kernel():
+    torch.manual_seed(3)
+    model = ResidualNet()
+    x = torch.randn(2, 12, 5, 6)
+    compiled = _check_build(model, x, ["pw", "pw2"], ["k3", "tiny", "bcast"])
+    fused = {name: info["fused_residual"] for name, info in compiled.kernels.items()}
+    assert fused == {"pw": True, "pw2": True, "k3": True, "tiny": True, "bcast": False}
+    assert compiled.kernels["k3"]["activation"] == "relu" and compiled.kernels["k3"]["im2col"]
+
+
 @pytest.mark.parametrize(("sparsity", "batch", "block"), [(0.99, 1, (4, 1)), (0.6, 3, (1, 8))])
 def test_sparse_linear_matches_torch(sparsity, batch, block):
     torch.manual_seed(1)
