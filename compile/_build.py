@@ -451,6 +451,8 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         "fused_residual": layer.residual_var is not None,
         "im2col": layer.im2col is not None,
     }
+    if layer.spec is not None and layer.spec.kept_rows:  # channel-pruned, rebuilt smaller
+        info["kept_rows"] = int(layer.constants[1].size)
     if layer.bsr is not None:
         rows, cols = layer.bsr.rows, layer.bsr.cols
         info["block"] = list(layer.bsr.block)

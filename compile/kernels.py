@@ -42,6 +42,9 @@ class KernelSpec:
     out_hw: tuple[int, int] | None = None
     # A residual tensor (Y's shape) added after the activation: an extra input before Y.
     residual: bool = False
+    # Dense kernel of a channel-pruned layer: W holds only the kept rows, and two int32 arrays
+    # (kept rows, pruned rows) follow it; a pruned row's output is its bias, activated.
+    kept_rows: bool = False
 
     @property
     def x_shape(self) -> tuple[int, ...]:
@@ -149,36 +152,45 @@ def _activate(value, act: int):
     return value
 
 
+def _out_row(row_map, row):
+    """Y's row for accumulator row `row`: itself, or `row_map[row]` (kept rows only)."""
+    return row if row_map is None else row_map[row]
+
+
 @T.macro
 def _store_tile(
-    acc_buf, bias_buf, res_buf, y_buf, tb, row0, m0, rows, width, n_rows, epilogue, guard
+    acc_buf, bias_buf, res_buf, y_buf, tb, row0, m0, rows, width, n_rows, epilogue, guard, row_map
 ):
-    """Write `rows` x `width` accumulators plus bias, through the activation, to Y; then add
-    `res_buf` when there is a residual. `epilogue`: (activation number, residual or not)."""
+    """Write `rows` x `width` accumulators plus bias, through the activation, to Y (to the rows
+    `row_map` names when it is not None); then add `res_buf` when there is a residual.
+    `epilogue`: (activation number, residual or not)."""
     for i in T.unroll(rows):
         if not guard or row0 + i < n_rows:
+            r = T.bind(_out_row(row_map, row0 + i))
             for j in T.vectorized(width):
                 if not epilogue[1]:
-                    y_buf[tb, row0 + i, m0 + j] = _activate(
-                        acc_buf[i, j] + bias_buf[row0 + i], epilogue[0]
-                    )
+                    y_buf[tb, r, m0 + j] = _activate(acc_buf[i, j] + bias_buf[r], epilogue[0])
                 else:
-                    y_buf[tb, row0 + i, m0 + j] = (
-                        _activate(acc_buf[i, j] + bias_buf[row0 + i], epilogue[0])
-                        + res_buf[tb, row0 + i, m0 + j]
+                    y_buf[tb, r, m0 + j] = (
+                        _activate(acc_buf[i, j] + bias_buf[r], epilogue[0])
+                        + res_buf[tb, r, m0 + j]
                     )
 
 
-def _without_residual(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
-    """Our matmul kernels are written with a residual input `R4` (before Y), viewed as `R` at
-    the top of the body; without a residual in `spec` the body never reads it, so drop both."""
-    if spec.residual:
-        return func
-    params = [p for p in func.params if p.name != "R4"]
+def _drop_unused_inputs(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
+    """Our matmul kernels are written with every optional input: the residual `R4` (viewed as
+    `R` at the top of the body) and a channel-pruned layer's `kept` and `pruned` rows. Drop
+    the ones `spec` does not use (the body then never reads them)."""
+    unused = set()
+    if not spec.residual:
+        unused |= {"R4", "R"}
+    if not spec.kept_rows:
+        unused |= {"kept", "pruned"}
+    params = [p for p in func.params if p.name not in unused]
     body = [
         stmt
         for stmt in func.body.seq
-        if not (isinstance(stmt, tirx.DeclBuffer) and stmt.buffer.name == "R")
+        if not (isinstance(stmt, tirx.DeclBuffer) and stmt.buffer.name in unused)
     ]
     return tirx.PrimFunc(params, tirx.SeqStmt(body), func.ret_type, func.attrs)
 
@@ -220,7 +232,19 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     for j in T.vectorized(width):
                         acc_buf[i, j] = acc_buf[i, j] + w_data[p, i, c] * x_buf[tb, k0 + c, m0 + j]
         _store_tile(
-            acc_buf, bias_buf, r_buf, y_buf, tb, trb * BR, m0, BR, width, N, epilogue, guard_rows
+            acc_buf,
+            bias_buf,
+            r_buf,
+            y_buf,
+            tb,
+            trb * BR,
+            m0,
+            BR,
+            width,
+            N,
+            epilogue,
+            guard_rows,
+            None,
         )
 
     XS, YS = _io_shapes(spec, K, N)
@@ -258,7 +282,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     else:
                         tile(acc, X, data, indices, indptr, bias, R, Y, b, rb, mt * MT, MT)
 
-    return _without_residual(bsr_matmul, spec)
+    return _drop_unused_inputs(bsr_matmul, spec)
 
 
 def dense_block_rows(family: str, avx512: bool = True) -> int:
@@ -269,9 +293,14 @@ def dense_block_rows(family: str, avx512: bool = True) -> int:
 def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     """Dense twin of `bsr_matmul_cpu`: W packed as (N / bs_r, K, bs_r), no index indirection;
     bs_r x tile_m accumulators in registers, parallel over (batch x row block x M tile).
-    Rows, columns and row blocks are read from the arrays."""
+    Rows, columns and row blocks are read from the arrays.
+
+    With `spec.kept_rows` (a channel-pruned layer rebuilt as a smaller dense one), W holds only
+    the kept rows, their results go to the rows `kept` names, and the `pruned` rows get their
+    bias through the activation (plus the residual)."""
     B, M = spec.batch, spec.m
     N, K, NRB = _dim("n"), _dim("k"), _dim("block_rows")
+    NK, NPR = _dim("kept_rows"), _dim("pruned_rows")
     BR = spec.block[0]
     MT = tiling.tile_m
     n_full, tail = M // MT, M % MT
@@ -280,11 +309,13 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
-    guard = BR > 1
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    guard = BR > 1 or spec.kept_rows
+    act = ACTIVATIONS.index(spec.activation)
+    epilogue = (act, spec.residual)
+    n_rows = NK if spec.kept_rows else N
 
     @T.macro
-    def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, tb, trb, m0, width):
+    def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, row_map, tb, trb, m0, width):
         for i in T.unroll(BR):
             for j in T.vectorized(width):
                 acc_buf[i, j] = T.float32(0)
@@ -293,8 +324,32 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 for j in T.vectorized(width):
                     acc_buf[i, j] = acc_buf[i, j] + w_data[trb, k, i] * x_buf[tb, k, m0 + j]
         _store_tile(
-            acc_buf, bias_buf, r_buf, y_buf, tb, trb * BR, m0, BR, width, N, epilogue, guard
+            acc_buf,
+            bias_buf,
+            r_buf,
+            y_buf,
+            tb,
+            trb * BR,
+            m0,
+            BR,
+            width,
+            n_rows,
+            epilogue,
+            guard,
+            row_map,
         )
+
+    @T.macro
+    def fill_pruned(bias_buf, r_buf, y_buf, rows, q, width, m0):
+        """Y's pruned row rows[q % NPR] of batch q // NPR: bias through the activation."""
+        r = T.bind(rows[q % NPR])
+        for j in T.vectorized(width):
+            if not spec.residual:
+                y_buf[q // NPR, r, m0 + j] = _activate(bias_buf[r], act)
+            else:
+                y_buf[q // NPR, r, m0 + j] = (
+                    _activate(bias_buf[r], act) + r_buf[q // NPR, r, m0 + j]
+                )
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -302,6 +357,8 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     def dense_matmul(
         X4: T.Buffer(XS, "float32"),
         data: T.Buffer((NRB, K, BR), "float32"),
+        kept: T.Buffer((NK,), "int32"),
+        pruned: T.Buffer((NPR,), "int32"),
         bias: T.Buffer((N,), "float32"),
         R4: T.Buffer(YS, "float32"),
         Y4: T.Buffer(YS, "float32"),
@@ -321,13 +378,55 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     mt = T.bind(w % n_mt)
                     if has_tail:
                         if mt < n_full:
-                            tile(acc, X, data, bias, R, Y, b, rb, mt * MT, MT)
+                            tile(
+                                acc,
+                                X,
+                                data,
+                                bias,
+                                R,
+                                Y,
+                                kept if spec.kept_rows else None,
+                                b,
+                                rb,
+                                mt * MT,
+                                MT,
+                            )
                         else:
-                            tile(acc, X, data, bias, R, Y, b, rb, mt * MT, tail)
+                            tile(
+                                acc,
+                                X,
+                                data,
+                                bias,
+                                R,
+                                Y,
+                                kept if spec.kept_rows else None,
+                                b,
+                                rb,
+                                mt * MT,
+                                tail,
+                            )
                     else:
-                        tile(acc, X, data, bias, R, Y, b, rb, mt * MT, MT)
+                        tile(
+                            acc,
+                            X,
+                            data,
+                            bias,
+                            R,
+                            Y,
+                            kept if spec.kept_rows else None,
+                            b,
+                            rb,
+                            mt * MT,
+                            MT,
+                        )
+        if spec.kept_rows:
+            for q in T.parallel(B * NPR):
+                for mt in range(n_full):
+                    fill_pruned(bias, R, Y, pruned, q, MT, mt * MT)
+                if has_tail:
+                    fill_pruned(bias, R, Y, pruned, q, tail, n_full * MT)
 
-    return _without_residual(dense_matmul, spec)
+    return _drop_unused_inputs(dense_matmul, spec)
 
 
 def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
@@ -380,9 +479,9 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         red[i, 0] = acc[i * BC]
                         for c in T.unroll(BC - 1):
                             red[i, 0] = red[i, 0] + acc[i * BC + c + 1]
-                    _store_tile(red, bias, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard)
+                    _store_tile(red, bias, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard, None)
 
-    return _without_residual(bsr_matvec, spec)
+    return _drop_unused_inputs(bsr_matvec, spec)
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,10 @@ class RewritePlan:
         return [layer for layer in self.layers if layer.impl == "sparse"]
 
 
+# A sparse layer whose nonzero rows hold at least this share of their weights is taken as
+# channel-pruned and rebuilt as a smaller dense layer.
+KEPT_ROWS_FILL = 0.95
+
 _CONV2D = Op.get("relax.nn.conv2d")
 _MATMUL = Op.get("relax.matmul")
 _PERMUTE = Op.get("relax.permute_dims")
@@ -361,12 +365,16 @@ def plan_rewrite(
                 dense_reasons[name] = "mask is all ones"
             else:
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
-                spec = KernelSpec(
-                    batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps
+                sparse_candidate = _kept_rows_candidate(
+                    matrix, bias, batch, m, activation, family, num_cores, avx512, maps
                 )
-                kernel = Kernel("sparse", family, spec, num_cores=num_cores, avx512=avx512)
-                consts = [bsr.data, bsr.indices, bsr.indptr, bias]
-                sparse_candidate = KernelCandidate(kernel, consts, spec)
+                if sparse_candidate is None:
+                    spec = KernelSpec(
+                        batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps
+                    )
+                    kernel = Kernel("sparse", family, spec, num_cores=num_cores, avx512=avx512)
+                    consts = [bsr.data, bsr.indices, bsr.indptr, bias]
+                    sparse_candidate = KernelCandidate(kernel, consts, spec)
                 density = float(np.count_nonzero(matrix)) / matrix.size
                 choice = chooser.choose(sparse_candidate, dense, density)
                 if choice.impl == "sparse":
@@ -438,6 +446,36 @@ def _dense_candidate(
         nr = min(dense_block_rows(family, avx512), rows)
         consts = [pack_dense(matrix, nr), bias]
         spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation, *maps)
+    kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
+    return KernelCandidate(kernel, consts, spec)
+
+
+def _kept_rows_candidate(
+    matrix: np.ndarray,
+    bias: np.ndarray,
+    batch: int,
+    m: int,
+    activation: str,
+    family: str,
+    num_cores: int | None,
+    avx512: bool,
+    maps: tuple,
+) -> KernelCandidate | None:
+    """A channel-pruned W (whole rows zero, the others nearly full) rebuilt as a smaller dense
+    layer: the dense kernel on the kept rows only, writing them to their rows of Y (see
+    `KernelSpec.kept_rows`). None when W is not channel-pruned, or on a GPU or at M == 1."""
+    rows, cols = matrix.shape
+    row_nnz = np.count_nonzero(matrix, axis=1)
+    kept = np.flatnonzero(row_nnz).astype(np.int32)
+    if family == "cuda" or m == 1 or not 0 < kept.size < rows:
+        return None
+    if row_nnz.sum() < KEPT_ROWS_FILL * kept.size * cols:
+        return None
+    pruned = np.flatnonzero(row_nnz == 0).astype(np.int32)
+    nr = min(dense_block_rows(family, avx512), kept.size)
+    consts = [pack_dense(matrix[kept], nr), kept, pruned, bias]
+    block_rows = -(-kept.size // nr)
+    spec = KernelSpec(batch, rows, cols, m, (nr, 1), block_rows, activation, *maps, kept_rows=True)
     kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
     return KernelCandidate(kernel, consts, spec)
 

@@ -180,6 +180,33 @@ def test_sparse_1x1_conv_matches_torch(sparsity, batch, block):
         assert tuple(info["block"]) == block
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_channel_pruned_conv_is_rebuilt_as_a_smaller_dense_layer(batch):
+    """Whole output channels pruned (rows of W): the dense kernel runs on the kept rows only;
+    a pruned channel's output is its (BatchNorm-folded) bias through ReLU6, plus the residual."""
+    torch.manual_seed(8)
+    conv = MaskedConv2d(24, 24, 1, sparsity=0.7, block=(1, 24), bias=False)
+    bn = nn.BatchNorm2d(24)
+    bn.running_mean.uniform_(-1, 1)
+    bn.bias.data.uniform_(-1, 1)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(conv, bn, nn.ReLU6())
+            self.head = nn.Conv2d(24, 5, 1)
+
+        def forward(self, x):
+            return self.head(x + self.body(x))
+
+    x = torch.randn(batch, 24, 7, 9)
+    compiled = _check_build(Block(), x, ["body.0"], ["head"])
+    info = compiled.kernels["body.0"]
+    pruned = int((conv.mask.reshape(24, -1).sum(1) == 0).sum())
+    assert 0 < pruned < 24 and info["kept_rows"] == 24 - pruned
+    assert info["fused_residual"] and info["activation"] == "relu6"
+
+
 class ResidualNet(nn.Module):
     """Residual adds after a sparse 1x1 conv (on either side of the add), after a dense 3x3
     conv's ReLU (im2col), on a 1x1 map, and one that must not be fused (a broadcast add)."""
