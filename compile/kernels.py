@@ -22,7 +22,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,13 @@ def _io_shapes(spec: KernelSpec, cols, rows) -> tuple[tuple, tuple]:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Per-shape schedule parameters: M-tile width and the most parallel chunks (fewer when
-    there is less work)."""
+    """Per-shape schedule parameters: M-tile width, the most parallel chunks (fewer when there
+    is less work), and the block rows whose accumulators are live at once (a tall block, such
+    as 16x1 on AVX2, is computed in passes of `sub_rows` rows so its tile stays in registers)."""
 
     tile_m: int
     chunks: int
+    sub_rows: int = 0  # 0: the whole block
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,15 @@ def choose_tiling(
     """Pick the M tile (accumulators kept in registers) and parallel chunk count for a shape."""
     unit = vector_unit(family, avx512)
     bs_r = spec.block[0]
-    per_row = max(1, unit.acc_budget // bs_r)
+    sub_rows = bs_r
+    while sub_rows > 1 and sub_rows % 2 == 0 and sub_rows * unit.lanes > unit.acc_budget:
+        sub_rows //= 2  # at least one vector per row must fit
+    per_row = max(1, unit.acc_budget // sub_rows)
     # A power of two: a 24-wide AVX2 tile (3 vectors) ran 4-6x slower than a 16-wide one.
     tile = max(unit.lanes, min(unit.widest, 1 << (per_row.bit_length() - 1)))
     tile = min(tile, spec.m)
     # A few chunks per core balance load; each chunk allocates its accumulators once.
-    return Tiling(tile_m=tile, chunks=_max_chunks(num_cores))
+    return Tiling(tile_m=tile, chunks=_max_chunks(num_cores), sub_rows=sub_rows)
 
 
 def _max_chunks(num_cores: int | None) -> int:
@@ -205,6 +210,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     BR, BC = spec.block
     NNZB, NRB = stored_blocks(), NP - 1
     MT = tiling.tile_m
+    SR = tiling.sub_rows or BR
     n_full = M // MT
     tail = M % MT
     n_mt = n_full + (1 if tail else 0)
@@ -212,40 +218,33 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
-    guard_rows = BR > 1  # the last block row may overhang the rows
+    guard = BR > 1  # the last block row may overhang the rows
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
     @T.macro
     def tile(
         acc_buf, x_buf, w_data, w_indices, w_indptr, bias_buf, r_buf, y_buf, tb, trb, m0, width
     ):
-        for i in T.unroll(BR):
-            for j in T.vectorized(width):
-                acc_buf[i, j] = T.float32(0)
-        # A zero-based loop plus an offset: a non-zero range start inside a parallel body
-        # miscompiled once (TVM_NOTES.md).
-        for p0 in range(w_indptr[trb + 1] - w_indptr[trb]):
-            p = T.bind(w_indptr[trb] + p0)
-            k0 = T.bind(w_indices[p])
-            for c in T.unroll(BC):
-                for i in T.unroll(BR):
-                    for j in T.vectorized(width):
-                        acc_buf[i, j] = acc_buf[i, j] + w_data[p, i, c] * x_buf[tb, k0 + c, m0 + j]
-        _store_tile(
-            acc_buf,
-            bias_buf,
-            r_buf,
-            y_buf,
-            tb,
-            trb * BR,
-            m0,
-            BR,
-            width,
-            N,
-            epilogue,
-            guard_rows,
-            None,
-        )
+        for s in range(BR // SR):  # passes over the block's rows, SR at a time
+            for i in T.unroll(SR):
+                for j in T.vectorized(width):
+                    acc_buf[i, j] = T.float32(0)
+            # A zero-based loop plus an offset: a non-zero range start inside a parallel body
+            # miscompiled once (TVM_NOTES.md).
+            for p0 in range(w_indptr[trb + 1] - w_indptr[trb]):
+                p = T.bind(w_indptr[trb] + p0)
+                k0 = T.bind(w_indices[p])
+                for c in T.unroll(BC):
+                    for i in T.unroll(SR):
+                        for j in T.vectorized(width):
+                            acc_buf[i, j] = (
+                                acc_buf[i, j]
+                                + w_data[p, s * SR + i, c] * x_buf[tb, k0 + c, m0 + j]
+                            )
+            row0 = T.bind(trb * BR + s * SR)
+            _store_tile(
+                acc_buf, bias_buf, r_buf, y_buf, tb, row0, m0, SR, width, N, epilogue, guard, None
+            )
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -266,7 +265,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         # The parallel loop runs over chunks so that the accumulators are allocated once per
         # chunk, not once per work item (a local buffer in a parallel body is a heap alloc).
         for t in T.parallel(n_chunks):
-            acc = T.alloc_buffer((BR, MT), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((SR, MT), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:

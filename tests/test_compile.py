@@ -17,7 +17,13 @@ from tvm.target import codegen
 import compile as hw_compile
 from compile.bsr import block_fill, bsr_to_dense, choose_block, to_bsr
 from compile.choose import KernelChooser
-from compile.kernels import ConvGeometry, Kernel, KernelSpec, sparse_matmul_kernel
+from compile.kernels import (
+    ConvGeometry,
+    Kernel,
+    KernelSpec,
+    choose_tiling,
+    sparse_matmul_kernel,
+)
 from compile.objects import load_kernel
 from compile.rewrite import _dense_candidate, deploy_copy, fold_batchnorm
 
@@ -287,6 +293,18 @@ def test_strided_and_kxk_sparse_convs_go_through_im2col():
 
 
 # ---------------------------------------------------------------- dense, depthwise, im2col
+
+
+def test_tall_blocks_are_computed_in_passes_that_fit_the_registers():
+    def tiling(block: tuple[int, int], avx512: bool) -> tuple[int, int]:
+        spec = KernelSpec(1, 64, 64, 1024, block, 64 // block[0])
+        chosen = choose_tiling("x86", spec, 1, avx512)
+        return chosen.sub_rows, chosen.tile_m
+
+    # AVX2: 12 of 16 ymm registers for accumulators; a 16x1 block goes in two 8-row passes.
+    assert tiling((16, 1), avx512=False) == (8, 8)
+    assert tiling((4, 1), avx512=False) == (4, 16)
+    assert tiling((16, 1), avx512=True) == (16, 16)  # 16 zmm accumulators fit
 
 
 @pytest.mark.parametrize(("m", "batch"), [(49, 2), (7, 1), (1, 3)])
