@@ -6,7 +6,9 @@ the digest naming the kernel, the target, TVM's version and `KERNEL_VERSION`; th
 exports is the file's stem. A model's Relax graph calls its kernels by symbol and its library
 links their objects (`CompiledModel.export_library`). The cache is `$HWNAS_CACHE` or
 `~/.cache/hwnas`; several processes may fill it at once (each file is written whole, then
-renamed). Delete the directory to reclaim the space: it is rebuilt on demand.
+renamed). It is kept under `MAX_CACHE_BYTES`: after a new kernel is built, the files unused
+longest go first, but never one used in the last `KEEP_RECENT_S` (another process may be
+linking it). Deleting the directory is always safe: it is rebuilt on demand.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ import tvm
 from tvm.support import cc
 
 from compile.kernels import BUILD_CONFIG, KERNEL_VERSION, Kernel
+
+MAX_CACHE_BYTES = 512 * 2**20
+KEEP_RECENT_S = 24 * 3600
 
 
 def cache_dir() -> Path:
@@ -78,17 +84,57 @@ def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObj
     text = f"v{KERNEL_VERSION}|tvm {tvm.__version__}|{target_key(target)}|{kernel.key}"
     digest = hashlib.sha256(text.encode()).hexdigest()[:24]
     known = _known.get(digest)
-    if known is not None and known.path.is_file():
+    if known is not None and _touch(known.path):
         return known
     symbol = f"hwnas_{digest}"
     path = _objects_dir() / f"{symbol}.o"
-    if not path.is_file():
+    if not _touch(path):
         func = kernel.func().with_attr("global_symbol", symbol)
         with tvm.transform.PassContext(config=BUILD_CONFIG):
             built = tvm.compile(tvm.IRModule({symbol: func}), target=target)
         _write_whole(path, lambda tmp: built.mod.write_to_file(str(tmp)))
+        prune(path.parent)
     _known[digest] = KernelObject(symbol, path)
     return _known[digest]
+
+
+def _touch(path: Path) -> bool:
+    """Mark a cached file used now (what `prune` orders by); False when it is not there."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:  # read-only cache: the file is there, its time stays
+        return path.is_file()
+
+
+def prune(directory: Path, max_bytes: int | None = None) -> list[Path]:
+    """Delete the kernel files unused longest until `directory` holds at most 80% of
+    `max_bytes` (default `MAX_CACHE_BYTES`), sparing those used in the last `KEEP_RECENT_S`.
+    Does nothing while the directory is under `max_bytes`. Returns the files deleted."""
+    limit = MAX_CACHE_BYTES if max_bytes is None else max_bytes
+    files = []
+    for path in directory.glob("hwnas_*"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    if total <= limit:
+        return []
+    deleted, now = [], time.time()
+    for mtime, size, path in sorted(files):
+        if total <= 0.8 * limit or now - mtime < KEEP_RECENT_S:
+            break
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+    return deleted
 
 
 def load_kernel(kernel: Kernel, target: tvm.target.Target | dict) -> tuple[Any, str]:
@@ -96,6 +142,6 @@ def load_kernel(kernel: Kernel, target: tvm.target.Target | dict) -> tuple[Any, 
     module and the kernel's symbol in it (for `time_evaluator`)."""
     obj = kernel_object(kernel, target)
     shared = obj.path.with_suffix(".so")
-    if not shared.is_file():
+    if not _touch(shared):
         _write_whole(shared, lambda tmp: cc.create_shared(str(tmp), [str(obj.path)]))
     return tvm.runtime.load_module(str(shared)), obj.symbol

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +26,7 @@ from compile.kernels import (
     choose_tiling,
     sparse_matmul_kernel,
 )
-from compile.objects import load_kernel
+from compile.objects import load_kernel, prune
 from compile.rewrite import _dense_candidate, deploy_copy, fold_batchnorm
 
 
@@ -305,6 +307,21 @@ def test_tall_blocks_are_computed_in_passes_that_fit_the_registers():
     assert tiling((16, 1), avx512=False) == (8, 8)
     assert tiling((4, 1), avx512=False) == (4, 16)
     assert tiling((16, 1), avx512=True) == (16, 16)  # 16 zmm accumulators fit
+
+
+def test_kernel_cache_is_pruned_oldest_first_sparing_recent_files(tmp_path):
+    now = time.time()
+    ages = {"a": 3 * 86400, "b": 2 * 86400, "c": 60}  # seconds since last use
+    for name, age in ages.items():
+        path = tmp_path / f"hwnas_{name}.o"
+        path.write_bytes(b"x" * 400)
+        os.utime(path, (now - age, now - age))
+    (tmp_path / "unrelated.txt").write_bytes(b"x" * 4000)  # not ours: never counted or deleted
+    assert prune(tmp_path, max_bytes=1200) == []  # at the limit: nothing to do
+    assert [p.name for p in prune(tmp_path, max_bytes=1000)] == ["hwnas_a.o"]
+    # Over the limit, but the last file was used a minute ago: kept.
+    assert [p.name for p in prune(tmp_path, max_bytes=100)] == ["hwnas_b.o"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hwnas_c.o", "unrelated.txt"]
 
 
 @pytest.mark.parametrize(("m", "batch"), [(49, 2), (7, 1), (1, 3)])
