@@ -37,9 +37,10 @@ class KernelSpec:
     block_rows: int
     activation: str = "none"
     # A conv's X and Y are its (batch, channels, height, width) tensors, read as (batch,
-    # channels, m) inside the kernel: no reshape call around it. None: (batch, channels, m).
-    in_hw: tuple[int, int] | None = None
-    out_hw: tuple[int, int] | None = None
+    # channels, m) inside the kernel: no reshape call around it. (): a Linear's (1, features)
+    # at m == 1. None: (batch, channels, m).
+    in_hw: tuple[int, ...] | None = None
+    out_hw: tuple[int, ...] | None = None
     # A residual tensor (Y's shape) added after the activation: an extra input before Y.
     residual: bool = False
     # Dense kernel of a channel-pruned layer: W holds only the kept rows, and two int32 arrays
@@ -48,11 +49,11 @@ class KernelSpec:
 
     @property
     def x_shape(self) -> tuple[int, ...]:
-        return (self.batch, self.cols, *(self.in_hw or (self.m,)))
+        return (self.batch, self.cols, *_spatial(self.in_hw, self.m))
 
     @property
     def y_shape(self) -> tuple[int, ...]:
-        return (self.batch, self.rows, *(self.out_hw or (self.m,)))
+        return (self.batch, self.rows, *_spatial(self.out_hw, self.m))
 
 
 def stored_blocks() -> tirx.Var:
@@ -69,8 +70,12 @@ def _dim(name: str) -> tirx.Var:
 
 def _io_shapes(spec: KernelSpec, cols, rows) -> tuple[tuple, tuple]:
     """X's and Y's buffer shapes with the symbolic row and column counts."""
-    x = (spec.batch, cols, *(spec.in_hw or (spec.m,)))
-    return x, (spec.batch, rows, *(spec.out_hw or (spec.m,)))
+    x = (spec.batch, cols, *_spatial(spec.in_hw, spec.m))
+    return x, (spec.batch, rows, *_spatial(spec.out_hw, spec.m))
+
+
+def _spatial(hw: tuple[int, ...] | None, m: int) -> tuple[int, ...]:
+    return (m,) if hw is None else hw
 
 
 @dataclass(frozen=True)

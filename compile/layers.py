@@ -49,8 +49,8 @@ def layer_calls(
             KernelCall(symbol_of(plan.im2col), (x,), cols),
             KernelCall(symbol_of(plan.kernel), (x3, *consts), matmul_out),
         ]
-    x3 = np.ascontiguousarray(x.reshape(spec.m, spec.cols).T.reshape(1, spec.cols, spec.m))
-    return [KernelCall(symbol_of(plan.kernel), (x3, *consts), (1, spec.rows, spec.m))]
+    x3 = np.ascontiguousarray(x.reshape(spec.m, spec.cols).T.reshape(spec.x_shape))
+    return [KernelCall(symbol_of(plan.kernel), (x3, *consts), spec.y_shape)]
 
 
 def layer_output(plan: LayerPlan, y: np.ndarray) -> np.ndarray:

@@ -356,6 +356,8 @@ def plan_rewrite(
                 maps = (hw if _is_plain_1x1(geometry) else None, hw, residual_var is not None)
         else:
             batch, m = 1, math.prod(x_shape[:-1])
+            if family != "cuda" and m == 1 and len(x_shape) == 2:  # (1, features): as it is
+                maps = ((), (), False)
         dense = _dense_candidate(
             matrix, bias, batch, m, activation, family, num_cores, avx512, maps
         )
@@ -579,6 +581,8 @@ class _LayerRewriter(relax.PyExprMutator):
             if spec.out_hw is not None:
                 return y
             return relax.op.reshape(y, (geo.batch, spec.rows, geo.out_height, geo.out_width))
+        if spec.in_hw == ():  # the kernel reads and writes (1, features) as they are
+            return self._call(plan.kernel, symbol, [x, *consts], spec.y_shape)
         if spec.m == 1:
             x3 = emit(relax.op.reshape(x, (1, spec.cols, 1)))
         else:
