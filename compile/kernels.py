@@ -22,7 +22,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 6
+KERNEL_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -168,22 +168,30 @@ def _out_row(row_map, row):
 
 
 @T.macro
+def _init_tile(acc_buf, bias_buf, row0, rows, width, n_rows, row_map):
+    """Start `rows` x `width` accumulators at their rows' bias (saves an add per output in
+    the epilogue; a row past the last, never stored, reads the last row's bias)."""
+    for i in T.unroll(rows):
+        for j in T.vectorized(width):
+            acc_buf[i, j] = bias_buf[_out_row(row_map, T.min(row0 + i, n_rows - 1))]
+
+
+@T.macro
 def _store_tile(
-    acc_buf, bias_buf, res_buf, y_buf, tb, row0, m0, rows, width, n_rows, epilogue, guard, row_map
+    acc_buf, res_buf, y_buf, tb, row0, m0, rows, width, n_rows, epilogue, guard, row_map
 ):
-    """Write `rows` x `width` accumulators plus bias, through the activation, to Y (to the rows
-    `row_map` names when it is not None); then add `res_buf` when there is a residual.
-    `epilogue`: (activation number, residual or not)."""
+    """Write `rows` x `width` accumulators (which started at the bias, see `_init_tile`)
+    through the activation to Y (to the rows `row_map` names when it is not None); then add
+    `res_buf` when there is a residual. `epilogue`: (activation number, residual or not)."""
     for i in T.unroll(rows):
         if not guard or row0 + i < n_rows:
             r = T.bind(_out_row(row_map, row0 + i))
             for j in T.vectorized(width):
                 if not epilogue[1]:
-                    y_buf[tb, r, m0 + j] = _activate(acc_buf[i, j] + bias_buf[r], epilogue[0])
+                    y_buf[tb, r, m0 + j] = _activate(acc_buf[i, j], epilogue[0])
                 else:
                     y_buf[tb, r, m0 + j] = (
-                        _activate(acc_buf[i, j] + bias_buf[r], epilogue[0])
-                        + res_buf[tb, r, m0 + j]
+                        _activate(acc_buf[i, j], epilogue[0]) + res_buf[tb, r, m0 + j]
                     )
 
 
@@ -231,9 +239,8 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         acc_buf, x_buf, w_data, w_indices, w_indptr, bias_buf, r_buf, y_buf, tb, trb, m0, width
     ):
         for s in range(BR // SR):  # passes over the block's rows, SR at a time
-            for i in T.unroll(SR):
-                for j in T.vectorized(width):
-                    acc_buf[i, j] = T.float32(0)
+            row0 = T.bind(trb * BR + s * SR)
+            _init_tile(acc_buf, bias_buf, row0, SR, width, N, None)
             # A zero-based loop plus an offset: a non-zero range start inside a parallel body
             # miscompiled once (TVM_NOTES.md).
             for p0 in range(w_indptr[trb + 1] - w_indptr[trb]):
@@ -246,10 +253,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                                 acc_buf[i, j]
                                 + w_data[p, s * SR + i, c] * x_buf[tb, k0 + c, m0 + j]
                             )
-            row0 = T.bind(trb * BR + s * SR)
-            _store_tile(
-                acc_buf, bias_buf, r_buf, y_buf, tb, row0, m0, SR, width, N, epilogue, guard, None
-            )
+            _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, N, epilogue, guard, None)
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -320,16 +324,13 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
 
     @T.macro
     def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, row_map, tb, trb, m0, width):
-        for i in T.unroll(BR):
-            for j in T.vectorized(width):
-                acc_buf[i, j] = T.float32(0)
+        _init_tile(acc_buf, bias_buf, trb * BR, BR, width, n_rows, row_map)
         for k in range(K):
             for i in T.unroll(BR):
                 for j in T.vectorized(width):
                     acc_buf[i, j] = acc_buf[i, j] + w_data[trb, k, i] * x_buf[tb, k, m0 + j]
         _store_tile(
             acc_buf,
-            bias_buf,
             r_buf,
             y_buf,
             tb,
@@ -479,11 +480,11 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         # The block's bs_r x bs_c values are contiguous: one vector per block.
                         for e in T.vectorized(BR * BC):
                             acc[e] = acc[e] + data[p, e // BC, e % BC] * X[b, k0 + e % BC, 0]
+                    _init_tile(red, bias, rb * BR, BR, 1, N, None)
                     for i in T.unroll(BR):
-                        red[i, 0] = acc[i * BC]
-                        for c in T.unroll(BC - 1):
-                            red[i, 0] = red[i, 0] + acc[i * BC + c + 1]
-                    _store_tile(red, bias, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard, None)
+                        for c in T.unroll(BC):
+                            red[i, 0] = red[i, 0] + acc[i * BC + c]
+                    _store_tile(red, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard, None)
 
     return _drop_unused_inputs(bsr_matvec, spec)
 
