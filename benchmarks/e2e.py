@@ -115,6 +115,31 @@ def time_vm(executable, x: np.ndarray, repeats: int) -> float:
     return float(np.median(timer(arg).results)) * 1e3
 
 
+def layer_breakdown(compiled, repeats: int) -> dict:
+    """Each layer's kernel call(s) timed alone (300 calls x `repeats`, median), summed by kind:
+    depthwise convs, 1x1 convs and the classifier, the stem (the one kxk conv)."""
+    dev = tvm.cpu()
+    by_kind = {"depthwise": 0.0, "1x1 convs + classifier": 0.0, "stem": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        calls = compiled.export_layer_library(Path(tmp) / "layers.so")
+        lib = tvm.runtime.load_module(str(Path(tmp) / "layers.so"))
+        for name, layer in calls.items():
+            ms = 0.0
+            for call in layer:
+                out = np.zeros(call.output_shape, np.float32)
+                args = [tvm.runtime.tensor(a, dev) for a in (*call.inputs, out)]
+                timer = lib.time_evaluator(call.symbol, dev, number=300, repeat=repeats)
+                ms += float(np.median(timer(*args).results)) * 1e3
+            info = compiled.kernels[name]
+            if info["impl"] == "depthwise":
+                by_kind["depthwise"] += ms
+            elif info["im2col"]:  # this net's one kxk conv
+                by_kind["stem"] += ms
+            else:
+                by_kind["1x1 convs + classifier"] += ms
+    return {"sum_ms": sum(by_kind.values()), **by_kind}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=20)
@@ -136,6 +161,7 @@ def main() -> None:
                 "ms": time_vm(linked(compiled), xn, args.repeats),
                 "compile_s": compile_s,
                 "sparse_layers": len(compiled.sparse_layers),
+                "layers": layer_breakdown(compiled, 5),
             }
         )
     dense = build_model(False)
@@ -192,6 +218,19 @@ def markdown(result: dict) -> str:
         ms = f"{row['ms']:.3f}" if "ms" in row else row.get("error", "?")
         compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else ""
         lines.append(f"| {row['net']} | {row['runtime']} | {ms} | {compile_s} |")
+    lines += [
+        "",
+        "| net | model (ms) | sum of layers (ms) | depthwise | 1x1 convs + classifier | stem |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["rows"]:
+        if "layers" in row:
+            parts = row["layers"]
+            lines.append(
+                f"| {row['net']} | {row['ms']:.3f} | {parts['sum_ms']:.3f} | "
+                f"{parts['depthwise']:.3f} | {parts['1x1 convs + classifier']:.3f} | "
+                f"{parts['stem']:.3f} |"
+            )
     return "\n".join(lines)
 
 
