@@ -22,15 +22,25 @@ from helpers import (
     assert_one_line_error,
     free_port,
     hwnas,
+    kill,
     load_run,
+    start_server,
     start_tracker,
+    stop,
     wait_for,
 )
 from torch import nn
 
 from hw_profiles.measure import measure_library
 from hw_profiles.profiles import load_profile
-from hw_profiles.rpc import Tracker, local_server, local_tracker, tracker_summary
+from hw_profiles.rpc import (
+    DeviceError,
+    Tracker,
+    check_tracker,
+    local_server,
+    local_tracker,
+    tracker_summary,
+)
 from nas.config import SearchConfig
 from nas.search import search
 from search_spaces import spaces
@@ -259,7 +269,7 @@ def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Pat
 
 def test_a_registered_server_that_takes_no_session_is_named_as_such() -> None:
     """TVM's server stays registered when it stops serving; the error says so, not 'no server'."""
-    from hw_profiles.rpc import DeviceError, request_session
+    from hw_profiles.rpc import request_session
 
     with local_tracker() as tracker, local_server(tracker, "held"):
         session = request_session(tracker, "held", timeout_s=30)
@@ -276,36 +286,13 @@ def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
     run = tmp_path / "restart"
     try:
         wait_for(lambda: tracker_summary(tracker_at) is not None, "the tracker")
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.rpc_server",
-                "--tracker",
-                f"127.0.0.1:{port}",
-                "--key",
-                "x86-local",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = start_server(port, "x86-local")
         wait_for(lambda: tracker_summary(tracker_at).get("x86-local"), "the server")
         search_proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "nas.cli",
-                "search",
-                "--space",
-                "tiny-sparse",
-                "--epochs",
-                "1",
-                "--trials",
-                "3",
-                "--out",
-                str(run),
-                "--tracker",
-                f"127.0.0.1:{port}",
+                *("-m", "nas.cli", "search", "--space", "tiny-sparse", "--epochs", "1"),
+                *("--trials", "3", "--out", str(run), "--tracker", f"127.0.0.1:{port}"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -316,16 +303,16 @@ def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
             return bool(load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
 
         wait_for(first_trial_done, "the first trial", timeout_s=300)
-        tracker.kill()
-        tracker.wait()
-        time.sleep(2)
+        kill(tracker)  # with the worker TVM serves from: nothing answers on the port now
+        with pytest.raises(DeviceError):
+            check_tracker(tracker_at)
         tracker = start_tracker(port)
         _, err = search_proc.communicate(timeout=600)
         assert search_proc.returncode == 0, err[-3000:]
     finally:
-        for proc in (search_proc, server, tracker):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+        if search_proc is not None and search_proc.poll() is None:
+            search_proc.kill()
+        stop(server, tracker)
     study = load_run(run)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
