@@ -16,6 +16,9 @@ from pathlib import Path
 import optuna
 import psutil
 
+# The key under which conftest's `emulated_board` serves the emulated aarch64 board.
+EMULATED_KEY = "qemu-aarch64-shared-test"
+
 
 def hwnas(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`hwnas ARGS...` in a fresh process, its output captured."""

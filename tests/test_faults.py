@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -33,14 +34,7 @@ from torch import nn
 
 from hw_profiles.measure import measure_library
 from hw_profiles.profiles import load_profile
-from hw_profiles.rpc import (
-    DeviceError,
-    Tracker,
-    check_tracker,
-    local_server,
-    local_tracker,
-    tracker_summary,
-)
+from hw_profiles.rpc import DeviceError, Tracker, check_tracker, local_server, tracker_summary
 from nas.config import SearchConfig
 from nas.search import search
 from search_spaces import spaces
@@ -91,10 +85,14 @@ FAULTS = {"nan": "TrainingDiverged", "mismatch": "OutputMismatch", "compile": "C
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(
-    tmp_path: Path, fault_space: None
+    tmp_path: Path, fault_space: None, x86_device: Tracker
 ) -> None:
     config = SearchConfig(
-        out=str(tmp_path / "faults"), space="test-faults", trials=len(FAULTS) + 1, epochs=1
+        out=str(tmp_path / "faults"),
+        space="test-faults",
+        trials=len(FAULTS) + 1,
+        epochs=1,
+        tracker=str(x86_device),
     )
     config.run_dir.mkdir()
     study = optuna.create_study(
@@ -122,11 +120,12 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished_run(tmp_path_factory: pytest.TempPathFactory, x86_device: Tracker) -> Path:
     """A real run of one trial on the tiny space, for the tests that must not damage it."""
     run = tmp_path_factory.mktemp("runs") / "kept"
     done = hwnas(
-        "search", "--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--out", str(run)
+        *("search", "--space", "tiny-sparse", "--trials", "1", "--epochs", "1"),
+        *("--tracker", str(x86_device), "--out", str(run)),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return run
@@ -196,12 +195,13 @@ def test_bad_profiles_and_configs_are_one_line_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_unknown_device_key_at_a_users_tracker(tmp_path: Path) -> None:
-    with local_tracker() as tracker, local_server(tracker, "some-other-board"):
-        done = hwnas(
-            "search", "--tracker", f"{tracker.host}:{tracker.port}", "--out", str(tmp_path / "run")
-        )
-    assert_one_line_error(done, "x86-local", "some-other-board")
+def test_unknown_device_key_at_a_users_tracker(tmp_path: Path, x86_device: Tracker) -> None:
+    """The tracker serves x86-local only; a search for x86/avx2 names both keys."""
+    done = hwnas(
+        *("search", "--device", "x86/avx2", "--tracker", str(x86_device)),
+        *("--out", str(tmp_path / "run")),
+    )
+    assert_one_line_error(done, "x86-avx2", "x86-local")
     assert not (tmp_path / "run").exists()
 
 
@@ -228,7 +228,9 @@ def _busy_server_pid(server_pids: list[int]) -> int | None:
     return None
 
 
-def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Path) -> None:
+def _build_slow_library(lib: Path) -> None:
+    """A 256x256 matmul and relu, built for this machine into `lib`: long enough to time that
+    a test can kill the server while it is busy."""
     import tvm
     from tvm.script import relax as R
 
@@ -239,17 +241,20 @@ def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Pat
             y = R.matmul(x, x)
             return R.nn.relu(y)
 
-    lib = tmp_path / "slow.so"
     tvm.compile(Slow, target=tvm.target.Target({"kind": "llvm"})).export_library(str(lib))
+
+
+def test_a_server_killed_mid_measurement_hands_its_work_to_another(
+    tmp_path: Path, user_tracker: Tracker
+) -> None:
+    lib = tmp_path / "slow.so"
+    _build_slow_library(lib)
     x = np.random.default_rng(0).standard_normal((256, 256)).astype("float32")
-    profile = load_profile("x86-local")
-    key = profile.key
+    key = "hwnas-test-handover"  # two servers of their own on the shared tracker
+    profile = dataclasses.replace(load_profile("x86-local"), key=key)
+    tracker = user_tracker
     result: dict[str, Any] = {}
-    with (
-        local_tracker() as tracker,
-        local_server(tracker, key) as a,
-        local_server(tracker, key) as b,
-    ):
+    with local_server(tracker, key) as a, local_server(tracker, key) as b:
         thread = threading.Thread(
             target=lambda: result.update(m=measure_library(lib, [x], profile, tracker))
         )
@@ -267,14 +272,16 @@ def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Pat
         assert tracker_summary(tracker)[key]["free"] == 1
 
 
-def test_a_registered_server_that_takes_no_session_is_named_as_such() -> None:
+def test_a_registered_server_that_takes_no_session_is_named_as_such(
+    user_tracker: Tracker,
+) -> None:
     """TVM's server stays registered when it stops serving; the error says so, not 'no server'."""
     from hw_profiles.rpc import request_session
 
-    with local_tracker() as tracker, local_server(tracker, "held"):
-        session = request_session(tracker, "held", timeout_s=30)
+    with local_server(user_tracker, "held"):
+        session = request_session(user_tracker, "held", timeout_s=30)
         with pytest.raises(DeviceError, match="took no session"):
-            request_session(tracker, "held", timeout_s=3)
+            request_session(user_tracker, "held", timeout_s=3)
         del session
 
 

@@ -6,16 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import (
-    assert_one_line_error,
-    free_port,
-    hwnas,
-    load_run,
-    start_server,
-    start_tracker,
-    stop,
-    wait_for,
-)
+from helpers import assert_one_line_error, hwnas, load_run
 
 from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker, tracker_summary
@@ -173,9 +164,10 @@ def test_dass_enqueues_derived_archs_with_predicted_latency(tmp_path: Path) -> N
     assert (run / "latency_table.json").exists()
 
 
-def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
+def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path, x86_device: Tracker) -> None:
     run = tmp_path / "small-dense"
-    args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1", "--out"]
+    args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1"]
+    args += ["--tracker", str(x86_device), "--out"]
     done = hwnas(*args, str(run), "--baseline", "small-dense")
     assert done.returncode == 0, done.stderr[-3000:]
     study = load_run(run)
@@ -189,22 +181,14 @@ def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
 
 # tpe's and nsga2's sampling is tested on a toy space (test_strategies.py); through the CLI
 # they share random's path, so one Optuna sampler and the NNI adapter run here.
-def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
+def test_strategies_compared_on_an_equal_budget(tmp_path: Path, x86_device: Tracker) -> None:
     group = tmp_path / "group"
     done = hwnas(
         "search",
-        "--space",
-        "tiny-sparse",
-        "--epochs",
-        "1",
-        "--trials",
-        "50",
-        "--budget-minutes",
-        "0.3",
-        "--strategy",
-        "nsga2,nni-evolution",
-        "--out",
-        str(group),
+        *("--space", "tiny-sparse", "--epochs", "1", "--trials", "50"),
+        *("--budget-minutes", "0.3"),
+        *("--strategy", "nsga2,nni-evolution", "--tracker", str(x86_device)),
+        *("--out", str(group)),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for strategy in ("nsga2", "nni-evolution"):
@@ -218,33 +202,23 @@ def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
 
 
 def test_search_on_a_device_the_user_attached_with_dense_twin_and_layer_times(
-    tmp_path: Path,
+    tmp_path: Path, x86_device: Tracker
 ) -> None:
-    """A tracker and a server started with TVM's own commands, as a user would start them; the
-    dense twin and the per-layer times are measured on request."""
-    port = free_port()
+    """A tracker and a server started with TVM's own commands, as a user would start them
+    (conftest's `x86_device`); the dense twin and the per-layer times are measured on
+    request."""
     key = load_profile("x86-local").key
-    tracker = start_tracker(port)
-    server = None
-    try:
-        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port)) is not None, "the tracker")
-        server = start_server(port, key)
-        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port))[key]["free"], "the server")
-
-        run = tmp_path / "attached"
-        done = hwnas(
-            "search",
-            *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--seed", "1"),
-            *("--dense-twin", "--layer-times", "--out", str(run)),
-            *("--tracker", f"127.0.0.1:{port}"),
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        # The device is free again once the search is over: the session was released.
-        summary = tracker_summary(Tracker("127.0.0.1", port))
-        assert summary[key]["free"] == 1
-    finally:
-        stop(server, tracker)
+    run = tmp_path / "attached"
+    done = hwnas(
+        "search",
+        *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--seed", "1"),
+        *("--dense-twin", "--layer-times", "--out", str(run)),
+        *("--tracker", str(x86_device)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    # The device is free again once the search is over: the session was released.
+    assert tracker_summary(x86_device)[key]["free"] == 1
 
     trial_dir = run / "trials" / str(trial.number)
     config = (run / "config.toml").read_text()

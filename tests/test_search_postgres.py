@@ -14,13 +14,17 @@ from pathlib import Path
 import optuna
 import pytest
 
+from hw_profiles.rpc import Tracker
+
 URL = os.environ.get("HWNAS_TEST_POSTGRES")
 pytestmark = pytest.mark.skipif(
     not URL, reason="HWNAS_TEST_POSTGRES is not set: run `make test`, which starts PostgreSQL"
 )
 
 
-def test_two_workers_share_a_postgresql_study_and_the_report_reads_it(tmp_path: Path) -> None:
+def test_two_workers_share_a_postgresql_study_and_the_report_reads_it(
+    tmp_path: Path, x86_device: Tracker
+) -> None:
     run = tmp_path / f"pg-{uuid.uuid4().hex[:8]}"
     try:
         done = subprocess.run(
@@ -39,6 +43,8 @@ def test_two_workers_share_a_postgresql_study_and_the_report_reads_it(tmp_path: 
                 "2",
                 "--storage",
                 URL,
+                "--tracker",
+                str(x86_device),
                 "--out",
                 str(run),
             ],

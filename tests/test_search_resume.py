@@ -16,6 +16,7 @@ import optuna
 import pytest
 from helpers import load_run, processes_tagged
 
+from hw_profiles.rpc import Tracker
 from nas.search import INTERRUPTED
 from nas.strategies import STRATEGIES, distributions, make_sampler
 from search_spaces.spaces import get_space
@@ -89,10 +90,13 @@ def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: 
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
 
 
-def test_two_workers_share_one_study_without_duplicate_work(tmp_path: Path) -> None:
+def test_two_workers_share_one_study_without_duplicate_work(
+    tmp_path: Path, x86_device: Tracker
+) -> None:
     run = tmp_path / "workers"
+    args = ("--trials", "4", "--workers", "2", "--tracker", str(x86_device), "--out", str(run))
     done = subprocess.run(
-        hwnas_args("search", *TINY, "--trials", "4", "--workers", "2", "--out", str(run)),
+        hwnas_args("search", *TINY, *args),
         capture_output=True,
         text=True,
         timeout=900,
