@@ -17,6 +17,9 @@ import pytest
 from hw_profiles.rpc import Tracker
 
 URL = os.environ.get("HWNAS_TEST_POSTGRES")
+# Enough that the second worker, which starts seconds after the first (importing torch and TVM
+# and loading the data), still finds trials to do on a busy machine.
+TRIALS = "5"
 pytestmark = pytest.mark.skipif(
     not URL, reason="HWNAS_TEST_POSTGRES is not set: run `make test`, which starts PostgreSQL"
 )
@@ -38,7 +41,7 @@ def test_two_workers_share_a_postgresql_study_and_the_report_reads_it(
                 "--epochs",
                 "1",
                 "--trials",
-                "3",
+                TRIALS,
                 "--workers",
                 "2",
                 "--storage",
@@ -56,7 +59,7 @@ def test_two_workers_share_a_postgresql_study_and_the_report_reads_it(
         assert not (run / "study.db").exists()
         study = optuna.load_study(study_name=run.name, storage=URL)
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        assert 3 <= len(complete) <= 4
+        assert int(TRIALS) <= len(complete) <= int(TRIALS) + 1
         assert len({t.user_attrs["worker"] for t in complete}) == 2
         assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
         assert run.name in (run / "report.html").read_text()

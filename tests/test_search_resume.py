@@ -95,7 +95,9 @@ def test_two_workers_share_one_study_without_duplicate_work(
     tmp_path: Path, x86_device: Tracker
 ) -> None:
     run = tmp_path / "workers"
-    args = ("--trials", "4", "--workers", "2", "--tracker", str(x86_device), "--out", str(run))
+    # Five: the second worker starts seconds after the first (it imports torch and TVM and
+    # loads the data), and must still find trials to do on a busy machine.
+    args = ("--trials", "5", "--workers", "2", "--tracker", str(x86_device), "--out", str(run))
     done = subprocess.run(
         hwnas_args("search", *TINY, *args),
         capture_output=True,
@@ -106,7 +108,7 @@ def test_two_workers_share_one_study_without_duplicate_work(
     study = load_run(run)
     complete = study.get_trials(states=COMPLETE)
     # At most one trial over budget: a worker may start one while another finishes the last.
-    assert 4 <= len(complete) <= 5
+    assert 5 <= len(complete) <= 6
     assert len({t.user_attrs["worker"] for t in complete}) == 2
     evaluated = [t for t in complete if "same_as_trial" not in t.user_attrs]
     archs = [tuple(sorted(t.params.items())) for t in evaluated]
