@@ -27,10 +27,14 @@ demo: setup
 	  --trials 6 --epochs 2 --out runs/demo
 
 # The tests share a study in PostgreSQL too: scripts/test-postgres.sh starts Debian's server on
-# 127.0.0.1 and prints the URL.
+# 127.0.0.1 and prints the URL. Most of the suite's time is single-threaded (starting Python
+# processes that import torch and TVM), so TEST_WORKERS pytest-xdist workers run its modules
+# side by side (each module on one worker: its fixtures are built once).
+TEST_WORKERS ?= 2
 test: setup system-deps
 	$(VENV)/bin/ruff check .
-	HWNAS_TEST_POSTGRES=$$(bash scripts/test-postgres.sh) $(PY) -m pytest -q
+	HWNAS_TEST_POSTGRES=$$(bash scripts/test-postgres.sh) $(PY) -m pytest -q \
+	  -n $(TEST_WORKERS) --dist loadfile
 
 test-all: setup system-deps
 	HWNAS_TEST_POSTGRES=$$(bash scripts/test-postgres.sh) $(PY) -m pytest -q -m ''

@@ -3,6 +3,9 @@ starts them, and a run's study."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +15,9 @@ from pathlib import Path
 
 import optuna
 import psutil
+
+# The key under which conftest's `emulated_board` serves the emulated aarch64 board.
+EMULATED_KEY = "qemu-aarch64-shared-test"
 
 
 def hwnas(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -70,7 +76,9 @@ def processes_tagged(tag: str) -> list[psutil.Process]:
 
 
 def start_tracker(port: int) -> subprocess.Popen:
-    """`python -m tvm.exec.rpc_tracker` on 127.0.0.1:port, as a user starts it."""
+    """`python -m tvm.exec.rpc_tracker` on 127.0.0.1:port, as a user starts it. TVM serves from
+    a worker process it forks, so the tracker gets its own process group: `stop` and `kill`
+    end both."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -85,11 +93,13 @@ def start_tracker(port: int) -> subprocess.Popen:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
 def start_server(port: int, key: str) -> subprocess.Popen:
-    """`python -m tvm.exec.rpc_server --tracker 127.0.0.1:port --key KEY`, as on a board."""
+    """`python -m tvm.exec.rpc_server --tracker 127.0.0.1:port --key KEY`, as on a board (in
+    its own process group, like `start_tracker`)."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -102,14 +112,27 @@ def start_server(port: int, key: str) -> subprocess.Popen:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in a process group of its own (`start_tracker`,
+    `start_server`) and all it forked, and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def stop(*procs: subprocess.Popen | None) -> None:
+    """SIGTERM each process group (see `start_tracker`); SIGKILL what is left after 10 s."""
     for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc is None:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        kill(proc)

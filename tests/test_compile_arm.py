@@ -8,15 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import EMULATED_KEY
 
 import compile as hw_compile
 from compile.kernels import KernelSpec, choose_tiling
-from hw_profiles.emulate import emulated_server
 from hw_profiles.profiles import load_profile
-from hw_profiles.rpc import local_tracker
 from search_spaces.spaces import get_space
-
-KEY = "qemu-aarch64-compile-test"
 
 
 def test_neon_tiles_fill_half_the_vector_registers():
@@ -43,7 +40,7 @@ def _mbv2_arch() -> dict:
 
 
 @pytest.mark.arm
-def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path):
+def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path, emulated_board):
     profile = load_profile("arm/qemu-aarch64")
     torch.manual_seed(0)
     model = get_space("mbv2-sparse").build(
@@ -61,9 +58,8 @@ def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path):
     lib = compiled.export_library(tmp_path / "model.so")
     assert lib.read_bytes()[:4] == b"\x7fELF" and lib.read_bytes()[18] == 183  # EM_AARCH64
 
-    with local_tracker() as tracker, emulated_server(tracker, KEY, cpu="cortex-a72"):
-        remote_profile = dataclasses.replace(profile, key=KEY)
-        compiled.check_remote(lib, remote_profile, tracker)  # OutputMismatch if it differs
+    remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)  # conftest serves it
+    compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
     # The same check fails on a wrong output.
     wrong = compiled.expected_output + 0.1 * np.abs(compiled.expected_output).max()
     with pytest.raises(hw_compile.OutputMismatch, match="differs from torch"):

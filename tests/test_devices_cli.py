@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 
-from helpers import free_port, hwnas, wait_for
+from helpers import free_port, hwnas, kill, wait_for
 
 from hw_profiles.rpc import Tracker, tracker_summary
 
 
 def start(*args: str) -> subprocess.Popen:
+    """`hwnas ARGS...` in its own process group, as a shell runs a foreground job."""
     return subprocess.Popen(
         [sys.executable, "-m", "nas.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
 
 
@@ -46,11 +50,14 @@ def test_tracker_serve_list_and_check() -> None:
     finally:
         for proc in (server, tracker):
             if proc is not None:
-                proc.send_signal(signal.SIGINT)
+                # Ctrl-C reaches the whole job: hwnas and the TVM program it runs.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    pass
+                kill(proc)  # what TVM forked and left behind
 
 
 def test_device_commands_with_bad_input_are_one_line_errors() -> None:

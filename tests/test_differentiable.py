@@ -114,10 +114,9 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def device():
-    profile = quick_profile()
-    with local_tracker() as tracker, local_server(tracker, profile.key):
-        yield profile, tracker
+def device(x86_device: Tracker):
+    """The quick x86-local profile and the shared tracker that serves it (conftest)."""
+    return quick_profile(), x86_device
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -22,15 +23,18 @@ from helpers import (
     assert_one_line_error,
     free_port,
     hwnas,
+    kill,
     load_run,
+    start_server,
     start_tracker,
+    stop,
     wait_for,
 )
 from torch import nn
 
 from hw_profiles.measure import measure_library
 from hw_profiles.profiles import load_profile
-from hw_profiles.rpc import Tracker, local_server, local_tracker, tracker_summary
+from hw_profiles.rpc import DeviceError, Tracker, check_tracker, local_server, tracker_summary
 from nas.config import SearchConfig
 from nas.search import search
 from search_spaces import spaces
@@ -81,10 +85,14 @@ FAULTS = {"nan": "TrainingDiverged", "mismatch": "OutputMismatch", "compile": "C
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(
-    tmp_path: Path, fault_space: None
+    tmp_path: Path, fault_space: None, x86_device: Tracker
 ) -> None:
     config = SearchConfig(
-        out=str(tmp_path / "faults"), space="test-faults", trials=len(FAULTS) + 1, epochs=1
+        out=str(tmp_path / "faults"),
+        space="test-faults",
+        trials=len(FAULTS) + 1,
+        epochs=1,
+        tracker=str(x86_device),
     )
     config.run_dir.mkdir()
     study = optuna.create_study(
@@ -112,11 +120,12 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished_run(tmp_path_factory: pytest.TempPathFactory, x86_device: Tracker) -> Path:
     """A real run of one trial on the tiny space, for the tests that must not damage it."""
     run = tmp_path_factory.mktemp("runs") / "kept"
     done = hwnas(
-        "search", "--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--out", str(run)
+        *("search", "--space", "tiny-sparse", "--trials", "1", "--epochs", "1"),
+        *("--tracker", str(x86_device), "--out", str(run)),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return run
@@ -186,12 +195,13 @@ def test_bad_profiles_and_configs_are_one_line_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_unknown_device_key_at_a_users_tracker(tmp_path: Path) -> None:
-    with local_tracker() as tracker, local_server(tracker, "some-other-board"):
-        done = hwnas(
-            "search", "--tracker", f"{tracker.host}:{tracker.port}", "--out", str(tmp_path / "run")
-        )
-    assert_one_line_error(done, "x86-local", "some-other-board")
+def test_unknown_device_key_at_a_users_tracker(tmp_path: Path, x86_device: Tracker) -> None:
+    """The tracker serves x86-local only; a search for x86/avx2 names both keys."""
+    done = hwnas(
+        *("search", "--device", "x86/avx2", "--tracker", str(x86_device)),
+        *("--out", str(tmp_path / "run")),
+    )
+    assert_one_line_error(done, "x86-avx2", "x86-local")
     assert not (tmp_path / "run").exists()
 
 
@@ -218,7 +228,9 @@ def _busy_server_pid(server_pids: list[int]) -> int | None:
     return None
 
 
-def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Path) -> None:
+def _build_slow_library(lib: Path) -> None:
+    """A 256x256 matmul and relu, built for this machine into `lib`: long enough to time that
+    a test can kill the server while it is busy."""
     import tvm
     from tvm.script import relax as R
 
@@ -229,17 +241,20 @@ def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Pat
             y = R.matmul(x, x)
             return R.nn.relu(y)
 
-    lib = tmp_path / "slow.so"
     tvm.compile(Slow, target=tvm.target.Target({"kind": "llvm"})).export_library(str(lib))
+
+
+def test_a_server_killed_mid_measurement_hands_its_work_to_another(
+    tmp_path: Path, user_tracker: Tracker
+) -> None:
+    lib = tmp_path / "slow.so"
+    _build_slow_library(lib)
     x = np.random.default_rng(0).standard_normal((256, 256)).astype("float32")
-    profile = load_profile("x86-local")
-    key = profile.key
+    key = "hwnas-test-handover"  # two servers of their own on the shared tracker
+    profile = dataclasses.replace(load_profile("x86-local"), key=key)
+    tracker = user_tracker
     result: dict[str, Any] = {}
-    with (
-        local_tracker() as tracker,
-        local_server(tracker, key) as a,
-        local_server(tracker, key) as b,
-    ):
+    with local_server(tracker, key) as a, local_server(tracker, key) as b:
         thread = threading.Thread(
             target=lambda: result.update(m=measure_library(lib, [x], profile, tracker))
         )
@@ -257,14 +272,16 @@ def test_a_server_killed_mid_measurement_hands_its_work_to_another(tmp_path: Pat
         assert tracker_summary(tracker)[key]["free"] == 1
 
 
-def test_a_registered_server_that_takes_no_session_is_named_as_such() -> None:
+def test_a_registered_server_that_takes_no_session_is_named_as_such(
+    user_tracker: Tracker,
+) -> None:
     """TVM's server stays registered when it stops serving; the error says so, not 'no server'."""
-    from hw_profiles.rpc import DeviceError, request_session
+    from hw_profiles.rpc import request_session
 
-    with local_tracker() as tracker, local_server(tracker, "held"):
-        session = request_session(tracker, "held", timeout_s=30)
+    with local_server(user_tracker, "held"):
+        session = request_session(user_tracker, "held", timeout_s=30)
         with pytest.raises(DeviceError, match="took no session"):
-            request_session(tracker, "held", timeout_s=3)
+            request_session(user_tracker, "held", timeout_s=3)
         del session
 
 
@@ -276,36 +293,13 @@ def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
     run = tmp_path / "restart"
     try:
         wait_for(lambda: tracker_summary(tracker_at) is not None, "the tracker")
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.rpc_server",
-                "--tracker",
-                f"127.0.0.1:{port}",
-                "--key",
-                "x86-local",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        server = start_server(port, "x86-local")
         wait_for(lambda: tracker_summary(tracker_at).get("x86-local"), "the server")
         search_proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "nas.cli",
-                "search",
-                "--space",
-                "tiny-sparse",
-                "--epochs",
-                "1",
-                "--trials",
-                "3",
-                "--out",
-                str(run),
-                "--tracker",
-                f"127.0.0.1:{port}",
+                *("-m", "nas.cli", "search", "--space", "tiny-sparse", "--epochs", "1"),
+                *("--trials", "3", "--out", str(run), "--tracker", f"127.0.0.1:{port}"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -316,16 +310,16 @@ def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
             return bool(load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
 
         wait_for(first_trial_done, "the first trial", timeout_s=300)
-        tracker.kill()
-        tracker.wait()
-        time.sleep(2)
+        kill(tracker)  # with the worker TVM serves from: nothing answers on the port now
+        with pytest.raises(DeviceError):
+            check_tracker(tracker_at)
         tracker = start_tracker(port)
         _, err = search_proc.communicate(timeout=600)
         assert search_proc.returncode == 0, err[-3000:]
     finally:
-        for proc in (search_proc, server, tracker):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+        if search_proc is not None and search_proc.poll() is None:
+            search_proc.kill()
+        stop(server, tracker)
     study = load_run(run)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from tvm import relax, rpc
 from tvm.support import cc, utils
 
 from hw_profiles.emulate import BoardFiles, emulated_server, prepare_board
-from hw_profiles.rpc import DeviceError, Tracker, local_tracker, tracker_summary
+from hw_profiles.rpc import DeviceError, Tracker, tracker_summary
 
 pytestmark = pytest.mark.arm
 
@@ -32,9 +31,9 @@ def board() -> BoardFiles:
 
 
 @pytest.fixture(scope="module")
-def tracker() -> Iterator[Tracker]:
-    with local_tracker() as tracker:
-        yield tracker
+def tracker(user_tracker: Tracker) -> Tracker:
+    """The shared tracker (conftest)."""
+    return user_tracker
 
 
 def _hwcap(board: BoardFiles, **env: str) -> int:

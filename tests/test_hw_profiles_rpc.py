@@ -61,9 +61,10 @@ def _free(tracker: Tracker, key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def tracker() -> Iterator[Tracker]:
-    with local_tracker() as tr, local_server(tr, KEY):
-        yield tr
+def tracker(user_tracker: Tracker) -> Iterator[Tracker]:
+    """The shared tracker (conftest), with a server of this module's own key."""
+    with local_server(user_tracker, KEY):
+        yield user_tracker
 
 
 @pytest.fixture(scope="module")
@@ -266,27 +267,29 @@ def test_check_device_on_the_local_gpu() -> None:
     assert result.gflops is not None and result.gflops > 0
 
 
-def test_two_servers_with_one_key_share_the_work(profile: Profile, library: Path) -> None:
+def test_two_servers_with_one_key_share_the_work(
+    tracker: Tracker, profile: Profile, library: Path
+) -> None:
     """While one server is held by a session, a measurement under the same key is served by
     the other; with both held, the next request waits and names the key when it gives up."""
     key = "hwnas-test-pair"
     pair = dataclasses.replace(profile, key=key)
-    with local_tracker() as tr, local_server(tr, key), local_server(tr, key):
-        assert tracker_summary(tr)[key]["free"] == 2
-        held = request_session(tr, key, timeout_s=30.0)
+    with local_server(tracker, key), local_server(tracker, key):
+        assert tracker_summary(tracker)[key]["free"] == 2
+        held = request_session(tracker, key, timeout_s=30.0)
         try:
-            assert tracker_summary(tr)[key]["free"] == 1
-            m = measure_library(library, _inputs(), pair, tr)
+            assert tracker_summary(tracker)[key]["free"] == 1
+            m = measure_library(library, _inputs(), pair, tracker)
             _assert_sane(m, pair)
-            other = request_session(tr, key, timeout_s=30.0)
+            other = request_session(tracker, key, timeout_s=30.0)
             try:
-                busy = measure_library(library, _inputs(), pair, tr, request_timeout_s=2.0)
+                busy = measure_library(library, _inputs(), pair, tracker, request_timeout_s=2.0)
                 assert busy.error is not None and busy.error.startswith("request")
             finally:
                 del other
         finally:
             del held
         wait_for_free = time.monotonic() + 30
-        while tracker_summary(tr)[key]["free"] < 2 and time.monotonic() < wait_for_free:
+        while tracker_summary(tracker)[key]["free"] < 2 and time.monotonic() < wait_for_free:
             time.sleep(0.2)
-        assert tracker_summary(tr)[key]["free"] == 2
+        assert tracker_summary(tracker)[key]["free"] == 2

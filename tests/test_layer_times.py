@@ -7,23 +7,23 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import tvm
+from helpers import EMULATED_KEY
 from torch import nn
 
 import compile as hw_compile
 from compile.layers import layer_output, run_layer_calls
 from hw_profiles.measure import KernelCall, measure_layers
 from hw_profiles.profiles import Profile, load_profile
-from hw_profiles.rpc import Tracker, local_server, local_tracker, request_session, tracker_summary
+from hw_profiles.rpc import Tracker, request_session, tracker_summary
 from search_spaces.ops import SparseConv2d, SparseLinear
 
-KEY = "hwnas-test-layers"
+KEY = load_profile("x86-local").key  # conftest's `x86_device` serves it
 
 
 def _model() -> nn.Sequential:
@@ -100,9 +100,9 @@ def built() -> tuple[nn.Module, torch.Tensor, hw_compile.CompiledModel]:
 
 
 @pytest.fixture(scope="module")
-def tracker() -> Iterator[Tracker]:
-    with local_tracker() as tr, local_server(tr, KEY):
-        yield tr
+def tracker(x86_device: Tracker) -> Tracker:
+    """The shared tracker with this machine served under KEY (conftest)."""
+    return x86_device
 
 
 def test_layer_library_gives_each_layers_torch_output(built, tmp_path: Path) -> None:
@@ -156,12 +156,12 @@ def test_layer_failures_come_back_as_data(built, tracker: Tracker, tmp_path: Pat
 
 
 @pytest.mark.arm
-def test_layers_are_timed_on_the_emulated_arm_board(tmp_path: Path) -> None:
+def test_layers_are_timed_on_the_emulated_arm_board(
+    tmp_path: Path, emulated_board: Tracker
+) -> None:
     """Cross-compiled for aarch64: the layer library gives torch's layer outputs on the board
     and every layer gets a time there."""
-    from hw_profiles.emulate import emulated_server
-
-    key = "qemu-aarch64-layers-test"
+    key = EMULATED_KEY
     profile = _quick(load_profile("arm/qemu-aarch64"), key)
     model, x = _model(), torch.randn(1, 3, 16, 16)
     compiled = hw_compile.build(model, x, profile, kernel_choice="sparse")
@@ -176,10 +176,9 @@ def test_layers_are_timed_on_the_emulated_arm_board(tmp_path: Path) -> None:
         lib, dev = remote.load_module(path.name), remote.cpu(0)
         _check_layers(compiled, model, x, calls, lambda layer: run_layer_calls(lib, dev, layer))
 
-    with local_tracker() as tr, emulated_server(tr, key, cpu="cortex-a72"):
-        check_on_board(tr)
-        gc.collect()  # the session is released: the board has one server
-        times = measure_layers(path, calls, profile, tr)
+    check_on_board(emulated_board)
+    gc.collect()  # the session is released: the board has one server
+    times = measure_layers(path, calls, profile, emulated_board)
     assert times.ok, times.error
     assert list(times.ms) == ["0", "2", "4", "8"]
     assert all(math.isfinite(ms) and ms > 0 for ms in times.ms.values())

@@ -6,31 +6,24 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import (
-    assert_one_line_error,
-    free_port,
-    hwnas,
-    load_run,
-    start_server,
-    start_tracker,
-    stop,
-    wait_for,
-)
+from helpers import assert_one_line_error, hwnas, load_run
 
 from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker, tracker_summary
 
 
 def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
+    """The defaults (mbv2-sparse, random, x86-local on a tracker and server the search starts
+    for itself): one trial, then the same command with a larger budget adds one."""
     run = tmp_path / "demo"
-    args = ["search", "--trials", "2", "--epochs", "1", "--out", str(run), "--seed", "3"]
+    args = ["search", "--trials", "1", "--epochs", "1", "--out", str(run), "--seed", "3"]
     done = hwnas(*args)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "[2/2]" in done.stdout
+    assert "[1/1]" in done.stdout
 
     study = load_run(run)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(complete) == 2, [t.user_attrs.get("fail_reason") for t in study.trials]
+    assert len(complete) == 1, [t.user_attrs.get("fail_reason") for t in study.trials]
     assert study.metric_names == ["accuracy", "latency_ms"]
     for t in complete:
         accuracy, latency = t.values
@@ -46,20 +39,21 @@ def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
             assert key in attrs
         assert (run / "trials" / str(t.number) / "model.so").exists()
     assert study.user_attrs["space"] == "mbv2-sparse"
-    assert "trials = 2" in (run / "config.toml").read_text()
+    assert "trials = 1" in (run / "config.toml").read_text()
 
     report = run / "report.html"
     assert report.exists()
     html = report.read_text()
     assert "<svg" in html or "plotly" in html.lower()
 
-    # The same command with a larger budget resumes: the finished trials stay, none is repeated.
-    args[args.index("2")] = "3"
+    # The same command with a larger budget resumes: the finished trial stays, none is repeated.
+    args[args.index("--trials") + 1] = "2"
     again = hwnas(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     study = load_run(run)
-    numbers = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
-    assert numbers == [0, 1, 2]
+    resumed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.number for t in resumed] == [0, 1]
+    assert resumed[0].values == complete[0].values
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
 
     rerender = hwnas("report", str(run))
@@ -173,9 +167,10 @@ def test_dass_enqueues_derived_archs_with_predicted_latency(tmp_path: Path) -> N
     assert (run / "latency_table.json").exists()
 
 
-def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
+def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path, x86_device: Tracker) -> None:
     run = tmp_path / "small-dense"
-    args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1", "--out"]
+    args = ["search", "--space", "tiny-sparse", "--epochs", "1", "--trials", "1"]
+    args += ["--tracker", str(x86_device), "--out"]
     done = hwnas(*args, str(run), "--baseline", "small-dense")
     assert done.returncode == 0, done.stderr[-3000:]
     study = load_run(run)
@@ -189,22 +184,16 @@ def test_a_baseline_run_evaluates_each_archs_baseline(tmp_path: Path) -> None:
 
 # tpe's and nsga2's sampling is tested on a toy space (test_strategies.py); through the CLI
 # they share random's path, so one Optuna sampler and the NNI adapter run here.
-def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
+def test_strategies_compared_on_an_equal_budget(tmp_path: Path, x86_device: Tracker) -> None:
     group = tmp_path / "group"
     done = hwnas(
         "search",
-        "--space",
-        "tiny-sparse",
-        "--epochs",
-        "1",
-        "--trials",
-        "50",
-        "--budget-minutes",
-        "0.3",
-        "--strategy",
-        "nsga2,nni-evolution",
-        "--out",
-        str(group),
+        *("--space", "tiny-sparse", "--epochs", "1", "--trials", "50"),
+        # Six seconds each: the first trial starts at once (the device is attached already),
+        # so each strategy finishes at least one before its minutes run out, and far from 50.
+        *("--budget-minutes", "0.1"),
+        *("--strategy", "nsga2,nni-evolution", "--tracker", str(x86_device)),
+        *("--out", str(group)),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for strategy in ("nsga2", "nni-evolution"):
@@ -218,33 +207,23 @@ def test_strategies_compared_on_an_equal_budget(tmp_path: Path) -> None:
 
 
 def test_search_on_a_device_the_user_attached_with_dense_twin_and_layer_times(
-    tmp_path: Path,
+    tmp_path: Path, x86_device: Tracker
 ) -> None:
-    """A tracker and a server started with TVM's own commands, as a user would start them; the
-    dense twin and the per-layer times are measured on request."""
-    port = free_port()
+    """A tracker and a server started with TVM's own commands, as a user would start them
+    (conftest's `x86_device`); the dense twin and the per-layer times are measured on
+    request."""
     key = load_profile("x86-local").key
-    tracker = start_tracker(port)
-    server = None
-    try:
-        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port)) is not None, "the tracker")
-        server = start_server(port, key)
-        wait_for(lambda: tracker_summary(Tracker("127.0.0.1", port))[key]["free"], "the server")
-
-        run = tmp_path / "attached"
-        done = hwnas(
-            "search",
-            *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--seed", "1"),
-            *("--dense-twin", "--layer-times", "--out", str(run)),
-            *("--tracker", f"127.0.0.1:{port}"),
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        # The device is free again once the search is over: the session was released.
-        summary = tracker_summary(Tracker("127.0.0.1", port))
-        assert summary[key]["free"] == 1
-    finally:
-        stop(server, tracker)
+    run = tmp_path / "attached"
+    done = hwnas(
+        "search",
+        *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--seed", "1"),
+        *("--dense-twin", "--layer-times", "--out", str(run)),
+        *("--tracker", str(x86_device)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    # The device is free again once the search is over: the session was released.
+    assert tracker_summary(x86_device)[key]["free"] == 1
 
     trial_dir = run / "trials" / str(trial.number)
     config = (run / "config.toml").read_text()
