@@ -268,11 +268,12 @@ def write_results(table: str, result: dict) -> None:
     m = result["machine"]
     section = (
         f"{SECTION} (`benchmarks/kernels.py`)\n\n"
-        f"Taken on a **shared, loaded machine** ({m['cpu']}, LLVM mcpu {result['mcpu']}, "
-        f"AVX-512 {'yes' if result['avx512'] else 'no'}; {m['cores']} cores shared with other "
-        f"engineers' builds and tests, {m['date']}): one thread per runtime, best of "
-        f"{result['repeats']} repeats of >= {result['min_ms']:g} ms each. Absolute rates are "
-        "pessimistic and noisy; compare within a row. Rates are effective GFLOP/s (2 x nonzero "
+        f"Taken on {m['cpu']} (LLVM mcpu {result['mcpu']}, AVX-512 "
+        f"{'yes' if result['avx512'] else 'no'}; {m['cores']} cores, load average "
+        f"{result['load_avg']:.2f} when the run started, {m['date']}): one thread per runtime, "
+        f"best of {result['repeats']} repeats of >= {result['min_ms']:g} ms each. On a loaded "
+        "machine absolute rates are pessimistic and noisy; compare within a row. Rates are "
+        "effective GFLOP/s (2 x nonzero "
         "MACs / time) for every method; speedups are our dense kernel's time over the "
         "method's. scipy and torch.sparse get the same block-sparse matrix as CSR.\n\n"
         f"{table}\n"
@@ -302,9 +303,11 @@ def main() -> None:
     else:
         shapes, sparsities = SHAPES, SPARSITIES
         min_ms, repeats = args.min_ms, args.repeats
+    load_avg = os.getloadavg()[0]
     rows = run_grid(shapes, sparsities, BLOCKS, min_ms, repeats)
     result = {
         "machine": machine(),
+        "load_avg": load_avg,
         "repeats": repeats,
         "min_ms": min_ms,
         "mcpu": TARGET["mcpu"],
