@@ -323,8 +323,11 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     n_rows = NK if spec.kept_rows else N
 
     @T.macro
-    def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, row_map, tb, trb, m0, width):
-        _init_tile(acc_buf, bias_buf, trb * BR, BR, width, n_rows, row_map)
+    def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, kept_buf, tb, trb, m0, width):
+        # Python-level choices (a TVMScript var cannot hold None): the kept rows, or none.
+        _init_tile(
+            acc_buf, bias_buf, trb * BR, BR, width, n_rows, kept_buf if spec.kept_rows else None
+        )
         for k in range(K):
             for i in T.unroll(BR):
                 for j in T.vectorized(width):
@@ -341,7 +344,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             n_rows,
             epilogue,
             guard,
-            row_map,
+            kept_buf if spec.kept_rows else None,
         )
 
     @T.macro
@@ -383,47 +386,11 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     mt = T.bind(w % n_mt)
                     if has_tail:
                         if mt < n_full:
-                            tile(
-                                acc,
-                                X,
-                                data,
-                                bias,
-                                R,
-                                Y,
-                                kept if spec.kept_rows else None,
-                                b,
-                                rb,
-                                mt * MT,
-                                MT,
-                            )
+                            tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, MT)
                         else:
-                            tile(
-                                acc,
-                                X,
-                                data,
-                                bias,
-                                R,
-                                Y,
-                                kept if spec.kept_rows else None,
-                                b,
-                                rb,
-                                mt * MT,
-                                tail,
-                            )
+                            tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, tail)
                     else:
-                        tile(
-                            acc,
-                            X,
-                            data,
-                            bias,
-                            R,
-                            Y,
-                            kept if spec.kept_rows else None,
-                            b,
-                            rb,
-                            mt * MT,
-                            MT,
-                        )
+                        tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, MT)
         if spec.kept_rows:
             for q in T.parallel(B * NPR):
                 for mt in range(n_full):
