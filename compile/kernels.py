@@ -1,8 +1,11 @@
-"""Our sparse TensorIR kernels: BSR weight x dense activations, one schedule per target family.
+"""Our TensorIR kernels, one schedule per target family: BSR (sparse) and packed dense weight x
+activations, depthwise convolution and im2col.
 
-Every kernel computes ``Y[b, n, m] = act(sum_k W[n, k] * X[b, k, m] + bias[n])`` with W in BSR
-form (see `compile.bsr`). A 1x1 NCHW convolution is this with K = C_in and M = H * W; a Linear is
-this with the activations transposed (K = in_features, M = batch rows).
+A matmul kernel computes ``Y[b, n, m] = act(sum_k W[n, k] * X[b, k, m] + bias[n]) (+ R[b, n, m])``
+with W in BSR form (see `compile.bsr`) or packed dense. A 1x1 NCHW convolution is this with
+K = C_in and M = H * W (on CPUs the kernel takes the 4-D tensors as they are, and a following
+residual add R is fused); a Linear is this with the activations transposed (K = in_features,
+M = batch rows).
 """
 
 from __future__ import annotations
