@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -367,9 +367,7 @@ def plan_rewrite(
                 dense_reasons[name] = "mask is all ones"
             else:
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
-                sparse_candidate = _kept_rows_candidate(
-                    matrix, bias, batch, m, activation, family, num_cores, avx512, maps
-                )
+                sparse_candidate = _kept_rows_candidate(matrix, dense)
                 if sparse_candidate is None:
                     spec = KernelSpec(
                         batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps
@@ -452,34 +450,24 @@ def _dense_candidate(
     return KernelCandidate(kernel, consts, spec)
 
 
-def _kept_rows_candidate(
-    matrix: np.ndarray,
-    bias: np.ndarray,
-    batch: int,
-    m: int,
-    activation: str,
-    family: str,
-    num_cores: int | None,
-    avx512: bool,
-    maps: tuple,
-) -> KernelCandidate | None:
+def _kept_rows_candidate(matrix: np.ndarray, dense: KernelCandidate) -> KernelCandidate | None:
     """A channel-pruned W (whole rows zero, the others nearly full) rebuilt as a smaller dense
-    layer: the dense kernel on the kept rows only, writing them to their rows of Y (see
-    `KernelSpec.kept_rows`). None when W is not channel-pruned, or on a GPU or at M == 1."""
+    layer: `dense`, the layer's dense kernel, on the kept rows only, writing them to their rows
+    of Y (see `KernelSpec.kept_rows`). None when W is not channel-pruned, or on a GPU or at
+    M == 1 (where `dense` is not the packed dense kernel)."""
     rows, cols = matrix.shape
     row_nnz = np.count_nonzero(matrix, axis=1)
     kept = np.flatnonzero(row_nnz).astype(np.int32)
-    if family == "cuda" or m == 1 or not 0 < kept.size < rows:
+    if dense.kernel.family == "cuda" or dense.spec.m == 1 or not 0 < kept.size < rows:
         return None
     if row_nnz.sum() < KEPT_ROWS_FILL * kept.size * cols:
         return None
     pruned = np.flatnonzero(row_nnz == 0).astype(np.int32)
-    nr = min(dense_block_rows(family, avx512), kept.size)
-    consts = [pack_dense(matrix[kept], nr), kept, pruned, bias]
-    block_rows = -(-kept.size // nr)
-    spec = KernelSpec(batch, rows, cols, m, (nr, 1), block_rows, activation, *maps, kept_rows=True)
-    kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
-    return KernelCandidate(kernel, consts, spec)
+    nr = min(dense.spec.block[0], kept.size)
+    bias = dense.constants[-1]
+    spec = replace(dense.spec, block=(nr, 1), block_rows=-(-kept.size // nr), kept_rows=True)
+    kernel = replace(dense.kernel, shape=spec)
+    return KernelCandidate(kernel, [pack_dense(matrix[kept], nr), kept, pruned, bias], spec)
 
 
 def _find_layer_call(graph: _Graph, weight_var: str) -> tuple[str, relax.Call] | None:
