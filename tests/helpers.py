@@ -124,15 +124,16 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def stop(*procs: subprocess.Popen | None) -> None:
-    """SIGTERM each process group (see `start_tracker`); SIGKILL what is left after 10 s."""
+def stop(*procs: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Send `sig` to each process group (see `start_tracker`); SIGKILL what is left after
+    `timeout` seconds."""
     for proc in procs:
         if proc is None:
             continue
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
         kill(proc)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import sys
 
-from helpers import free_port, hwnas, kill, wait_for
+from helpers import free_port, hwnas, stop, wait_for
 
 from hw_profiles.rpc import Tracker, tracker_summary
 
@@ -48,16 +46,9 @@ def test_tracker_serve_list_and_check() -> None:
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert checked.stdout.startswith("ok ") and "GFLOP/s" in checked.stdout
     finally:
-        for proc in (server, tracker):
-            if proc is not None:
-                # Ctrl-C reaches the whole job: hwnas and the TVM program it runs.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-                kill(proc)  # what TVM forked and left behind
+        # Ctrl-C reaches the whole job: hwnas and the TVM program it runs; then SIGKILL what
+        # TVM forked and left behind.
+        stop(server, tracker, sig=signal.SIGINT, timeout=15)
 
 
 def test_device_commands_with_bad_input_are_one_line_errors() -> None:
