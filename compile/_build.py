@@ -173,12 +173,15 @@ class CompiledModel:
 
         calls: dict[str, list[KernelCall]] = {}
         for plan in self.layer_plans:
-            x = (inputs or {}).get(plan.name)
+            if plan.fused_into is not None:  # computed (and timed) with the layer it feeds
+                continue
+            name = plan.expand.name if plan.expand is not None else plan.name
+            x = (inputs or {}).get(name)
             if x is None:
                 x = rng.standard_normal(plan.input_shape).astype(np.float32)
             elif tuple(x.shape) != plan.input_shape:
                 raise CompileError(
-                    f"input for layer {plan.name!r} has shape {tuple(x.shape)}, "
+                    f"input for layer {name!r} has shape {tuple(x.shape)}, "
                     f"not the layer's {plan.input_shape}"
                 )
             calls[plan.name] = layer_calls(plan, x, symbol_of, rng)
@@ -451,6 +454,10 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         "fused_residual": layer.residual_var is not None,
         "im2col": layer.im2col is not None,
     }
+    if layer.fused_into is not None:
+        info["fused_into"] = layer.fused_into
+    if layer.expand is not None:
+        info["fused_expand"] = layer.expand.name
     if layer.spec is not None and layer.spec.kept_rows:  # channel-pruned, rebuilt smaller
         info["kept_rows"] = int(layer.constants[1].size)
     if layer.bsr is not None:
@@ -524,10 +531,14 @@ def worst_layer(deploy: nn.Module, example_input, plan: RewritePlan, target) -> 
             hook.remove()
     worst_name, worst_err = None, -1.0
     for layer in plan.layers:
-        x = captured.get(layer.name)
-        if x is None:
+        first = layer.expand or layer  # a fused expand conv is checked with its depthwise conv
+        x = captured.get(first.name)
+        if x is None or layer.fused_into is not None:
             continue
-        expected = _layer_reference(deploy.get_submodule(layer.name), x, layer)
+        expected = _layer_reference(deploy.get_submodule(first.name), x, first)
+        if layer.expand is not None:
+            y = torch.from_numpy(expected)
+            expected = _layer_reference(deploy.get_submodule(layer.name), y, layer)
         got = run_layer_kernel(layer, x.detach().cpu().numpy(), target)
         scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
         err = float(np.max(np.abs(got - expected), initial=0.0)) / scale

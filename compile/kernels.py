@@ -504,16 +504,27 @@ def _phase_interior(phase: int, pad: int, size: int, stride: int, count: int) ->
     return first, max(0, end - first)
 
 
-def depthwise_conv_cpu(
-    geo: ConvGeometry, activation: str = "none", num_cores: int | None = None, lanes: int = 8
-) -> tirx.PrimFunc:
-    """Depthwise kxk conv: parallel over (batch x channel). Each input plane is copied once into
-    a zero-bordered buffer split by stride phase (for stride 2, the even and odd rows/columns
-    apart), so every tap reads a contiguous run; strided columns are split by a vector shuffle.
-    Output rows are computed in register groups that share each loaded input row between the
-    taps of the rows it feeds, vectorized over the output row; bias and activation fused. The
-    channel count is read from the arrays."""
-    B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
+@dataclass(frozen=True)
+class _DepthwiseParts:
+    """The per-channel steps of our CPU depthwise kernel, shared by `depthwise_conv_cpu` and
+    `expand_depthwise_cpu`: `load(buf, x_buf, b, c)` copies input plane (b, c) into the
+    zero-bordered phase buffer `buf` (`buf_size` floats, zeroed once), and
+    `compute(acc, buf, weight, bias, y_buf, b, c)` writes output plane (b, c) from it, with
+    `acc` an `acc_shape` register tile."""
+
+    load: object
+    compute: object
+    buf_size: int
+    acc_shape: tuple[int, int]
+
+
+def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _DepthwiseParts:
+    """Each input plane is copied once into a zero-bordered buffer split by stride phase (for
+    stride 2, the even and odd rows/columns apart), so every tap reads a contiguous run; strided
+    columns are split by a vector shuffle. Output rows are computed in register groups that
+    share each loaded input row between the taps of the rows it feeds, vectorized over the
+    output row; bias and activation fused."""
+    H, W = geo.height, geo.width
     KH, KW = geo.kernel
     SH, SW = geo.stride
     PT, PL = geo.pad
@@ -531,7 +542,6 @@ def depthwise_conv_cpu(
     # Output rows per register group: about 8 vector registers of accumulators.
     RG = max(1, min(OH, 8 * lanes // max(OW, lanes)))
     n_groups, tail = OH // RG, OH % RG
-    n_chunks, per_chunk = _chunks(B * C, num_cores)
     act = ACTIVATIONS.index(activation)
 
     @T.macro
@@ -587,6 +597,38 @@ def depthwise_conv_cpu(
     if len(phases) > 4:
         raise ValueError(f"depthwise stride {geo.stride} is not supported (at most 2 x 2)")
 
+    @T.macro
+    def load(buf, x_buf, tb, tc):
+        load_phase(buf, x_buf, tb, tc, P0)
+        if len(phases) > 1:
+            load_phase(buf, x_buf, tb, tc, P1)
+        if len(phases) > 2:
+            load_phase(buf, x_buf, tb, tc, P2)
+        if len(phases) > 3:
+            load_phase(buf, x_buf, tb, tc, P3)
+
+    @T.macro
+    def compute(acc, buf, weight, bias, y_buf, tb, tc):
+        for g in range(n_groups):
+            row_group(acc, buf, weight, bias, y_buf, tb, tc, g * RG, RG)
+        if tail > 0:
+            row_group(acc, buf, weight, bias, y_buf, tb, tc, n_groups * RG, tail)
+
+    return _DepthwiseParts(load, compute, SH * SW * PP, (RG, OW))
+
+
+def depthwise_conv_cpu(
+    geo: ConvGeometry, activation: str = "none", num_cores: int | None = None, lanes: int = 8
+) -> tirx.PrimFunc:
+    """Depthwise kxk conv: parallel over (batch x channel), each channel's steps as
+    `_depthwise_parts` describes. The channel count is read from the arrays."""
+    B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
+    KH, KW = geo.kernel
+    OH, OW = geo.out_height, geo.out_width
+    parts = _depthwise_parts(geo, activation, lanes)
+    load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
+    n_chunks, per_chunk = _chunks(B * C, num_cores)
+
     @T.prim_func(s_tir=True)
     def depthwise_conv(
         X: T.Buffer((B, C, H, W), "float32"),
@@ -596,29 +638,101 @@ def depthwise_conv_cpu(
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
         for t in T.parallel(n_chunks):
-            buf = T.alloc_buffer((SH * SW * PP,), "float32", scope="local", annotations=_ON_STACK)
-            acc = T.alloc_buffer((RG, OW), "float32", scope="local", annotations=_ON_STACK)
+            buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
             # The padding stays zero: only the input positions are rewritten for each channel.
-            for e in T.vectorized(SH * SW * PP):
+            for e in T.vectorized(BUF):
                 buf[e] = T.float32(0)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < B * C:
                     b = T.bind(_outer(w, C, B))
                     c = T.bind(_inner(w, C, B))
-                    load_phase(buf, X, b, c, P0)
-                    if len(phases) > 1:
-                        load_phase(buf, X, b, c, P1)
-                    if len(phases) > 2:
-                        load_phase(buf, X, b, c, P2)
-                    if len(phases) > 3:
-                        load_phase(buf, X, b, c, P3)
-                    for g in range(n_groups):
-                        row_group(acc, buf, weight, bias, Y, b, c, g * RG, RG)
-                    if tail > 0:
-                        row_group(acc, buf, weight, bias, Y, b, c, n_groups * RG, tail)
+                    load(buf, X, b, c)
+                    compute(acc, buf, weight, bias, Y, b, c)
 
     return depthwise_conv
+
+
+def expand_depthwise_cpu(
+    expand: KernelSpec,
+    geo: ConvGeometry,
+    activation: str = "none",
+    num_cores: int | None = None,
+    lanes: int = 8,
+) -> tirx.PrimFunc:
+    """A sparse 1x1 conv (`expand`: its batch, rows = channels, m = H * W and activation) and
+    the depthwise conv that reads its output (`geo`, `activation`) in one kernel: parallel over
+    (batch x channel), each channel's expanded plane is computed into a local buffer (it never
+    goes to memory) and the depthwise conv runs on it as in `depthwise_conv_cpu`.
+
+    Takes X (the expand conv's input), the expand weight in CSR form (values, column indices,
+    row pointers: a channel costs its own nonzeros, whatever the layer's blocks), the expand
+    bias, the depthwise weight and bias, then Y. Sizes other than the geometry are read from the
+    arrays."""
+    B, K, C = geo.batch, _dim("k"), _dim("c")
+    NNZ, NP = _dim("nnz"), _dim("c_plus_one")
+    H, W = geo.height, geo.width
+    M = H * W
+    KH, KW = geo.kernel
+    OH, OW = geo.out_height, geo.out_width
+    MT = min(M, 8 * lanes)  # expanded positions per register tile
+    n_full, tail = M // MT, M % MT
+    expand_act = ACTIVATIONS.index(expand.activation)
+    parts = _depthwise_parts(geo, activation, lanes)
+    load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
+    n_chunks, per_chunk = _chunks(B * C, num_cores)
+
+    @T.macro
+    def expand_tile(eacc, plane, x_buf, csr, tb, tc, m0, width):
+        """Expanded channel tc at positions m0 .. m0 + width - 1, into `plane`. `csr`: the
+        expand conv's values, column indices, row pointers and bias."""
+        w_data, w_indices, w_indptr, bias_buf = csr
+        for j in T.vectorized(width):
+            eacc[j] = bias_buf[tc]
+        for p0 in range(w_indptr[tc + 1] - w_indptr[tc]):
+            p = T.bind(w_indptr[tc] + p0)
+            k = T.bind(w_indices[p])
+            for j in T.vectorized(width):
+                eacc[j] = eacc[j] + w_data[p] * x_buf[tb, k, m0 + j]
+        for j in T.vectorized(width):
+            plane[m0 + j] = _activate(eacc[j], expand_act)
+
+    @T.prim_func(s_tir=True)
+    def expand_depthwise(
+        X4: T.Buffer((B, K, H, W), "float32"),
+        data: T.Buffer((NNZ,), "float32"),
+        indices: T.Buffer((NNZ,), "int32"),
+        indptr: T.Buffer((NP,), "int32"),
+        expand_bias: T.Buffer((C,), "float32"),
+        weight: T.Buffer((C, KH, KW), "float32"),
+        bias: T.Buffer((C,), "float32"),
+        Y: T.Buffer((B, C, OH, OW), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
+        for t in T.parallel(n_chunks):
+            buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
+            eacc = T.alloc_buffer((MT,), "float32", scope="local", annotations=_ON_STACK)
+            plane = T.alloc_buffer((M,), "float32", scope="local", annotations=_ON_STACK)
+            plane4 = T.decl_buffer((1, 1, H, W), "float32", data=plane.data)
+            for e in T.vectorized(BUF):
+                buf[e] = T.float32(0)
+            for w0 in range(per_chunk):
+                w = T.bind(t * per_chunk + w0)
+                if w < B * C:
+                    b = T.bind(_outer(w, C, B))
+                    c = T.bind(_inner(w, C, B))
+                    csr = (data, indices, indptr, expand_bias)
+                    for mt in range(n_full):
+                        expand_tile(eacc, plane, X, csr, b, c, mt * MT, MT)
+                    if tail > 0:
+                        expand_tile(eacc, plane, X, csr, b, c, M - tail, tail)
+                    load(buf, plane4, 0, 0)
+                    compute(acc, buf, weight, bias, Y, b, c)
+
+    return expand_depthwise
 
 
 def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc:
@@ -707,13 +821,19 @@ def depthwise_kernel(
     activation: str = "none",
     num_cores: int | None = None,
     avx512: bool = True,
+    expand: KernelSpec | None = None,
 ) -> tirx.PrimFunc:
-    """The depthwise conv kernel for a target family."""
+    """The depthwise conv kernel for a target family; with `expand`, the sparse 1x1 conv that
+    feeds it computed inside it (CPU families, see `expand_depthwise_cpu`)."""
     if family == "cuda":
+        if expand is not None:
+            raise ValueError("the fused expand + depthwise kernel is CPU-only")
         from compile.cuda_kernels import depthwise_conv_cuda
 
         return depthwise_conv_cuda(geo, activation)
     lanes = vector_unit(family, avx512).lanes
+    if expand is not None:
+        return expand_depthwise_cpu(expand, geo, activation, num_cores, lanes)
     return depthwise_conv_cpu(geo, activation, num_cores, lanes)
 
 
@@ -741,6 +861,8 @@ class Kernel:
     activation: str = "none"  # depthwise (a matmul's is in its spec)
     num_cores: int | None = None
     avx512: bool = False
+    # depthwise: the sparse 1x1 conv computed inside it (its input is then the kernel's)
+    expand: KernelSpec | None = None
 
     def __post_init__(self) -> None:
         if self.op not in KERNEL_OPS:
@@ -751,6 +873,9 @@ class Kernel:
             else:
                 shape = replace(self.shape, channels=0)
             object.__setattr__(self, "shape", shape)
+            if self.expand is not None:
+                expand = replace(self.expand, rows=0, cols=0, block_rows=0)
+                object.__setattr__(self, "expand", expand)
 
     @property
     def key(self) -> str:
@@ -772,6 +897,11 @@ def _make(kernel: Kernel) -> tirx.PrimFunc:
         )
     if kernel.op == "depthwise":
         return depthwise_kernel(
-            kernel.shape, kernel.family, kernel.activation, kernel.num_cores, kernel.avx512
+            kernel.shape,
+            kernel.family,
+            kernel.activation,
+            kernel.num_cores,
+            kernel.avx512,
+            kernel.expand,
         )
     return im2col_kernel(kernel.shape, kernel.family, kernel.num_cores)

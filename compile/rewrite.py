@@ -14,7 +14,7 @@ from torch import nn
 from tvm import relax
 from tvm.ir import Op
 
-from compile.bsr import BsrWeight, choose_block, full_bsr, pack_dense, to_bsr
+from compile.bsr import BsrWeight, bsr_to_dense, choose_block, full_bsr, pack_dense, to_bsr
 from compile.choose import KernelCandidate, KernelChooser
 from compile.kernels import ConvGeometry, Kernel, KernelSpec, dense_block_rows, vector_unit
 from compile.objects import kernel_object
@@ -135,6 +135,10 @@ class LayerPlan:
     times_ms: dict[str, float] = field(default_factory=dict)  # sparse / dense, when timed
     kernel: Kernel | None = field(repr=False, default=None)
     im2col: Kernel | None = field(repr=False, default=None)  # convs that are not plain 1x1
+    # A depthwise conv that computes the sparse 1x1 conv feeding it (`expand`) in its own kernel
+    # takes that conv's input; the 1x1 conv's plan names it in `fused_into` and has no call.
+    expand: LayerPlan | None = field(repr=False, default=None)
+    fused_into: str | None = None
 
 
 @dataclass
@@ -394,7 +398,35 @@ def plan_rewrite(
         if kind == "conv" and not _is_plain_1x1(geometry):
             plan.im2col = Kernel("im2col", family, geometry, num_cores=num_cores)
         plans.append(plan)
+    _fuse_expand_depthwise(plans, graph)
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
+
+
+def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph) -> None:
+    """Give each depthwise conv fed only by a sparse plain 1x1 conv (CPU targets) one kernel
+    that computes both (`compile.kernels.expand_depthwise_cpu`): the expanded tensor never goes
+    to memory and a call goes away. Only sparse ones: a dense 1x1 conv reuses each input load
+    across a tile of rows, which the fused kernel's channel-by-channel expansion cannot."""
+    by_output = {plan.output_var: plan for plan in plans}
+    for dw in plans:
+        ex = by_output.get(dw.input_var)
+        if (
+            dw.kind != "depthwise"
+            or dw.kernel.family == "cuda"
+            or ex is None
+            or ex.impl != "sparse"
+            or ex.spec.in_hw is None  # im2col, or a GPU's reshaped input
+            or ex.residual_var is not None
+            or len(graph.consumers.get(ex.output_var, [])) != 1
+        ):
+            continue
+        csr = to_bsr(bsr_to_dense(ex.bsr), (1, 1))
+        spec = replace(ex.spec, block=(1, 1), block_rows=ex.spec.rows, kept_rows=False)
+        bias = ex.constants[-1]
+        dw.constants = [csr.data.reshape(-1), csr.indices, csr.indptr, bias, *dw.constants]
+        dw.kernel = replace(dw.kernel, expand=spec)
+        dw.input_var, dw.input_shape = ex.input_var, ex.input_shape
+        dw.expand, ex.fused_into = ex, dw.name
 
 
 def _residual(graph: _Graph, out_var: str, shape: tuple[int, ...]) -> tuple[str, str] | None:
@@ -508,7 +540,7 @@ class _LayerRewriter(relax.PyExprMutator):
     def __init__(self, mod, plans: list[LayerPlan], target):
         super().__init__(mod)
         self.mod_ = mod
-        self.plans = {p.output_var: p for p in plans}
+        self.plans = {p.output_var: p for p in plans if p.fused_into is None}
         self.inputs: dict[str, relax.Var] = {}
         self.target = target
         self.objects: dict[str, Path] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from tvm import relax
 from tvm.target import codegen
 
 import compile as hw_compile
+from compile._build import worst_layer
 from compile.bsr import block_fill, bsr_to_dense, choose_block, to_bsr
 from compile.choose import KernelChooser
 from compile.kernels import (
@@ -27,7 +29,7 @@ from compile.kernels import (
     sparse_matmul_kernel,
 )
 from compile.objects import load_kernel, prune
-from compile.rewrite import _dense_candidate, deploy_copy, fold_batchnorm
+from compile.rewrite import RewritePlan, _dense_candidate, deploy_copy, fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,90 @@ def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
     t = torch.from_numpy
     want = nn.functional.conv2d(t(x), t(weight)[:, None], t(bias), stride, pad, groups=5)
     np.testing.assert_allclose(out.numpy(), want.clamp(0, 6).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("batch", "size", "kernel", "stride", "pad", "acts"),
+    [
+        (1, (16, 16), (3, 3), (1, 1), (1, 1), ("relu6", "relu6")),
+        (2, (9, 12), (5, 5), (2, 2), (2, 2), ("relu", "none")),
+        (1, (7, 5), (3, 3), (2, 1), (1, 1), ("none", "relu")),
+        (1, (1, 1), (3, 3), (1, 1), (1, 1), ("relu6", "none")),
+    ],
+)
+def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad, acts):
+    """A sparse 1x1 conv and the depthwise conv on its output in one kernel: odd sizes and
+    channel counts, stride phases, batch 2, a 1x1 map, an empty and a full expand channel."""
+    rng = np.random.default_rng(11)
+    (h, w), (kh, kw), (k, c) = size, kernel, (11, 21)
+    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
+    ow = (w + 2 * pad[1] - kw) // stride[1] + 1
+    ew = rng.standard_normal((c, k)).astype(np.float32) * (rng.random((c, k)) < 0.2)
+    ew[3], ew[4] = 0, rng.standard_normal(k)
+    csr = to_bsr(ew, (1, 1))
+    eb, dw, db = (rng.standard_normal(s).astype(np.float32) for s in (c, (c, kh, kw), c))
+    x = rng.standard_normal((batch, k, h, w)).astype(np.float32)
+    geo = ConvGeometry(batch, c, h, w, kernel, stride, pad, oh, ow)
+    expand = KernelSpec(batch, c, k, h * w, (1, 1), c, acts[0], (h, w), (h, w))
+    kern = Kernel("depthwise", "x86", geo, acts[1], 2, expand=expand)
+    lib, symbol = load_kernel(kern, HOST.target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((batch, c, oh, ow), np.nan, np.float32), dev)
+    args = (x, csr.data.reshape(-1), csr.indices, csr.indptr, eb, dw, db)
+    lib[symbol](*[tvm.runtime.tensor(a, dev) for a in args], out)
+
+    def act(y, name):
+        return {"none": y, "relu": y.relu(), "relu6": y.clamp(0, 6)}[name]
+
+    t = torch.from_numpy
+    mid = act(nn.functional.conv2d(t(x), t(ew)[:, :, None, None], t(eb)), acts[0])
+    want = act(nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, groups=c), acts[1])
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+class ExpandNet(nn.Module):
+    """Sparse 1x1 convs feeding depthwise convs: one alone (fused, BatchNorm folded), one whose
+    output also feeds a residual add, and a dense one (neither fused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ex = nn.Sequential(
+            MaskedConv2d(8, 24, 1, sparsity=0.8, block=(4, 1), bias=False),
+            nn.BatchNorm2d(24),
+            nn.ReLU6(),
+        )
+        self.dw = nn.Conv2d(24, 24, 3, 2, 1, groups=24)
+        self.ex2 = MaskedConv2d(24, 24, 1, sparsity=0.8, seed=1)
+        self.dw2 = nn.Conv2d(24, 24, 3, 1, 1, groups=24)
+        self.ex3 = nn.Conv2d(24, 24, 1)
+        self.dw3 = nn.Conv2d(24, 24, 5, 1, 2, groups=24)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.dw(self.ex(x)))
+        e = self.ex2(x)
+        x = self.dw2(e) + e
+        return self.dw3(self.ex3(x))
+
+
+def test_sparse_expand_conv_is_fused_into_the_depthwise_conv_it_feeds():
+    torch.manual_seed(4)
+    model = ExpandNet().eval()
+    model.ex[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 8, 11, 13)
+    names = ["ex.0", "dw", "ex2", "dw2", "ex3", "dw3"]
+    compiled = _check_build(model, x, ["ex.0", "ex2"], ["dw", "dw2", "ex3", "dw3"])
+    fused = {n: (i.get("fused_into"), i.get("fused_expand")) for n, i in compiled.kernels.items()}
+    assert fused == {n: (None, None) for n in names} | {"ex.0": ("dw", None), "dw": (None, "ex.0")}
+    assert compiled.kernels["ex.0"]["impl"] == "sparse" and compiled.kernels["dw"]["fused_bias"]
+    # A fused pair is checked as one layer, from the expand conv's input, when outputs differ.
+    deploy, _ = deploy_copy(model)
+    fold_batchnorm(deploy)
+    plan, target = RewritePlan(compiled.layer_plans, {}), tvm.target.Target(HOST.target)
+    worst = worst_layer(deploy, x, plan, target)
+    assert float(re.search(r"max error (\S+) of its output", worst).group(1)) < 1e-4
+    dw = next(layer for layer in plan.layers if layer.name == "dw")
+    dw.constants[3] = dw.constants[3] + 1.0  # the expand conv's bias
+    assert worst_layer(deploy, x, plan, target).startswith("'dw' (depthwise kernel")
 
 
 class DenseNet(nn.Module):

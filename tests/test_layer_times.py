@@ -27,7 +27,8 @@ KEY = load_profile("x86-local").key  # conftest's `x86_device` serves it
 
 
 def _model() -> nn.Sequential:
-    """A 3x3 conv (im2col + matmul), a depthwise conv, a sparse 1x1 conv and a sparse Linear."""
+    """A 3x3 conv (im2col + matmul), a depthwise conv, a sparse 1x1 conv fused into the
+    depthwise conv it feeds, a sparse 1x1 conv alone and a sparse Linear."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1),
@@ -35,10 +36,13 @@ def _model() -> nn.Sequential:
         nn.Conv2d(8, 8, 3, padding=1, groups=8),
         nn.ReLU6(),
         SparseConv2d(8, 16, 1, sparsity=0.75, pattern="block", block=(4, 1)),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16),
         nn.ReLU(),
+        SparseConv2d(16, 12, 1, sparsity=0.75, pattern="block", block=(4, 1)),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        SparseLinear(16, 10, sparsity=0.5, pattern="block", block=(1, 4)),
+        SparseLinear(12, 10, sparsity=0.5, pattern="block", block=(1, 4)),
     )
     for module in model.modules():
         if isinstance(module, (SparseConv2d, SparseLinear)):
@@ -82,11 +86,16 @@ def _torch_layer(model: nn.Module, name: str, x: np.ndarray, activation: str) ->
 
 
 def _check_layers(compiled, model, x, calls, run) -> None:
-    """Every layer's calls, run by `run(calls)`, give torch's layer output."""
-    inputs = _layer_inputs(model, x, list(calls))
+    """Every layer's calls, run by `run(calls)`, give torch's layer output (a depthwise conv
+    with a fused expand conv: both layers' output, from the expand conv's input)."""
+    inputs = _layer_inputs(model, x, list(compiled.kernels))
     plans = {plan.name: plan for plan in compiled.layer_plans}
     for name, layer in calls.items():
-        expected = _torch_layer(model, name, inputs[name], compiled.kernels[name]["activation"])
+        chain = [plans[name].expand.name, name] if plans[name].expand else [name]
+        expected = inputs[chain[0]]
+        for step in chain:
+            activation = compiled.kernels[step]["activation"]
+            expected = _torch_layer(model, step, expected, activation)
         got = layer_output(plans[name], run(layer))
         assert hw_compile.compare_outputs(got, expected) is None, name
 
@@ -107,13 +116,17 @@ def tracker(x86_device: Tracker) -> Tracker:
 
 def test_layer_library_gives_each_layers_torch_output(built, tmp_path: Path) -> None:
     model, x, compiled = built
-    assert set(compiled.sparse_layers) == {"4", "8"}
+    assert set(compiled.sparse_layers) == {"4", "8", "11"}
+    assert compiled.kernels["4"]["fused_into"] == "6"
+    assert compiled.kernels["6"]["fused_expand"] == "4"
     path = tmp_path / "layers.so"
     inputs = _layer_inputs(model, x, [plan.name for plan in compiled.layer_plans])
     calls = compiled.export_layer_library(path, inputs=inputs)
-    # Every Conv2d/Linear in model order; the 3x3 conv is its im2col and its matmul.
-    assert list(calls) == ["0", "2", "4", "8"]
-    assert [len(layer) for layer in calls.values()] == [2, 1, 1, 1]
+    # Every Conv2d/Linear in model order; the 3x3 conv is its im2col and its matmul, and the
+    # expand conv "4" is computed (and timed) inside the depthwise conv "6", on its input.
+    assert list(calls) == ["0", "2", "6", "8", "11"]
+    assert [len(layer) for layer in calls.values()] == [2, 1, 1, 1, 1]
+    np.testing.assert_array_equal(calls["6"][0].inputs[0], inputs["4"])
     assert all(isinstance(call, KernelCall) for layer in calls.values() for call in layer)
     lib = tvm.runtime.load_module(str(path))
     _check_layers(compiled, model, x, calls, lambda layer: run_layer_calls(lib, tvm.cpu(), layer))
@@ -134,7 +147,7 @@ def test_every_layer_is_timed_on_the_device(built, tracker: Tracker, tmp_path: P
     calls = compiled.export_layer_library(path)
     times = measure_layers(path, calls, profile, tracker)
     assert times.ok, times.error
-    assert list(times.ms) == list(compiled.kernels) == ["0", "2", "4", "8"]
+    assert list(times.ms) == ["0", "2", "6", "8", "11"]
     assert all(math.isfinite(ms) and ms > 0 for ms in times.ms.values())
     assert times.repeats == 3 and times.key == KEY
     # The session is released: the server is free again.
@@ -148,7 +161,7 @@ def test_layer_failures_come_back_as_data(built, tracker: Tracker, tmp_path: Pat
     assert not missing.ok and missing.error.startswith("upload:")
     path = tmp_path / "layers.so"
     calls = compiled.export_layer_library(path)
-    wrong = {"fc": [KernelCall("no_such_symbol", calls["8"][0].inputs, (1, 10, 1))]}
+    wrong = {"fc": [KernelCall("no_such_symbol", calls["11"][0].inputs, (1, 10, 1))]}
     once = dataclasses.replace(profile, protocol=dataclasses.replace(profile.protocol, retries=0))
     failed = measure_layers(path, wrong, once, tracker)
     assert not failed.ok and failed.ms == {}
@@ -180,5 +193,5 @@ def test_layers_are_timed_on_the_emulated_arm_board(
     gc.collect()  # the session is released: the board has one server
     times = measure_layers(path, calls, profile, emulated_board)
     assert times.ok, times.error
-    assert list(times.ms) == ["0", "2", "4", "8"]
+    assert list(times.ms) == ["0", "2", "6", "8", "11"]
     assert all(math.isfinite(ms) and ms > 0 for ms in times.ms.values())
