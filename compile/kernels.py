@@ -510,12 +510,14 @@ class _DepthwiseParts:
     `expand_depthwise_cpu`: `load(buf, x_buf, b, c)` copies input plane (b, c) into the
     zero-bordered phase buffer `buf` (`buf_size` floats, zeroed once), and
     `compute(acc, buf, weight, bias, y_buf, b, c)` writes output plane (b, c) from it, with
-    `acc` an `acc_shape` register tile."""
+    `acc` an `acc_shape` register tile. At stride 1 (one phase), `put_row(buf, src, s0, row)`
+    stores one input row, held in src[s0 .. s0 + width), where `load` would put it."""
 
     load: object
     compute: object
     buf_size: int
     acc_shape: tuple[int, int]
+    put_row: object | None
 
 
 def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _DepthwiseParts:
@@ -614,7 +616,14 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
         if tail > 0:
             row_group(acc, buf, weight, bias, y_buf, tb, tc, n_groups * RG, tail)
 
-    return _DepthwiseParts(load, compute, SH * SW * PP, (RG, OW))
+    @T.macro
+    def put_row(buf, src, s0, row):
+        if row + PT >= P0[3] and row + PT < P0[3] + P0[4]:
+            for q in T.vectorized(P0[6]):
+                buf[(row + PT) * PW + P0[5] + q] = src[s0 + P0[5] + q - PL]
+
+    one_phase = len(phases) == 1 and P0[6] > 0
+    return _DepthwiseParts(load, compute, SH * SW * PP, (RG, OW), put_row if one_phase else None)
 
 
 def depthwise_conv_cpu(
@@ -676,11 +685,17 @@ def expand_depthwise_cpu(
     M = H * W
     KH, KW = geo.kernel
     OH, OW = geo.out_height, geo.out_width
-    MT = min(M, 8 * lanes)  # expanded positions per register tile
-    n_full, tail = M // MT, M % MT
     expand_act = ACTIVATIONS.index(expand.activation)
     parts = _depthwise_parts(geo, activation, lanes)
     load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
+    put_row = parts.put_row
+    # Expanded positions per register tile: whole input rows when they can go straight into
+    # the depthwise conv's buffer (stride 1), else into a plane that `load` then copies.
+    if put_row is not None and W <= 8 * lanes:
+        MT = W * min(H, 8 * lanes // W)
+    else:
+        MT, put_row = min(M, 8 * lanes), None
+    n_full, tail = M // MT, M % MT
     n_chunks, per_chunk = _chunks(B * C, num_cores)
 
     @T.macro
@@ -695,8 +710,14 @@ def expand_depthwise_cpu(
             k = T.bind(w_indices[p])
             for j in T.vectorized(width):
                 eacc[j] = eacc[j] + w_data[p] * x_buf[tb, k, m0 + j]
-        for j in T.vectorized(width):
-            plane[m0 + j] = _activate(eacc[j], expand_act)
+        if put_row is None:
+            for j in T.vectorized(width):
+                plane[m0 + j] = _activate(eacc[j], expand_act)
+        else:
+            for j in T.vectorized(width):
+                eacc[j] = _activate(eacc[j], expand_act)
+            for r in T.unroll(width // W):
+                put_row(plane, eacc, r * W, m0 // W + r)
 
     @T.prim_func(s_tir=True)
     def expand_depthwise(
@@ -725,11 +746,14 @@ def expand_depthwise_cpu(
                     b = T.bind(_outer(w, C, B))
                     c = T.bind(_inner(w, C, B))
                     csr = (data, indices, indptr, expand_bias)
+                    # The expanded rows go straight into `buf` (put_row), or into `plane`.
+                    dest = plane if put_row is None else buf
                     for mt in range(n_full):
-                        expand_tile(eacc, plane, X, csr, b, c, mt * MT, MT)
+                        expand_tile(eacc, dest, X, csr, b, c, mt * MT, MT)
                     if tail > 0:
-                        expand_tile(eacc, plane, X, csr, b, c, M - tail, tail)
-                    load(buf, plane4, 0, 0)
+                        expand_tile(eacc, dest, X, csr, b, c, M - tail, tail)
+                    if put_row is None:
+                        load(buf, plane4, 0, 0)
                     compute(acc, buf, weight, bias, Y, b, c)
 
     return expand_depthwise

@@ -379,11 +379,15 @@ def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
         (2, (9, 12), (5, 5), (2, 2), (2, 2), ("relu", "none")),
         (1, (7, 5), (3, 3), (2, 1), (1, 1), ("none", "relu")),
         (1, (1, 1), (3, 3), (1, 1), (1, 1), ("relu6", "none")),
+        (2, (13, 10), (3, 3), (1, 1), (0, 1), ("relu6", "relu6")),
+        (1, (3, 70), (1, 3), (1, 1), (0, 1), ("none", "none")),
     ],
 )
 def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad, acts):
     """A sparse 1x1 conv and the depthwise conv on its output in one kernel: odd sizes and
-    channel counts, stride phases, batch 2, a 1x1 map, an empty and a full expand channel."""
+    channel counts, stride phases, batch 2, a 1x1 map, an empty and a full expand channel;
+    expanded rows stored straight into the depthwise buffer (stride 1, a row tail, no top pad)
+    or through a plane (strided, or rows wider than a register tile)."""
     rng = np.random.default_rng(11)
     (h, w), (kh, kw), (k, c) = size, kernel, (11, 21)
     oh = (h + 2 * pad[0] - kh) // stride[0] + 1
