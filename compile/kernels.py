@@ -510,8 +510,8 @@ class _DepthwiseParts:
     `expand_depthwise_cpu`: `load(buf, x_buf, b, c)` copies input plane (b, c) into the
     zero-bordered phase buffer `buf` (`buf_size` floats, zeroed once), and
     `compute(acc, buf, weight, bias, y_buf, b, c)` writes output plane (b, c) from it, with
-    `acc` an `acc_shape` register tile. At stride 1 (one phase), `put_row(buf, src, s0, row)`
-    stores one input row, held in src[s0 .. s0 + width), where `load` would put it."""
+    `acc` an `acc_shape` register tile. `put_row(buf, src, s0, row)` stores one input row,
+    held in src[s0 .. s0 + width), where `load` would put it (None where it cannot)."""
 
     load: object
     compute: object
@@ -616,14 +616,38 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
         if tail > 0:
             row_group(acc, buf, weight, bias, y_buf, tb, tc, n_groups * RG, tail)
 
+    # put_row: each column phase's (phase column, first position, count), and each row phase's
+    # (first row, rows); the row phase of an input row is only known when the kernel runs.
+    col_phases = [(pc, *_phase_interior(pc, PL, W, SW, PW)) for pc in range(SW)]
+    R0, R1 = ([ph[3:5] for ph in phases[::SW]] * 2)[:2]
+    C0, C1 = (col_phases * 2)[:2]
+
+    @T.macro
+    def put_phase_row(buf, src, s0, row, col):
+        """Row `row`'s positions of column phase `col` (held in src[s0 .. s0 + W))."""
+        pr = T.bind((row + PT) % SH)
+        prow = T.bind((row + PT) // SH)
+        first = T.bind(T.Select(pr == 0, R0[0], R1[0]))
+        if prow >= first and prow < first + T.Select(pr == 0, R0[1], R1[1]):
+            start = T.bind((pr * SW + col[0]) * PP + prow * PW + col[1])
+            if SW == 1:
+                for q in T.vectorized(col[2]):
+                    buf[start + q] = src[s0 + col[1] + q - PL]
+            else:  # every SW-th column of the row: a shuffle of the row's vector
+                buf[T.ramp(start, 1, col[2])] = T.Shuffle(
+                    [src[T.ramp(s0, 1, W)]],
+                    [(col[1] + i) * SW + col[0] - PL for i in range(col[2])],
+                )
+
     @T.macro
     def put_row(buf, src, s0, row):
-        if row + PT >= P0[3] and row + PT < P0[3] + P0[4]:
-            for q in T.vectorized(P0[6]):
-                buf[(row + PT) * PW + P0[5] + q] = src[s0 + P0[5] + q - PL]
+        put_phase_row(buf, src, s0, row, C0)
+        if SW > 1:
+            put_phase_row(buf, src, s0, row, C1)
 
-    one_phase = len(phases) == 1 and P0[6] > 0
-    return _DepthwiseParts(load, compute, SH * SW * PP, (RG, OW), put_row if one_phase else None)
+    # Stride 1 or 2, and (for stride 2) every column phase at least two positions wide.
+    fits = len(phases) <= 4 and all(ph[2] >= (2 if SW > 1 else 1) for ph in col_phases)
+    return _DepthwiseParts(load, compute, SH * SW * PP, (RG, OW), put_row if fits else None)
 
 
 def depthwise_conv_cpu(
@@ -690,7 +714,7 @@ def expand_depthwise_cpu(
     load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
     put_row = parts.put_row
     # Expanded positions per register tile: whole input rows when they can go straight into
-    # the depthwise conv's buffer (stride 1), else into a plane that `load` then copies.
+    # the depthwise conv's buffer, else into a plane that `load` then copies.
     if put_row is not None and W <= 8 * lanes:
         MT = W * min(H, 8 * lanes // W)
     else:

@@ -381,13 +381,15 @@ def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
         (1, (1, 1), (3, 3), (1, 1), (1, 1), ("relu6", "none")),
         (2, (13, 10), (3, 3), (1, 1), (0, 1), ("relu6", "relu6")),
         (1, (3, 70), (1, 3), (1, 1), (0, 1), ("none", "none")),
+        (2, (3, 3), (3, 3), (2, 2), (1, 1), ("relu", "relu6")),
     ],
 )
 def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad, acts):
     """A sparse 1x1 conv and the depthwise conv on its output in one kernel: odd sizes and
     channel counts, stride phases, batch 2, a 1x1 map, an empty and a full expand channel;
-    expanded rows stored straight into the depthwise buffer (stride 1, a row tail, no top pad)
-    or through a plane (strided, or rows wider than a register tile)."""
+    expanded rows stored straight into the depthwise buffer's stride phases (a row tail, tiles
+    of an odd row count, no top pad) or through a plane (rows wider than a register tile, a
+    one-column phase)."""
     rng = np.random.default_rng(11)
     (h, w), (kh, kw), (k, c) = size, kernel, (11, 21)
     oh = (h + 2 * pad[0] - kh) // stride[0] + 1
