@@ -660,6 +660,9 @@ def depthwise_conv_cpu(
     OH, OW = geo.out_height, geo.out_width
     parts = _depthwise_parts(geo, activation, lanes)
     load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
+    put_row = parts.put_row
+    # Strided columns: each input row loaded whole and split into its phases (see put_row).
+    by_rows = put_row is not None and geo.stride[1] > 1 and W <= 8 * lanes
     n_chunks, per_chunk = _chunks(B * C, num_cores)
 
     @T.prim_func(s_tir=True)
@@ -670,6 +673,7 @@ def depthwise_conv_cpu(
         Y: T.Buffer((B, C, OH, OW), "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
         for t in T.parallel(n_chunks):
             buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
@@ -681,7 +685,11 @@ def depthwise_conv_cpu(
                 if w < B * C:
                     b = T.bind(_outer(w, C, B))
                     c = T.bind(_inner(w, C, B))
-                    load(buf, X, b, c)
+                    if by_rows:
+                        for r in range(H):
+                            put_row(buf, Xf, ((b * C + c) * H + r) * W, r)
+                    else:
+                        load(buf, X, b, c)
                     compute(acc, buf, weight, bias, Y, b, c)
 
     return depthwise_conv
