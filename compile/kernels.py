@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 7
+KERNEL_VERSION = 8
 
 
 @dataclass(frozen=True)
