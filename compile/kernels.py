@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 8
+KERNEL_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -507,17 +507,21 @@ def _phase_interior(phase: int, pad: int, size: int, stride: int, count: int) ->
 @dataclass(frozen=True)
 class _DepthwiseParts:
     """The per-channel steps of our CPU depthwise kernel, shared by `depthwise_conv_cpu` and
-    `expand_depthwise_cpu`: `load(buf, x_buf, b, c)` copies input plane (b, c) into the
-    zero-bordered phase buffer `buf` (`buf_size` floats, zeroed once), and
-    `compute(acc, buf, weight, bias, y_buf, b, c)` writes output plane (b, c) from it, with
-    `acc` an `acc_shape` register tile. `put_row(buf, src, s0, row)` stores one input row,
-    held in src[s0 .. s0 + width), where `load` would put it (None where it cannot)."""
+    `expand_depthwise_cpu` (and `im2col_cpu`): `load(buf, x_buf, x_flat, start, b, c)`
+    copies input plane (b, c) of `x_buf` (which `x_flat` views flat, the plane at `start`)
+    into the zero-bordered buffer `buf` (`buf_size` floats, zeroed once), a `phase_size` part
+    per stride phase of rows `phase_width` wide; `compute(acc, buf, weight, bias, y_buf, b, c)`
+    writes output plane (b, c) from it, with `acc` an `acc_shape` register tile.
+    `put_row(buf, src, s0, row)` stores one input row, held in src[s0 .. s0 + width), where
+    `load` would put it (None where it cannot)."""
 
     load: object
     compute: object
     buf_size: int
     acc_shape: tuple[int, int]
     put_row: object | None
+    phase_size: int
+    phase_width: int
 
 
 def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _DepthwiseParts:
@@ -647,7 +651,20 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
 
     # Stride 1 or 2, and (for stride 2) every column phase at least two positions wide.
     fits = len(phases) <= 4 and all(ph[2] >= (2 if SW > 1 else 1) for ph in col_phases)
-    return _DepthwiseParts(load, compute, SH * SW * PP, (RG, OW), put_row if fits else None)
+    # Strided columns: each input row loaded whole and split into its phases by put_row.
+    by_rows = fits and SW > 1 and W <= 8 * lanes
+
+    @T.macro
+    def fill(buf, x_buf, x_flat, start, tb, tc):
+        if by_rows:
+            for r in range(H):
+                put_row(buf, x_flat, start + r * W, r)
+        else:
+            load(buf, x_buf, tb, tc)
+
+    return _DepthwiseParts(
+        fill, compute, SH * SW * PP, (RG, OW), put_row if fits else None, PP, PW
+    )
 
 
 def depthwise_conv_cpu(
@@ -660,9 +677,6 @@ def depthwise_conv_cpu(
     OH, OW = geo.out_height, geo.out_width
     parts = _depthwise_parts(geo, activation, lanes)
     load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
-    put_row = parts.put_row
-    # Strided columns: each input row loaded whole and split into its phases (see put_row).
-    by_rows = put_row is not None and geo.stride[1] > 1 and W <= 8 * lanes
     n_chunks, per_chunk = _chunks(B * C, num_cores)
 
     @T.prim_func(s_tir=True)
@@ -685,11 +699,7 @@ def depthwise_conv_cpu(
                 if w < B * C:
                     b = T.bind(_outer(w, C, B))
                     c = T.bind(_inner(w, C, B))
-                    if by_rows:
-                        for r in range(H):
-                            put_row(buf, Xf, ((b * C + c) * H + r) * W, r)
-                    else:
-                        load(buf, X, b, c)
+                    load(buf, X, Xf, (b * C + c) * H * W, b, c)
                     compute(acc, buf, weight, bias, Y, b, c)
 
     return depthwise_conv
@@ -785,16 +795,62 @@ def expand_depthwise_cpu(
                     if tail > 0:
                         expand_tile(eacc, dest, X, csr, b, c, M - tail, tail)
                     if put_row is None:
-                        load(buf, plane4, 0, 0)
+                        load(buf, plane4, plane, 0, 0, 0)
                     compute(acc, buf, weight, bias, Y, b, c)
 
     return expand_depthwise
 
 
-def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc:
+def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) -> tirx.PrimFunc:
     """Unfold an NCHW input into (B, C * kh * kw, OH * OW) columns (row order c, kh, kw, as in
     `weight.reshape(out, -1)`), so that any groups=1 conv becomes a matmul for our kernels.
+    Each input plane is split by stride phase first (as in `depthwise_conv_cpu`), so every
+    column row is a contiguous copy; strides above 2 read a padded plane with strided loads.
     The channel count is read from the arrays."""
+    if geo.stride[0] * geo.stride[1] > 4:
+        return _im2col_strided_cpu(geo, num_cores)
+    B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
+    KH, KW = geo.kernel
+    SH, SW = geo.stride
+    OH, OW = geo.out_height, geo.out_width
+    parts = _depthwise_parts(geo, "none", lanes)
+    load, BUF, PP, PW = parts.load, parts.buf_size, parts.phase_size, parts.phase_width
+    n_chunks, per_chunk = _chunks(B * C, num_cores)
+
+    @T.prim_func(s_tir=True)
+    def im2col(
+        X: T.Buffer((B, C, H, W), "float32"),
+        Y: T.Buffer((B, C * KH * KW, OH * OW), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        # One input, one output: Relax checks such calls for a reshape pattern, which
+        # needs the body to be a block.
+        with T.sblock("root"):
+            Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
+            for t in T.parallel(n_chunks):
+                buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
+                for e in T.vectorized(BUF):
+                    buf[e] = T.float32(0)
+                for w0 in range(per_chunk):
+                    w = T.bind(t * per_chunk + w0)
+                    if w < B * C:
+                        b = T.bind(_outer(w, C, B))
+                        c = T.bind(_inner(w, C, B))
+                        load(buf, X, Xf, (b * C + c) * H * W, b, c)
+                        for kh in range(KH):
+                            for kw in range(KW):
+                                ph = T.bind(((kh % SH) * SW + kw % SW) * PP + kw // SW)
+                                for oh in range(OH):
+                                    for j in T.vectorized(OW):
+                                        Y[b, (c * KH + kh) * KW + kw, oh * OW + j] = buf[
+                                            ph + (oh + kh // SH) * PW + j
+                                        ]
+
+    return im2col
+
+
+def _im2col_strided_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc:
+    """`im2col_cpu` for strides above 2: from a zero-padded plane, with strided loads."""
     B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
     KH, KW = geo.kernel
     SH, SW = geo.stride
@@ -893,13 +949,15 @@ def depthwise_kernel(
     return depthwise_conv_cpu(geo, activation, num_cores, lanes)
 
 
-def im2col_kernel(geo: ConvGeometry, family: str, num_cores: int | None = None) -> tirx.PrimFunc:
+def im2col_kernel(
+    geo: ConvGeometry, family: str, num_cores: int | None = None, avx512: bool = True
+) -> tirx.PrimFunc:
     """The im2col kernel for a target family."""
     if family == "cuda":
         from compile.cuda_kernels import im2col_cuda
 
         return im2col_cuda(geo)
-    return im2col_cpu(geo, num_cores)
+    return im2col_cpu(geo, num_cores, vector_unit(family, avx512).lanes)
 
 
 KERNEL_OPS = ("sparse", "dense", "depthwise", "im2col")
@@ -960,4 +1018,4 @@ def _make(kernel: Kernel) -> tirx.PrimFunc:
             kernel.avx512,
             kernel.expand,
         )
-    return im2col_kernel(kernel.shape, kernel.family, kernel.num_cores)
+    return im2col_kernel(kernel.shape, kernel.family, kernel.num_cores, kernel.avx512)

@@ -396,7 +396,7 @@ def plan_rewrite(
         if choice is not None and choice.sparse_ms is not None:
             plan.times_ms = {"sparse": choice.sparse_ms, "dense": choice.dense_ms}
         if kind == "conv" and not _is_plain_1x1(geometry):
-            plan.im2col = Kernel("im2col", family, geometry, num_cores=num_cores)
+            plan.im2col = Kernel("im2col", family, geometry, num_cores=num_cores, avx512=avx512)
         plans.append(plan)
     _fuse_expand_depthwise(plans, graph)
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)

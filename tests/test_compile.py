@@ -373,6 +373,32 @@ def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
 
 
 @pytest.mark.parametrize(
+    ("size", "kernel", "stride", "pad"),
+    [
+        ((32, 32), (3, 3), (2, 2), (1, 1)),
+        ((9, 12), (5, 5), (1, 2), (2, 2)),
+        ((7, 5), (3, 1), (2, 1), (0, 0)),
+        ((2, 3), (3, 3), (2, 2), (1, 1)),
+        ((11, 13), (4, 4), (3, 4), (1, 2)),
+    ],
+)
+def test_im2col_kernel_matches_torch_unfold(size, kernel, stride, pad):
+    """Stride phases, a one-column phase, pads wider than the input, and strides above 2."""
+    rng = np.random.default_rng(5)
+    (h, w), (kh, kw) = size, kernel
+    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
+    ow = (w + 2 * pad[1] - kw) // stride[1] + 1
+    x = rng.standard_normal((2, 3, h, w)).astype(np.float32)
+    geo = ConvGeometry(2, 3, h, w, kernel, stride, pad, oh, ow)
+    lib, symbol = load_kernel(Kernel("im2col", "x86", geo, num_cores=2), HOST.target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((2, 3 * kh * kw, oh * ow), np.nan, np.float32), dev)
+    lib[symbol](tvm.runtime.tensor(x, dev), out)
+    want = nn.functional.unfold(torch.from_numpy(x), kernel, padding=pad, stride=stride)
+    np.testing.assert_array_equal(out.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize(
     ("batch", "size", "kernel", "stride", "pad", "acts"),
     [
         (1, (16, 16), (3, 3), (1, 1), (1, 1), ("relu6", "relu6")),
