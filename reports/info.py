@@ -43,6 +43,9 @@ class LayerDetail:
     # This layer's kernel(s) timed alone on the device (`--layer-times`); sparse_ms and
     # dense_ms are the compiler's timings on the build host, which chose between them.
     measured_ms: float | None = None
+    # A 1x1 conv computed inside the depthwise conv it feeds: that layer's name (its device
+    # time includes this one's).
+    fused_into: str | None = None
 
     @property
     def host_ms(self) -> float | None:
@@ -502,6 +505,7 @@ def layer_details(attrs: dict[str, Any]) -> list[LayerDetail]:
                 sparse_ms=_as_float(kernel.get("sparse_ms")),
                 dense_ms=_as_float(kernel.get("dense_ms")),
                 measured_ms=_as_float(layer_ms.get(name)),
+                fused_into=str(kernel["fused_into"]) if kernel.get("fused_into") else None,
             )
         )
     return rows

@@ -460,7 +460,8 @@ def _layer_times_note(info: ReportInfo, layers: Sequence[LayerDetail]) -> str:
         on = f" ({device})" if device else ""
         return (
             f"<p class='hint layer-times'>Times measured on the device{_e(on)}: each layer's "
-            "kernel(s) timed alone, an im2col and its matmul summed. The sparse / dense speedups "
+            "kernel(s) timed alone, an im2col and its matmul summed, a 1x1 conv computed inside "
+            "the depthwise conv it feeds timed with it. The sparse / dense speedups "
             "are the compiler's kernel timings on the build host, from which it chose.</p>"
         )
     if any(layer.host_ms is not None for layer in layers):
@@ -552,8 +553,9 @@ def _layer_chart_svg(layers: Sequence[LayerDetail]) -> str:
                 speedup = f"(sparse {speedup}{' on host' if on_device else ''})"
             elif speedup and on_device:
                 speedup = f"({speedup} on host)"
+            fused = f"timed in {layer.fused_into}" if on_device and layer.fused_into else ""
             text = " ".join(
-                t for t in (f"{_fmt_ms(chosen)} ms" if chosen else "", label, speedup) if t
+                t for t in (f"{_fmt_ms(chosen)} ms" if chosen else "", label, speedup, fused) if t
             )
             parts.append(
                 f"<text class='val' x='{time_x + time_w + 6}' y='{mid:.1f}'>{_e(text)}</text>"

@@ -366,6 +366,21 @@ def test_layer_times_say_where_they_were_measured(tmp_path: Path) -> None:
     assert "measured on the device" not in on_host and "layer-times" not in templates["0"]
 
 
+def test_a_fused_1x1_conv_points_to_the_layer_it_was_timed_in(tmp_path: Path) -> None:
+    run = make_run(tmp_path, points=POINTS[:1], with_others=False)
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{run / 'study.db'}")
+    attrs = _attrs(1, 0.9, 10.0)
+    attrs["kernels"]["stage1.conv"]["fused_into"] = "head.fc"
+    del attrs["layer_ms"]["stage1.conv"]
+    study.add_trial(create_trial(values=[0.9, 10.0], user_attrs=attrs))
+    layers = {layer.name: layer for layer in build_info(run).trial_by_number[1].layers}
+    assert layers["stage1.conv"].fused_into == "head.fc" and layers["head.fc"].fused_into is None
+    assert layers["stage1.conv"].measured_ms is None
+    page = render_html(build_info(run))
+    detail = re.search(r"<template id='detail-1'>(.*?)</template>", page, re.DOTALL).group(1)
+    assert "timed in head.fc" in detail and detail.count("timed in ") == 1
+
+
 def make_multi_device_run(root: Path, name: str = "multi", device: str = "arm/rpi4") -> Path:
     """A 3-objective study: accuracy and the latency on two devices, which rank differently."""
     run = root / name
