@@ -488,14 +488,6 @@ def _chunks(work, num_cores: int | None) -> tuple:
     return n_chunks, (work + n_chunks - 1) // n_chunks
 
 
-@T.macro
-def _load_plane(plane, x_buf, tb, tc, rows, cols, pad_top, pad_left):
-    """Copy the input plane (tb, tc) into the interior of the zero-bordered `plane`."""
-    for r in range(rows):
-        for q in T.vectorized(cols):
-            plane[r + pad_top, q + pad_left] = x_buf[tb, tc, r, q]
-
-
 def _phase_interior(phase: int, pad: int, size: int, stride: int, count: int) -> tuple[int, int]:
     """The first index and count of a phase's positions that hold input (not padding): position
     p of phase `phase` is input index p * stride + phase - pad, for p in [0, count)."""
@@ -805,17 +797,46 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) 
     """Unfold an NCHW input into (B, C * kh * kw, OH * OW) columns (row order c, kh, kw, as in
     `weight.reshape(out, -1)`), so that any groups=1 conv becomes a matmul for our kernels.
     Each input plane is split by stride phase first (as in `depthwise_conv_cpu`), so every
-    column row is a contiguous copy; strides above 2 read a padded plane with strided loads.
-    The channel count is read from the arrays."""
-    if geo.stride[0] * geo.stride[1] > 4:
-        return _im2col_strided_cpu(geo, num_cores)
+    column row is a contiguous copy; strides above 2 read a zero-padded plane with strided
+    loads. The channel count is read from the arrays."""
     B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
     KH, KW = geo.kernel
     SH, SW = geo.stride
+    PT, PL = geo.pad
     OH, OW = geo.out_height, geo.out_width
-    parts = _depthwise_parts(geo, "none", lanes)
-    load, BUF, PP, PW = parts.load, parts.buf_size, parts.phase_size, parts.phase_width
     n_chunks, per_chunk = _chunks(B * C, num_cores)
+    if SH * SW <= 4:
+        parts = _depthwise_parts(geo, "none", lanes)
+        load, BUF, PP, PW = parts.load, parts.buf_size, parts.phase_size, parts.phase_width
+
+        @T.macro
+        def unfold(buf, x_buf, x_flat, y_buf, tb, tc):
+            load(buf, x_buf, x_flat, (tb * C + tc) * H * W, tb, tc)
+            for kh in range(KH):
+                for kw in range(KW):
+                    ph = T.bind(((kh % SH) * SW + kw % SW) * PP + kw // SW)
+                    for oh in range(OH):
+                        for j in T.vectorized(OW):
+                            y_buf[tb, (tc * KH + kh) * KW + kw, oh * OW + j] = buf[
+                                ph + (oh + kh // SH) * PW + j
+                            ]
+
+    else:
+        HP, WP = geo.padded_height, geo.padded_width
+        rows, cols, BUF = min(H, HP - PT), min(W, WP - PL), HP * WP
+
+        @T.macro
+        def unfold(buf, x_buf, x_flat, y_buf, tb, tc):
+            for r in range(rows):
+                for q in T.vectorized(cols):
+                    buf[(r + PT) * WP + q + PL] = x_buf[tb, tc, r, q]
+            for kh in range(KH):
+                for kw in range(KW):
+                    for oh in range(OH):
+                        for j in T.vectorized(OW):
+                            y_buf[tb, (tc * KH + kh) * KW + kw, oh * OW + j] = buf[
+                                (oh * SH + kh) * WP + j * SW + kw
+                            ]
 
     @T.prim_func(s_tir=True)
     def im2col(
@@ -829,6 +850,7 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) 
             Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
             for t in T.parallel(n_chunks):
                 buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
+                # The padding stays zero: only the input positions are rewritten per channel.
                 for e in T.vectorized(BUF):
                     buf[e] = T.float32(0)
                 for w0 in range(per_chunk):
@@ -836,57 +858,7 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) 
                     if w < B * C:
                         b = T.bind(_outer(w, C, B))
                         c = T.bind(_inner(w, C, B))
-                        load(buf, X, Xf, (b * C + c) * H * W, b, c)
-                        for kh in range(KH):
-                            for kw in range(KW):
-                                ph = T.bind(((kh % SH) * SW + kw % SW) * PP + kw // SW)
-                                for oh in range(OH):
-                                    for j in T.vectorized(OW):
-                                        Y[b, (c * KH + kh) * KW + kw, oh * OW + j] = buf[
-                                            ph + (oh + kh // SH) * PW + j
-                                        ]
-
-    return im2col
-
-
-def _im2col_strided_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc:
-    """`im2col_cpu` for strides above 2: from a zero-padded plane, with strided loads."""
-    B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
-    KH, KW = geo.kernel
-    SH, SW = geo.stride
-    PT, PL = geo.pad
-    OH, OW = geo.out_height, geo.out_width
-    HP, WP = geo.padded_height, geo.padded_width
-    rows, cols = min(H, HP - PT), min(W, WP - PL)
-    n_chunks, per_chunk = _chunks(B * C, num_cores)
-
-    @T.prim_func(s_tir=True)
-    def im2col(
-        X: T.Buffer((B, C, H, W), "float32"),
-        Y: T.Buffer((B, C * KH * KW, OH * OW), "float32"),
-    ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
-        # One input, one output: Relax checks such calls for a reshape pattern, which
-        # needs the body to be a block.
-        with T.sblock("root"):
-            for t in T.parallel(n_chunks):
-                plane = T.alloc_buffer((HP, WP), "float32", scope="local", annotations=_ON_STACK)
-                for r in range(HP):
-                    for q in T.vectorized(WP):
-                        plane[r, q] = T.float32(0)
-                for w0 in range(per_chunk):
-                    w = T.bind(t * per_chunk + w0)
-                    if w < B * C:
-                        b = T.bind(_outer(w, C, B))
-                        c = T.bind(_inner(w, C, B))
-                        _load_plane(plane, X, b, c, rows, cols, PT, PL)
-                        for kh in range(KH):
-                            for kw in range(KW):
-                                for oh in range(OH):
-                                    for j in T.vectorized(OW):
-                                        Y[b, (c * KH + kh) * KW + kw, oh * OW + j] = plane[
-                                            oh * SH + kh, j * SW + kw
-                                        ]
+                        unfold(buf, X, Xf, Y, b, c)
 
     return im2col
 
