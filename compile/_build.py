@@ -175,7 +175,7 @@ class CompiledModel:
         for plan in self.layer_plans:
             if plan.fused_into is not None:  # computed (and timed) with the layer it feeds
                 continue
-            name = plan.expand.name if plan.expand is not None else plan.name
+            name = (plan.expand or plan).name  # a fused pair runs on the 1x1 conv's input
             x = (inputs or {}).get(name)
             if x is None:
                 x = rng.standard_normal(plan.input_shape).astype(np.float32)

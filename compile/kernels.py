@@ -596,7 +596,7 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
         raise ValueError(f"depthwise stride {geo.stride} is not supported (at most 2 x 2)")
 
     @T.macro
-    def load(buf, x_buf, tb, tc):
+    def load_phases(buf, x_buf, tb, tc):
         load_phase(buf, x_buf, tb, tc, P0)
         if len(phases) > 1:
             load_phase(buf, x_buf, tb, tc, P1)
@@ -647,15 +647,15 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
     by_rows = fits and SW > 1 and W <= 8 * lanes
 
     @T.macro
-    def fill(buf, x_buf, x_flat, start, tb, tc):
+    def load(buf, x_buf, x_flat, start, tb, tc):
         if by_rows:
             for r in range(H):
                 put_row(buf, x_flat, start + r * W, r)
         else:
-            load(buf, x_buf, tb, tc)
+            load_phases(buf, x_buf, tb, tc)
 
     return _DepthwiseParts(
-        fill, compute, SH * SW * PP, (RG, OW), put_row if fits else None, PP, PW
+        load, compute, SH * SW * PP, (RG, OW), put_row if fits else None, PP, PW
     )
 
 
@@ -733,9 +733,10 @@ def expand_depthwise_cpu(
     n_chunks, per_chunk = _chunks(B * C, num_cores)
 
     @T.macro
-    def expand_tile(eacc, plane, x_buf, csr, tb, tc, m0, width):
-        """Expanded channel tc at positions m0 .. m0 + width - 1, into `plane`. `csr`: the
-        expand conv's values, column indices, row pointers and bias."""
+    def expand_tile(eacc, dest, x_buf, csr, tb, tc, m0, width):
+        """Expanded channel tc at positions m0 .. m0 + width - 1, into `dest`: the plane, or
+        (with put_row) the depthwise buffer. `csr`: the expand conv's values, column indices,
+        row pointers and bias."""
         w_data, w_indices, w_indptr, bias_buf = csr
         for j in T.vectorized(width):
             eacc[j] = bias_buf[tc]
@@ -746,12 +747,12 @@ def expand_depthwise_cpu(
                 eacc[j] = eacc[j] + w_data[p] * x_buf[tb, k, m0 + j]
         if put_row is None:
             for j in T.vectorized(width):
-                plane[m0 + j] = _activate(eacc[j], expand_act)
+                dest[m0 + j] = _activate(eacc[j], expand_act)
         else:
             for j in T.vectorized(width):
                 eacc[j] = _activate(eacc[j], expand_act)
             for r in T.unroll(width // W):
-                put_row(plane, eacc, r * W, m0 // W + r)
+                put_row(dest, eacc, r * W, m0 // W + r)
 
     @T.prim_func(s_tir=True)
     def expand_depthwise(
