@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 9
+KERNEL_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def _spatial(hw: tuple[int, ...] | None, m: int) -> tuple[int, ...]:
 class Tiling:
     """Per-shape schedule parameters: M-tile width, the most parallel chunks (fewer when there
     is less work), and the block rows whose accumulators are live at once (a tall block, such
-    as 16x1 on AVX2, is computed in passes of `sub_rows` rows so its tile stays in registers)."""
+    as 16x1, is computed in passes of `sub_rows` rows so that its tile stays in registers and
+    is at least two vectors wide)."""
 
     tile_m: int
     chunks: int
@@ -130,9 +131,12 @@ def choose_tiling(
     """Pick the M tile (accumulators kept in registers) and parallel chunk count for a shape."""
     unit = vector_unit(family, avx512)
     bs_r = spec.block[0]
+    # Two vectors per row (fewer when M is narrower): with one, every FMA needs its own weight
+    # broadcast, and a 16x1 block on AVX2 ran 1.2-1.3x slower in 8 x 8 passes than in 4 x 16.
+    vectors = min(2, -(-spec.m // unit.lanes))
     sub_rows = bs_r
-    while sub_rows > 1 and sub_rows % 2 == 0 and sub_rows * unit.lanes > unit.acc_budget:
-        sub_rows //= 2  # at least one vector per row must fit
+    while sub_rows > 1 and sub_rows % 2 == 0 and sub_rows * vectors * unit.lanes > unit.acc_budget:
+        sub_rows //= 2
     per_row = max(1, unit.acc_budget // sub_rows)
     # A power of two: a 24-wide AVX2 tile (3 vectors) ran 4-6x slower than a 16-wide one.
     tile = max(unit.lanes, min(unit.widest, 1 << (per_row.bit_length() - 1)))
@@ -239,24 +243,38 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
 
     @T.macro
     def tile(
-        acc_buf, x_buf, w_data, w_indices, w_indptr, bias_buf, r_buf, y_buf, tb, trb, m0, width
+        acc_buf, x_buf, w_data, w_indices, bias_buf, r_buf, y_buf, tb, row0, s, blocks, m0, width
     ):
+        """One SR x width tile at (row0, m0); `blocks`: the block row's (first, count)."""
+        p_lo, n_p = blocks
+        _init_tile(acc_buf, bias_buf, row0, SR, width, N, None)
+        # A zero-based loop plus an offset: a non-zero range start inside a parallel body
+        # miscompiled once (TVM_NOTES.md).
+        for p0 in range(n_p):
+            p = T.bind(p_lo + p0)
+            k0 = T.bind(w_indices[p])
+            for c in T.unroll(BC):
+                for i in T.unroll(SR):
+                    for j in T.vectorized(width):
+                        acc_buf[i, j] = (
+                            acc_buf[i, j] + w_data[p, s * SR + i, c] * x_buf[tb, k0 + c, m0 + j]
+                        )
+        _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, N, epilogue, guard, None)
+
+    @T.macro
+    def block_row(bufs, w_indptr, tb, trb, mt_lo, mt_hi):
+        """M tiles [mt_lo, mt_hi) of one block row: what depends on the row only (its blocks,
+        its bias) is read once, not once per tile."""
+        p_lo = T.bind(w_indptr[trb])
+        n_p = T.bind(w_indptr[trb + 1] - p_lo)
         for s in range(BR // SR):  # passes over the block's rows, SR at a time
             row0 = T.bind(trb * BR + s * SR)
-            _init_tile(acc_buf, bias_buf, row0, SR, width, N, None)
-            # A zero-based loop plus an offset: a non-zero range start inside a parallel body
-            # miscompiled once (TVM_NOTES.md).
-            for p0 in range(w_indptr[trb + 1] - w_indptr[trb]):
-                p = T.bind(w_indptr[trb] + p0)
-                k0 = T.bind(w_indices[p])
-                for c in T.unroll(BC):
-                    for i in T.unroll(SR):
-                        for j in T.vectorized(width):
-                            acc_buf[i, j] = (
-                                acc_buf[i, j]
-                                + w_data[p, s * SR + i, c] * x_buf[tb, k0 + c, m0 + j]
-                            )
-            _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, N, epilogue, guard, None)
+            if not guard or row0 < N:  # a pass wholly past the last row has nothing to do
+                for mt0 in range(T.min(mt_hi, n_full) - mt_lo):
+                    tile(*bufs, tb, row0, s, (p_lo, n_p), (mt_lo + mt0) * MT, MT)
+                if has_tail:
+                    if mt_hi == n_mt:
+                        tile(*bufs, tb, row0, s, (p_lo, n_p), n_full * MT, tail)
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -276,22 +294,21 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         # The parallel loop runs over chunks so that the accumulators are allocated once per
         # chunk, not once per work item (a local buffer in a parallel body is a heap alloc).
+        # A chunk's work items, (batch, block row, M tile) in that order, are walked block row
+        # by block row.
         for t in T.parallel(n_chunks):
             acc = T.alloc_buffer((SR, MT), "float32", scope="local", annotations=_ON_STACK)
-            for w0 in range(per_chunk):
-                w = T.bind(t * per_chunk + w0)
-                if w < work:
-                    rbb = T.bind(w // n_mt)
+            lo = T.bind(t * per_chunk)
+            hi = T.bind(T.min(lo + per_chunk, work))
+            if lo < hi:
+                r_lo = T.bind(lo // n_mt)
+                for r0 in range((hi - 1) // n_mt + 1 - r_lo):
+                    rbb = T.bind(r_lo + r0)
                     b = T.bind(_outer(rbb, NRB, B))
                     rb = T.bind(_inner(rbb, NRB, B))
-                    mt = T.bind(w % n_mt)
-                    if has_tail:
-                        if mt < n_full:
-                            tile(acc, X, data, indices, indptr, bias, R, Y, b, rb, mt * MT, MT)
-                        else:
-                            tile(acc, X, data, indices, indptr, bias, R, Y, b, rb, mt * MT, tail)
-                    else:
-                        tile(acc, X, data, indices, indptr, bias, R, Y, b, rb, mt * MT, MT)
+                    mt_lo = T.bind(T.max(lo - rbb * n_mt, 0))
+                    mt_hi = T.bind(T.min(hi - rbb * n_mt, n_mt))
+                    block_row((acc, X, data, indices, bias, R, Y), indptr, b, rb, mt_lo, mt_hi)
 
     return _drop_unused_inputs(bsr_matmul, spec)
 
@@ -418,6 +435,17 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     guard = BR > 1
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
+    E = BR * BC
+    CH = max(1, min(4, 32 // E))  # small blocks: a lone FMA chain would wait on its latency
+
+    @T.macro
+    def block(acc_buf, w_data, w_indices, x_buf, tb, a0, p):
+        k0 = T.bind(w_indices[p])
+        for e in T.vectorized(E):
+            acc_buf[a0 + e] = (
+                acc_buf[a0 + e] + w_data[p, e // BC, e % BC] * x_buf[tb, k0 + e % BC, 0]
+            )
+
     XS, YS = _io_shapes(spec, K, N)
 
     @T.prim_func(s_tir=True)
@@ -435,21 +463,27 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
         for t in T.parallel(n_chunks):
-            acc = T.alloc_buffer((BR * BC,), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((CH * E,), "float32", scope="local", annotations=_ON_STACK)
             red = T.alloc_buffer((BR, 1), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:
                     b = T.bind(_outer(w, NRB, B))
                     rb = T.bind(_inner(w, NRB, B))
-                    for e in T.vectorized(BR * BC):
+                    p_lo = T.bind(indptr[rb])
+                    n_p = T.bind(indptr[rb + 1] - p_lo)
+                    for e in T.vectorized(CH * E):
                         acc[e] = T.float32(0)
-                    for p0 in range(indptr[rb + 1] - indptr[rb]):
-                        p = T.bind(indptr[rb] + p0)
-                        k0 = T.bind(indices[p])
-                        # The block's bs_r x bs_c values are contiguous: one vector per block.
-                        for e in T.vectorized(BR * BC):
-                            acc[e] = acc[e] + data[p, e // BC, e % BC] * X[b, k0 + e % BC, 0]
+                    # The block's bs_r x bs_c values are contiguous: one vector per block,
+                    # CH blocks at a time into CH accumulators (independent FMA chains).
+                    for q in range(n_p // CH):
+                        for ch in T.unroll(CH):
+                            block(acc, data, indices, X, b, ch * E, p_lo + q * CH + ch)
+                    for r in range(n_p % CH):
+                        block(acc, data, indices, X, b, 0, p_lo + n_p // CH * CH + r)
+                    for ch in T.unroll(CH - 1):  # the chains' sum, a vector add each
+                        for e in T.vectorized(E):
+                            acc[e] = acc[e] + acc[(ch + 1) * E + e]
                     _init_tile(red, bias, rb * BR, BR, 1, N, None)
                     for i in T.unroll(BR):
                         for c in T.unroll(BC):

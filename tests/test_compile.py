@@ -300,15 +300,19 @@ def test_strided_and_kxk_sparse_convs_go_through_im2col():
 
 
 def test_tall_blocks_are_computed_in_passes_that_fit_the_registers():
-    def tiling(block: tuple[int, int], avx512: bool) -> tuple[int, int]:
-        spec = KernelSpec(1, 64, 64, 1024, block, 64 // block[0])
+    def tiling(block: tuple[int, int], avx512: bool, m: int = 1024) -> tuple[int, int]:
+        spec = KernelSpec(1, 64, 64, m, block, 64 // block[0])
         chosen = choose_tiling("x86", spec, 1, avx512)
         return chosen.sub_rows, chosen.tile_m
 
-    # AVX2: 12 of 16 ymm registers for accumulators; a 16x1 block goes in two 8-row passes.
-    assert tiling((16, 1), avx512=False) == (8, 8)
+    # AVX2: 12 of 16 ymm registers for accumulators, two vectors per row: a 16x1 block goes
+    # in four 4-row passes; AVX-512 (16 zmm accumulators) in two 8-row passes.
+    assert tiling((16, 1), avx512=False) == (4, 16)
     assert tiling((4, 1), avx512=False) == (4, 16)
-    assert tiling((16, 1), avx512=True) == (16, 16)  # 16 zmm accumulators fit
+    assert tiling((16, 1), avx512=True) == (8, 32)
+    assert tiling((4, 1), avx512=True) == (4, 64)
+    # An M of one vector or less: rows take the registers the second vector would have.
+    assert tiling((16, 1), avx512=False, m=8) == (8, 8)
 
 
 def test_kernel_cache_is_pruned_oldest_first_sparing_recent_files(tmp_path):

@@ -17,14 +17,16 @@ from search_spaces.spaces import get_space
 
 
 def test_neon_tiles_fill_half_the_vector_registers():
-    def tile(block: tuple[int, int], m: int = 1024) -> int:
-        return choose_tiling("arm", KernelSpec(1, 64, 64, m, block, 64 // block[0])).tile_m
+    def tile(block: tuple[int, int], m: int = 1024) -> tuple[int, int]:
+        chosen = choose_tiling("arm", KernelSpec(1, 64, 64, m, block, 64 // block[0]))
+        return chosen.sub_rows, chosen.tile_m
 
-    # 16 of 32 128-bit registers hold accumulators: bs_r x tile_m = 64 floats.
-    assert tile((4, 1)) == 16
-    assert tile((16, 1)) == 4
-    assert tile((1, 4)) == 32  # capped: one activation row of 8 vectors per block column
-    assert tile((4, 1), m=6) == 6
+    # 16 of 32 128-bit registers hold accumulators: rows x tile_m = 64 floats, two vectors
+    # per row at least (a 16x1 block goes in two 8-row passes).
+    assert tile((4, 1)) == (4, 16)
+    assert tile((16, 1)) == (8, 8)
+    assert tile((1, 4)) == (1, 32)  # capped: one activation row of 8 vectors per block column
+    assert tile((4, 1), m=6) == (4, 6)
 
 
 def _mbv2_arch() -> dict:
