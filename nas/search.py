@@ -55,6 +55,9 @@ INTERRUPTED = "interrupted: the search stopped while this trial ran"
 CONFIG_FILE = "config.toml"
 # How often a worker of a differentiable search looks for the archs worker 0 derives.
 DERIVED_POLL_S = 2.0
+# Worker 0 waits this long at most for the worker processes it starts to set up.
+WORKER_START_S = 120.0
+WORKER_POLL_S = 0.2
 # A worker writes its id on a trial milliseconds after creating it (see `_orphaned`).
 ASK_GRACE_S = 5.0
 
@@ -573,9 +576,15 @@ def _wait_for_derived_archs(study: optuna.Study, progress: Callable[[str], None]
 @contextlib.contextmanager
 def _workers(config: SearchConfig, tracker: Tracker, worker: int) -> Iterator[None]:
     """Starts `workers - 1` worker processes on the same study and device, and waits for them."""
-    if worker > 0 or config.workers == 1:
+    if config.workers == 1:
         yield
         return
+    if worker > 0:
+        _ready_file(config, worker).touch()  # set up: worker 0 may start its trials
+        yield
+        return
+    for index in range(1, config.workers):  # left by a search that was killed
+        _ready_file(config, index).unlink(missing_ok=True)
     procs = [
         subprocess.Popen(
             [
@@ -595,10 +604,32 @@ def _workers(config: SearchConfig, tracker: Tracker, worker: int) -> Iterator[No
         for index in range(1, config.workers)
     ]
     try:
+        _wait_until_ready(config, procs)
         yield
     finally:
         for proc in procs:
             proc.wait()
+        for index in range(1, config.workers):
+            _ready_file(config, index).unlink(missing_ok=True)
+
+
+def _ready_file(config: SearchConfig, worker: int) -> Path:
+    return config.run_dir / f"worker-{worker}.ready"
+
+
+def _wait_until_ready(config: SearchConfig, procs: list[subprocess.Popen]) -> None:
+    """Waits until every worker process has set up (imports, data, devices: seconds), so that
+    a short search is shared from its first trial; gives up on a worker that exits first, and
+    on all of them after WORKER_START_S."""
+    deadline = time.monotonic() + WORKER_START_S
+    waiting = dict(enumerate(procs, start=1))
+    while True:
+        for index, proc in list(waiting.items()):
+            if _ready_file(config, index).exists() or proc.poll() is not None:
+                del waiting[index]
+        if not waiting or time.monotonic() >= deadline:
+            return
+        time.sleep(WORKER_POLL_S)
 
 
 def _progress_line(study: optuna.Study, total: int, started: float, note: str) -> str:

@@ -17,8 +17,7 @@ import pytest
 from hw_profiles.rpc import Tracker
 
 URL = os.environ.get("HWNAS_TEST_POSTGRES")
-# Enough that the second worker, which starts seconds after the first (importing torch and TVM
-# and loading the data), still finds trials to do on a busy machine.
+# Worker 0 starts its trials once the second worker has set up, so both get some of these.
 TRIALS = "5"
 pytestmark = pytest.mark.skipif(
     not URL, reason="HWNAS_TEST_POSTGRES is not set: run `make test`, which starts PostgreSQL"

@@ -95,8 +95,8 @@ def test_two_workers_share_one_study_without_duplicate_work(
     tmp_path: Path, x86_device: Tracker
 ) -> None:
     run = tmp_path / "workers"
-    # Five: the second worker starts seconds after the first (it imports torch and TVM and
-    # loads the data), and must still find trials to do on a busy machine.
+    # Worker 0 starts its trials once the second worker has set up (`_wait_until_ready`), so
+    # both get some of the five.
     args = ("--trials", "5", "--workers", "2", "--tracker", str(x86_device), "--out", str(run))
     done = subprocess.run(
         hwnas_args("search", *TINY, *args),
