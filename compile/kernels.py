@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 10
+KERNEL_VERSION = 11
 
 
 @dataclass(frozen=True)
@@ -472,8 +472,11 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     rb = T.bind(_inner(w, NRB, B))
                     p_lo = T.bind(indptr[rb])
                     n_p = T.bind(indptr[rb + 1] - p_lo)
-                    for e in T.vectorized(CH * E):
-                        acc[e] = T.float32(0)
+                    # One vector per chain: zeroing all CH * E at once made LLVM keep the
+                    # chains packed in wider registers, inserting and extracting every block.
+                    for ch in T.unroll(CH):
+                        for e in T.vectorized(E):
+                            acc[ch * E + e] = T.float32(0)
                     # The block's bs_r x bs_c values are contiguous: one vector per block,
                     # CH blocks at a time into CH accumulators (independent FMA chains).
                     for q in range(n_p // CH):
@@ -484,11 +487,24 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     for ch in T.unroll(CH - 1):  # the chains' sum, a vector add each
                         for e in T.vectorized(E):
                             acc[e] = acc[e] + acc[(ch + 1) * E + e]
-                    _init_tile(red, bias, rb * BR, BR, 1, N, None)
-                    for i in T.unroll(BR):
-                        for c in T.unroll(BC):
-                            red[i, 0] = red[i, 0] + acc[i * BC + c]
-                    _store_tile(red, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard, None)
+                    if BC == 1 and (not guard or rb * BR + BR <= N):
+                        # A whole block row of a row block: its rows are the vector's lanes.
+                        for e in T.vectorized(BR):
+                            if not epilogue[1]:
+                                Y[b, rb * BR + e, 0] = _activate(
+                                    acc[e] + bias[rb * BR + e], epilogue[0]
+                                )
+                            else:
+                                Y[b, rb * BR + e, 0] = (
+                                    _activate(acc[e] + bias[rb * BR + e], epilogue[0])
+                                    + R[b, rb * BR + e, 0]
+                                )
+                    else:
+                        _init_tile(red, bias, rb * BR, BR, 1, N, None)
+                        for i in T.unroll(BR):
+                            for c in T.unroll(BC):
+                                red[i, 0] = red[i, 0] + acc[i * BC + c]
+                        _store_tile(red, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard, None)
 
     return _drop_unused_inputs(bsr_matvec, spec)
 

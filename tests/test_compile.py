@@ -141,6 +141,8 @@ def _run_kernel(w, x, bias, block, activation):
         ((1, 4), 0.7, 3, 49, "none"),
         ((1, 8), 0.9, 1, 130, "relu"),
         ((1, 8), 1.0, 1, 49, "none"),
+        ((16, 1), 0.5, 2, 1, "relu6"),  # matrix-vector: whole block rows, then a part
+        ((1, 4), 0.9, 1, 1, "relu"),
     ],
 )
 def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
