@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 11
+KERNEL_VERSION = 12
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Tiling:
     tile_m: int
     chunks: int
     sub_rows: int = 0  # 0: the whole block
+    parallel: bool = True  # False: one core (see `_chunk_loop`)
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,18 @@ def choose_tiling(
     tile = max(unit.lanes, min(unit.widest, 1 << (per_row.bit_length() - 1)))
     tile = min(tile, spec.m)
     # A few chunks per core balance load; each chunk allocates its accumulators once.
-    return Tiling(tile_m=tile, chunks=_max_chunks(num_cores), sub_rows=sub_rows)
+    return Tiling(tile, _max_chunks(num_cores), sub_rows, parallel=num_cores != 1)
 
 
 def _max_chunks(num_cores: int | None) -> int:
     return 4 * (num_cores or 16)
+
+
+def _chunk_loop(parallel: bool):
+    """The loop over a kernel's chunks: parallel, or serial for a kernel built for one core.
+    A parallel loop launches the thread pool even when one thread does all the work, which
+    cost about 1 us with two threads on the benchmark VM (0.03 us with one)."""
+    return T.parallel if parallel else T.serial
 
 
 # A work index over (batch, rows) split into its batch and row. The row count is read from the
@@ -236,6 +244,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     n_mt = n_full + (1 if tail else 0)
     work = B * NRB * n_mt
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    chunk_loop = _chunk_loop(tiling.parallel)
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
     guard = BR > 1  # the last block row may overhang the rows
@@ -296,7 +305,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         # chunk, not once per work item (a local buffer in a parallel body is a heap alloc).
         # A chunk's work items, (batch, block row, M tile) in that order, are walked block row
         # by block row.
-        for t in T.parallel(n_chunks):
+        for t in chunk_loop(n_chunks):
             acc = T.alloc_buffer((SR, MT), "float32", scope="local", annotations=_ON_STACK)
             lo = T.bind(t * per_chunk)
             hi = T.bind(T.min(lo + per_chunk, work))
@@ -335,6 +344,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     n_mt = n_full + (1 if tail else 0)
     work = B * NRB * n_mt
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    chunk_loop = _chunk_loop(tiling.parallel)
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
     guard = BR > 1 or spec.kept_rows
@@ -395,7 +405,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
-        for t in T.parallel(n_chunks):
+        for t in chunk_loop(n_chunks):
             acc = T.alloc_buffer((BR, MT), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
@@ -412,7 +422,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     else:
                         tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, MT)
         if spec.kept_rows:
-            for q in T.parallel(B * NPR):
+            for q in chunk_loop(B * NPR):
                 for mt in range(n_full):
                     fill_pruned(bias, R, Y, pruned, q, MT, mt * MT)
                 if has_tail:
@@ -431,6 +441,7 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     NNZB, NRB = stored_blocks(), NP - 1
     work = B * NRB
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    chunk_loop = _chunk_loop(tiling.parallel)
     per_chunk = (work + n_chunks - 1) // n_chunks
     guard = BR > 1
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
@@ -462,7 +473,7 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
-        for t in T.parallel(n_chunks):
+        for t in chunk_loop(n_chunks):
             acc = T.alloc_buffer((CH * E,), "float32", scope="local", annotations=_ON_STACK)
             red = T.alloc_buffer((BR, 1), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
@@ -720,6 +731,7 @@ def depthwise_conv_cpu(
     parts = _depthwise_parts(geo, activation, lanes)
     load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
     n_chunks, per_chunk = _chunks(B * C, num_cores)
+    chunk_loop = _chunk_loop(num_cores != 1)
 
     @T.prim_func(s_tir=True)
     def depthwise_conv(
@@ -730,7 +742,7 @@ def depthwise_conv_cpu(
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
         Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
-        for t in T.parallel(n_chunks):
+        for t in chunk_loop(n_chunks):
             buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
             # The padding stays zero: only the input positions are rewritten for each channel.
@@ -781,6 +793,7 @@ def expand_depthwise_cpu(
         MT, put_row = min(M, 8 * lanes), None
     n_full, tail = M // MT, M % MT
     n_chunks, per_chunk = _chunks(B * C, num_cores)
+    chunk_loop = _chunk_loop(num_cores != 1)
 
     @T.macro
     def expand_tile(eacc, dest, x_buf, csr, tb, tc, m0, width):
@@ -817,7 +830,7 @@ def expand_depthwise_cpu(
     ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
-        for t in T.parallel(n_chunks):
+        for t in chunk_loop(n_chunks):
             buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
             eacc = T.alloc_buffer((MT,), "float32", scope="local", annotations=_ON_STACK)
@@ -856,6 +869,7 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) 
     PT, PL = geo.pad
     OH, OW = geo.out_height, geo.out_width
     n_chunks, per_chunk = _chunks(B * C, num_cores)
+    chunk_loop = _chunk_loop(num_cores != 1)
     if SH * SW <= 4:
         parts = _depthwise_parts(geo, "none", lanes)
         load, BUF, PP, PW = parts.load, parts.buf_size, parts.phase_size, parts.phase_width
@@ -899,7 +913,7 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) 
         # needs the body to be a block.
         with T.sblock("root"):
             Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
-            for t in T.parallel(n_chunks):
+            for t in chunk_loop(n_chunks):
                 buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
                 # The padding stays zero: only the input positions are rewritten per channel.
                 for e in T.vectorized(BUF):

@@ -158,6 +158,12 @@ class RewritePlan:
 # A sparse layer whose nonzero rows hold at least this share of their weights is taken as
 # channel-pruned and rebuilt as a smaller dense layer.
 KEPT_ROWS_FILL = 0.95
+# A kernel with less work than this (multiply-adds, or about 3 per copied element) runs on one
+# core: a parallel loop's launch (about 1 us with two threads on the benchmark VM, more with
+# more) is most of a small layer's time. mbv2-sparse at 32x32 on two threads: 0.057 ms with
+# every kernel parallel, 0.041 with none, 0.037 with this rule (0.039 with 100_000); its dense
+# twin 0.083 ms, as with every kernel parallel.
+PARALLEL_MIN_MACS = 50_000
 
 _CONV2D = Op.get("relax.nn.conv2d")
 _MATMUL = Op.get("relax.matmul")
@@ -343,7 +349,14 @@ def plan_rewrite(
                 impl="depthwise",
                 spec=None,
                 constants=[np.ascontiguousarray(weight.reshape(rows, kh, kw)), bias],
-                kernel=Kernel("depthwise", family, geometry, activation, num_cores, avx512),
+                kernel=Kernel(
+                    "depthwise",
+                    family,
+                    geometry,
+                    activation,
+                    _cores(num_cores, _depthwise_macs(geometry)),
+                    avx512,
+                ),
                 **common,
             )
             if name in sparse:
@@ -371,12 +384,13 @@ def plan_rewrite(
                 dense_reasons[name] = "mask is all ones"
             else:
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
-                sparse_candidate = _kept_rows_candidate(matrix, dense)
+                sparse_candidate = _kept_rows_candidate(matrix, dense, num_cores)
                 if sparse_candidate is None:
                     spec = KernelSpec(
                         batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps
                     )
-                    kernel = Kernel("sparse", family, spec, num_cores=num_cores, avx512=avx512)
+                    cores = _cores(num_cores, batch * bsr.data.size * m)
+                    kernel = Kernel("sparse", family, spec, num_cores=cores, avx512=avx512)
                     consts = [bsr.data, bsr.indices, bsr.indptr, bias]
                     sparse_candidate = KernelCandidate(kernel, consts, spec)
                 density = float(np.count_nonzero(matrix)) / matrix.size
@@ -396,13 +410,14 @@ def plan_rewrite(
         if choice is not None and choice.sparse_ms is not None:
             plan.times_ms = {"sparse": choice.sparse_ms, "dense": choice.dense_ms}
         if kind == "conv" and not _is_plain_1x1(geometry):
-            plan.im2col = Kernel("im2col", family, geometry, num_cores=num_cores, avx512=avx512)
+            cores = _cores(num_cores, 3 * _depthwise_macs(geometry))  # per copied element
+            plan.im2col = Kernel("im2col", family, geometry, num_cores=cores, avx512=avx512)
         plans.append(plan)
-    _fuse_expand_depthwise(plans, graph)
+    _fuse_expand_depthwise(plans, graph, num_cores)
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
 
 
-def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph) -> None:
+def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph, num_cores: int | None) -> None:
     """Give each depthwise conv fed only by a sparse plain 1x1 conv (CPU targets) one kernel
     that computes both (`compile.kernels.expand_depthwise_cpu`): the expanded tensor never goes
     to memory and a call goes away. Only sparse ones: a dense 1x1 conv reuses each input load
@@ -424,7 +439,8 @@ def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph) -> None:
         spec = replace(ex.spec, block=(1, 1), block_rows=ex.spec.rows, kept_rows=False)
         bias = ex.constants[-1]
         dw.constants = [csr.data.reshape(-1), csr.indices, csr.indptr, bias, *dw.constants]
-        dw.kernel = replace(dw.kernel, expand=spec)
+        macs = _depthwise_macs(dw.geometry) + spec.batch * csr.data.size * spec.m
+        dw.kernel = replace(dw.kernel, expand=spec, num_cores=_cores(num_cores, macs))
         dw.input_var, dw.input_shape = ex.input_var, ex.input_shape
         dw.expand, ex.fused_into = ex, dw.name
 
@@ -452,6 +468,17 @@ def _residual(graph: _Graph, out_var: str, shape: tuple[int, ...]) -> tuple[str,
     return nxt[0], other.name
 
 
+def _cores(num_cores: int | None, macs: int) -> int | None:
+    """The cores a kernel with `macs` multiply-adds is built for (PARALLEL_MIN_MACS)."""
+    return 1 if macs < PARALLEL_MIN_MACS else num_cores
+
+
+def _depthwise_macs(geometry: ConvGeometry) -> int:
+    """Multiply-adds of a depthwise conv; also the element count of the conv's im2col."""
+    g = geometry
+    return g.batch * g.channels * g.out_height * g.out_width * g.kernel[0] * g.kernel[1]
+
+
 def _is_plain_1x1(geometry: ConvGeometry) -> bool:
     return geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.pad == (0, 0)
 
@@ -470,6 +497,7 @@ def _dense_candidate(
     """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1. `maps`:
     the spec's `in_hw`, `out_hw` (a conv's 4-D input and output) and `residual`."""
     rows, cols = matrix.shape
+    num_cores = _cores(num_cores, batch * rows * cols * m)
     if m == 1 and family != "cuda":
         bsr = full_bsr(matrix, (vector_unit(family, avx512).lanes, 1))
         consts = [bsr.data, bsr.indices, bsr.indptr, bias]
@@ -482,7 +510,9 @@ def _dense_candidate(
     return KernelCandidate(kernel, consts, spec)
 
 
-def _kept_rows_candidate(matrix: np.ndarray, dense: KernelCandidate) -> KernelCandidate | None:
+def _kept_rows_candidate(
+    matrix: np.ndarray, dense: KernelCandidate, num_cores: int | None
+) -> KernelCandidate | None:
     """A channel-pruned W (whole rows zero, the others nearly full) rebuilt as a smaller dense
     layer: `dense`, the layer's dense kernel, on the kept rows only, writing them to their rows
     of Y (see `KernelSpec.kept_rows`). None when W is not channel-pruned, or on a GPU or at
@@ -498,7 +528,8 @@ def _kept_rows_candidate(matrix: np.ndarray, dense: KernelCandidate) -> KernelCa
     nr = min(dense.spec.block[0], kept.size)
     bias = dense.constants[-1]
     spec = replace(dense.spec, block=(nr, 1), block_rows=-(-kept.size // nr), kept_rows=True)
-    kernel = replace(dense.kernel, shape=spec)
+    cores = _cores(num_cores, spec.batch * kept.size * cols * spec.m)
+    kernel = replace(dense.kernel, shape=spec, num_cores=cores)
     return KernelCandidate(kernel, [pack_dense(matrix[kept], nr), kept, pruned, bias], spec)
 
 

@@ -515,6 +515,18 @@ class DenseNet(nn.Module):
         return self.head(x)
 
 
+def test_small_layers_get_kernels_built_for_one_core():
+    # A parallel loop's launch costs more than a small layer's work (PARALLEL_MIN_MACS).
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 64, 1), nn.Conv2d(64, 64, 1))
+    compiled = _check_build(model, torch.randn(1, 3, 16, 16), [], ["0", "2", "3"])
+    kernels = {plan.name: plan.kernel for plan in compiled.layer_plans}
+    # 3 x 8 x 256 = 6 k multiply-adds; 131 k and 1 M: as many cores as the target has
+    assert {name: k.num_cores for name, k in kernels.items()} == {"0": 1, "2": None, "3": None}
+    assert "T.parallel" not in kernels["0"].func().script()
+    assert "T.parallel" in kernels["3"].func().script()
+
+
 def test_dense_layers_get_our_kernels_and_batchnorm_is_folded():
     torch.manual_seed(5)
     model = DenseNet()
