@@ -1,16 +1,30 @@
 """End to end: the `mbv2-sparse` net (all stages sparse 90% block 16x1, sparse classifier)
 through hwnas, against its dense twin through hwnas, TVM's default build, torch and onnxruntime.
 
-One thread each (TVM_NUM_THREADS=1 is set before TVM starts its pool). Writes
-benchmarks/out/e2e.json and prints a markdown table. Run alone on a quiet machine:
-``python benchmarks/e2e.py [--repeats 20]``.
+One thread each, or N with ``--threads N`` (TVM_NUM_THREADS is set before TVM starts its pool;
+hwnas builds for N cores). Writes benchmarks/out/e2e.json (e2e-Nthreads.json) and prints a
+markdown table. Run alone on a quiet machine:
+``python benchmarks/e2e.py [--repeats 20] [--threads N]``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+def _threads_arg() -> int:
+    """`--threads N` from the command line, read before TVM starts its thread pool."""
+    for i, arg in enumerate(sys.argv[1:], start=1):
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            return int(sys.argv[i + 1])
+    return 1
+
+
+THREADS = _threads_arg() if __name__ == "__main__" else 1
+os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -35,13 +49,13 @@ OUT = Path(__file__).parent / "out"
 
 
 class HostProfile:
-    """The Profile fields compile.build reads: this host's CPU, one core."""
+    """The Profile fields compile.build reads: this host's CPU, THREADS cores."""
 
     family = "x86"
     host = None
     cross_compiler = None
     name = "bench/host"
-    target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 1}
+    target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": THREADS}
 
 
 def machine() -> dict:
@@ -56,7 +70,7 @@ def machine() -> dict:
     return {
         "cpu": model,
         "cores": os.cpu_count(),
-        "threads": 1,
+        "threads": THREADS,
         "date": datetime.date.today().isoformat(),
     }
 
@@ -144,8 +158,9 @@ def layer_breakdown(compiled, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="threads for every runtime")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     x = torch.randn(1, 3, 32, 32)
     xn = x.numpy()
     rows = []
@@ -193,7 +208,7 @@ def main() -> None:
             path = Path(tmp) / "mbv2.onnx"
             torch.onnx.export(dense, (x,), str(path), dynamo=True)
             options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
+            options.intra_op_num_threads = THREADS
             options.inter_op_num_threads = 1
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
@@ -209,7 +224,8 @@ def main() -> None:
 
     result = {"machine": machine(), "repeats": args.repeats, "rows": rows}
     OUT.mkdir(exist_ok=True)
-    (OUT / "e2e.json").write_text(json.dumps(result, indent=1))
+    name = "e2e.json" if THREADS == 1 else f"e2e-{THREADS}threads.json"
+    (OUT / name).write_text(json.dumps(result, indent=1))
     print(markdown(result))
 
 
