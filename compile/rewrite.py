@@ -345,18 +345,12 @@ def plan_rewrite(
         )
         if kind == "depthwise":
             kh, kw = geometry.kernel
+            cores = _cores(num_cores, _depthwise_macs(geometry))
             plan = LayerPlan(
                 impl="depthwise",
                 spec=None,
                 constants=[np.ascontiguousarray(weight.reshape(rows, kh, kw)), bias],
-                kernel=Kernel(
-                    "depthwise",
-                    family,
-                    geometry,
-                    activation,
-                    _cores(num_cores, _depthwise_macs(geometry)),
-                    avx512,
-                ),
+                kernel=Kernel("depthwise", family, geometry, activation, cores, avx512),
                 **common,
             )
             if name in sparse:

@@ -575,7 +575,8 @@ def _wait_for_derived_archs(study: optuna.Study, progress: Callable[[str], None]
 
 @contextlib.contextmanager
 def _workers(config: SearchConfig, tracker: Tracker, worker: int) -> Iterator[None]:
-    """Starts `workers - 1` worker processes on the same study and device, and waits for them."""
+    """Starts `workers - 1` worker processes on the same study and device, lets the search
+    begin once they have set up, and waits for them at its end."""
     if config.workers == 1:
         yield
         return
