@@ -177,6 +177,13 @@ def _activate(value, act: int):
     return value
 
 
+def _finish(value, residual, epilogue: tuple[int, bool]):
+    """An output: `value` through the activation, plus `residual` when there is one.
+    `epilogue`: (activation number, residual or not)."""
+    out = _activate(value, epilogue[0])
+    return out + residual if epilogue[1] else out
+
+
 def _out_row(row_map, row):
     """Y's row for accumulator row `row`: itself, or `row_map[row]` (kept rows only)."""
     return row if row_map is None else row_map[row]
@@ -202,12 +209,7 @@ def _store_tile(
         if not guard or row0 + i < n_rows:
             r = T.bind(_out_row(row_map, row0 + i))
             for j in T.vectorized(width):
-                if not epilogue[1]:
-                    y_buf[tb, r, m0 + j] = _activate(acc_buf[i, j], epilogue[0])
-                else:
-                    y_buf[tb, r, m0 + j] = (
-                        _activate(acc_buf[i, j], epilogue[0]) + res_buf[tb, r, m0 + j]
-                    )
+                y_buf[tb, r, m0 + j] = _finish(acc_buf[i, j], res_buf[tb, r, m0 + j], epilogue)
 
 
 def _drop_unused_inputs(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
@@ -348,8 +350,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
     guard = BR > 1 or spec.kept_rows
-    act = ACTIVATIONS.index(spec.activation)
-    epilogue = (act, spec.residual)
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
     n_rows = NK if spec.kept_rows else N
 
     @T.macro
@@ -382,12 +383,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         """Y's pruned row rows[q % NPR] of batch q // NPR: bias through the activation."""
         r = T.bind(rows[q % NPR])
         for j in T.vectorized(width):
-            if not spec.residual:
-                y_buf[q // NPR, r, m0 + j] = _activate(bias_buf[r], act)
-            else:
-                y_buf[q // NPR, r, m0 + j] = (
-                    _activate(bias_buf[r], act) + r_buf[q // NPR, r, m0 + j]
-                )
+            y_buf[q // NPR, r, m0 + j] = _finish(bias_buf[r], r_buf[q // NPR, r, m0 + j], epilogue)
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -501,15 +497,9 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     if BC == 1 and (not guard or rb * BR + BR <= N):
                         # A whole block row of a row block: its rows are the vector's lanes.
                         for e in T.vectorized(BR):
-                            if not epilogue[1]:
-                                Y[b, rb * BR + e, 0] = _activate(
-                                    acc[e] + bias[rb * BR + e], epilogue[0]
-                                )
-                            else:
-                                Y[b, rb * BR + e, 0] = (
-                                    _activate(acc[e] + bias[rb * BR + e], epilogue[0])
-                                    + R[b, rb * BR + e, 0]
-                                )
+                            Y[b, rb * BR + e, 0] = _finish(
+                                acc[e] + bias[rb * BR + e], R[b, rb * BR + e, 0], epilogue
+                            )
                     else:
                         _init_tile(red, bias, rb * BR, BR, 1, N, None)
                         for i in T.unroll(BR):
