@@ -539,6 +539,21 @@ def _chunks(work, num_cores: int | None) -> tuple:
     return n_chunks, (work + n_chunks - 1) // n_chunks
 
 
+@T.macro
+def _each_channel(t, per_chunk, batch, channels, buf, body, args):
+    """The (batch, channel) pairs of chunk `t` (see `_chunks`), `body(buf, *args, b, c)` for
+    each. The chunk's `buf` is zeroed first: its padding stays zero, as a channel rewrites only
+    the input positions."""
+    for e in T.vectorized(buf.shape[0]):
+        buf[e] = T.float32(0)
+    for w0 in range(per_chunk):
+        w = T.bind(t * per_chunk + w0)
+        if w < batch * channels:
+            b = T.bind(_outer(w, channels, batch))
+            c = T.bind(_inner(w, channels, batch))
+            body(buf, *args, b, c)
+
+
 def _phase_interior(phase: int, pad: int, size: int, stride: int, count: int) -> tuple[int, int]:
     """The first index and count of a phase's positions that hold input (not padding): position
     p of phase `phase` is input index p * stride + phase - pad, for p in [0, count)."""
@@ -723,6 +738,11 @@ def depthwise_conv_cpu(
     n_chunks, per_chunk = _chunks(B * C, num_cores)
     chunk_loop = _chunk_loop(num_cores != 1)
 
+    @T.macro
+    def channel(buf, acc, x_buf, x_flat, weight, bias, y_buf, b, c):
+        load(buf, x_buf, x_flat, (b * C + c) * H * W, b, c)
+        compute(acc, buf, weight, bias, y_buf, b, c)
+
     @T.prim_func(s_tir=True)
     def depthwise_conv(
         X: T.Buffer((B, C, H, W), "float32"),
@@ -735,16 +755,7 @@ def depthwise_conv_cpu(
         for t in chunk_loop(n_chunks):
             buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
-            # The padding stays zero: only the input positions are rewritten for each channel.
-            for e in T.vectorized(BUF):
-                buf[e] = T.float32(0)
-            for w0 in range(per_chunk):
-                w = T.bind(t * per_chunk + w0)
-                if w < B * C:
-                    b = T.bind(_outer(w, C, B))
-                    c = T.bind(_inner(w, C, B))
-                    load(buf, X, Xf, (b * C + c) * H * W, b, c)
-                    compute(acc, buf, weight, bias, Y, b, c)
+            _each_channel(t, per_chunk, B, C, buf, channel, (acc, X, Xf, weight, bias, Y))
 
     return depthwise_conv
 
@@ -807,6 +818,20 @@ def expand_depthwise_cpu(
             for r in T.unroll(width // W):
                 put_row(dest, eacc, r * W, m0 // W + r)
 
+    @T.macro
+    def channel(buf, acc, eacc, plane, plane4, x_buf, csr, weight, bias, y_buf, b, c):
+        """Expand channel c into the depthwise buffer (or into the plane, then load that),
+        then the depthwise conv."""
+        # The expanded rows go straight into `buf` (put_row), or into `plane`.
+        dest = plane if put_row is None else buf
+        for mt in range(n_full):
+            expand_tile(eacc, dest, x_buf, csr, b, c, mt * MT, MT)
+        if tail > 0:
+            expand_tile(eacc, dest, x_buf, csr, b, c, M - tail, tail)
+        if put_row is None:
+            load(buf, plane4, plane, 0, 0, 0)
+        compute(acc, buf, weight, bias, y_buf, b, c)
+
     @T.prim_func(s_tir=True)
     def expand_depthwise(
         X4: T.Buffer((B, K, H, W), "float32"),
@@ -826,23 +851,18 @@ def expand_depthwise_cpu(
             eacc = T.alloc_buffer((MT,), "float32", scope="local", annotations=_ON_STACK)
             plane = T.alloc_buffer((M,), "float32", scope="local", annotations=_ON_STACK)
             plane4 = T.decl_buffer((1, 1, H, W), "float32", data=plane.data)
-            for e in T.vectorized(BUF):
-                buf[e] = T.float32(0)
-            for w0 in range(per_chunk):
-                w = T.bind(t * per_chunk + w0)
-                if w < B * C:
-                    b = T.bind(_outer(w, C, B))
-                    c = T.bind(_inner(w, C, B))
-                    csr = (data, indices, indptr, expand_bias)
-                    # The expanded rows go straight into `buf` (put_row), or into `plane`.
-                    dest = plane if put_row is None else buf
-                    for mt in range(n_full):
-                        expand_tile(eacc, dest, X, csr, b, c, mt * MT, MT)
-                    if tail > 0:
-                        expand_tile(eacc, dest, X, csr, b, c, M - tail, tail)
-                    if put_row is None:
-                        load(buf, plane4, plane, 0, 0, 0)
-                    compute(acc, buf, weight, bias, Y, b, c)
+            csr = (data, indices, indptr, expand_bias)
+            # Inline: a tuple of buffers bound to a name renames the buffers in the printed TIR
+            # to the macro's parameter names (as `csr` does the expand conv's arrays).
+            _each_channel(
+                t,
+                per_chunk,
+                B,
+                C,
+                buf,
+                channel,
+                (acc, eacc, plane, plane4, X, csr, weight, bias, Y),
+            )
 
     return expand_depthwise
 
@@ -905,15 +925,7 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) 
             Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
             for t in chunk_loop(n_chunks):
                 buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
-                # The padding stays zero: only the input positions are rewritten per channel.
-                for e in T.vectorized(BUF):
-                    buf[e] = T.float32(0)
-                for w0 in range(per_chunk):
-                    w = T.bind(t * per_chunk + w0)
-                    if w < B * C:
-                        b = T.bind(_outer(w, C, B))
-                        c = T.bind(_inner(w, C, B))
-                        unfold(buf, X, Xf, Y, b, c)
+                _each_channel(t, per_chunk, B, C, buf, unfold, (X, Xf, Y))
 
     return im2col
 
