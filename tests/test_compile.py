@@ -348,6 +348,14 @@ def test_dense_kernel_matches_numpy(m, batch):
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def _geometry(batch, channels, size, kernel, stride, pad) -> ConvGeometry:
+    """A conv's geometry, its output size derived (padding `pad` on both sides)."""
+    (h, w), (kh, kw) = size, kernel
+    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
+    ow = (w + 2 * pad[1] - kw) // stride[1] + 1
+    return ConvGeometry(batch, channels, h, w, kernel, stride, pad, oh, ow)
+
+
 @pytest.mark.parametrize(
     ("size", "kernel", "stride", "pad"),
     [
@@ -363,9 +371,8 @@ def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
     """Stride phases, odd sizes, pads wider than the input, a 1x1 map."""
     rng = np.random.default_rng(7)
     (h, w), (kh, kw) = size, kernel
-    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
-    ow = (w + 2 * pad[1] - kw) // stride[1] + 1
-    geo = ConvGeometry(2, 5, h, w, kernel, stride, pad, oh, ow)
+    geo = _geometry(2, 5, size, kernel, stride, pad)
+    oh, ow = geo.out_height, geo.out_width
     x = rng.standard_normal((2, 5, h, w)).astype(np.float32)
     weight = rng.standard_normal((5, kh, kw)).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32)
@@ -392,10 +399,9 @@ def test_im2col_kernel_matches_torch_unfold(size, kernel, stride, pad):
     """Stride phases, a one-column phase, pads wider than the input, and strides above 2."""
     rng = np.random.default_rng(5)
     (h, w), (kh, kw) = size, kernel
-    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
-    ow = (w + 2 * pad[1] - kw) // stride[1] + 1
+    geo = _geometry(2, 3, size, kernel, stride, pad)
+    oh, ow = geo.out_height, geo.out_width
     x = rng.standard_normal((2, 3, h, w)).astype(np.float32)
-    geo = ConvGeometry(2, 3, h, w, kernel, stride, pad, oh, ow)
     lib, symbol = load_kernel(Kernel("im2col", "x86", geo, num_cores=2), HOST.target)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.full((2, 3 * kh * kw, oh * ow), np.nan, np.float32), dev)
@@ -424,14 +430,13 @@ def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad,
     one-column phase)."""
     rng = np.random.default_rng(11)
     (h, w), (kh, kw), (k, c) = size, kernel, (11, 21)
-    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
-    ow = (w + 2 * pad[1] - kw) // stride[1] + 1
+    geo = _geometry(batch, c, size, kernel, stride, pad)
+    oh, ow = geo.out_height, geo.out_width
     ew = rng.standard_normal((c, k)).astype(np.float32) * (rng.random((c, k)) < 0.2)
     ew[3], ew[4] = 0, rng.standard_normal(k)
     csr = to_bsr(ew, (1, 1))
     eb, dw, db = (rng.standard_normal(s).astype(np.float32) for s in (c, (c, kh, kw), c))
     x = rng.standard_normal((batch, k, h, w)).astype(np.float32)
-    geo = ConvGeometry(batch, c, h, w, kernel, stride, pad, oh, ow)
     expand = KernelSpec(batch, c, k, h * w, (1, 1), c, acts[0], (h, w), (h, w))
     kern = Kernel("depthwise", "x86", geo, acts[1], 2, expand=expand)
     lib, symbol = load_kernel(kern, HOST.target)
