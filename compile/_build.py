@@ -324,7 +324,7 @@ def build(
         )
     target = _make_target(profile)
     try:
-        chooser = KernelChooser(target, _host_runnable(target), kernel_choice)
+        chooser = KernelChooser(target, local_device(target) is not None, kernel_choice)
     except ValueError as exc:
         raise CompileError(str(exc)) from exc
     avx512 = family == "x86" and "avx512f" in _llvm_features(target)

@@ -1,7 +1,8 @@
 """Per-layer choice between a sparse layer's sparse kernel and its dense twin.
 
-On a host-runnable target both kernels are built and timed here (a few quick repeats) and the
-faster one is kept, so a compiled candidate is never slower than its dense twin layer by layer.
+On a target this host runs (its CPU, or its GPU for a CUDA target of at most the GPU's
+architecture) both kernels are built and timed here (a few quick repeats) and the faster one is
+kept, so a compiled candidate is never slower than its dense twin layer by layer.
 Times are cached in a JSON table keyed by (target, shape, block, density bucket) under
 `$HWNAS_CACHE` or `~/.cache/hwnas/`. Other targets use a density rule until they can be timed.
 """
@@ -100,8 +101,14 @@ class KernelChooser:
 
     def _time(self, candidate: KernelCandidate) -> float:
         spec = candidate.spec
-        dev = tvm.cpu()
-        lib, symbol = load_kernel(candidate.kernel, self.target)
+        if self.target.kind.name == "cuda":  # this host's GPU (see `host_runnable`)
+            dev = tvm.cuda(0)
+            func = candidate.kernel.func()
+            lib = tvm.compile(func, target=self.target).mod
+            symbol = str(func.attrs["global_symbol"])
+        else:
+            dev = tvm.cpu()
+            lib, symbol = load_kernel(candidate.kernel, self.target)
         rng = np.random.default_rng(0)
         x = rng.standard_normal(spec.x_shape).astype(np.float32)
         residual = (np.zeros(spec.y_shape, np.float32),) if spec.residual else ()

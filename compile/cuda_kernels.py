@@ -1,9 +1,12 @@
 """CUDA schedules of our kernels: the BSR matmul, its dense twin, depthwise conv and im2col.
 
-Same signatures as the CPU kernels in `compile.kernels`. One thread per output element (per
-bs_r output rows for the matmuls), threads of a warp on consecutive M columns, so that the
-activation loads are coalesced and the weights of a block row are broadcast across the warp.
-The accumulators live in registers; bias and activation are fused into the store.
+Same signatures as the CPU kernels in `compile.kernels`. Matmuls: one thread per (batch, row
+group of a block row, M column), threads of a warp on consecutive M columns, so that the
+activation loads are coalesced and the weights of a block row are broadcast across the warp. A
+block row is split into row groups only when the kernel would otherwise launch too few threads
+to fill the GPU (small maps, tall blocks). At M == 1 (a Linear at batch 1) a warp takes a block
+row: its lanes share out the row's blocks and add their sums with warp shuffles. Accumulators
+live in registers; bias and activation are fused into the store.
 """
 
 from __future__ import annotations
@@ -14,12 +17,27 @@ from tvm.script import tirx as T
 from compile.kernels import ACTIVATIONS, ConvGeometry, KernelSpec, stored_blocks
 
 THREADS_PER_BLOCK = 128
+# Threads a matmul launch should have to keep a large GPU busy (132 SMs x 256 on an H100);
+# below this, block rows are split into row groups.
+FILL_THREADS = 32768
+WARP = 32
+WARPS_PER_BLOCK = 4  # matrix-vector kernel: block rows per thread block
 
 
 def _launch(work: int) -> tuple[int, int]:
     """(blocks, threads per block) covering `work` threads."""
     threads = max(1, min(THREADS_PER_BLOCK, work))
     return -(-work // threads), threads
+
+
+def row_groups(spec: KernelSpec, rows_per_block: int) -> int:
+    """How many threads share a block row's `rows_per_block` rows (a divisor of it): the fewest
+    that give the launch FILL_THREADS threads, or one per row."""
+    threads = spec.batch * spec.block_rows * spec.m
+    for groups in range(1, rows_per_block + 1):
+        if rows_per_block % groups == 0 and threads * groups >= FILL_THREADS:
+            return groups
+    return rows_per_block
 
 
 @T.macro
@@ -33,11 +51,16 @@ def _store(y_buf, tb, row, tm, value, act):
 
 
 def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
-    """BSR W x X on a GPU: one thread per (batch, block row, m), bs_r accumulators each."""
+    """BSR W x X on a GPU: one thread per (batch, row group, m), a group's rows of a block row
+    accumulated in registers over the row's blocks. M == 1: `bsr_matvec_cuda`."""
+    if spec.m == 1:
+        return bsr_matvec_cuda(spec)
     B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
     BR, BC = spec.block
     NNZB, NRB = stored_blocks(), spec.block_rows
-    work = B * NRB * M
+    G = row_groups(spec, BR)
+    R = BR // G
+    work = B * NRB * G * M
     n_blocks, n_threads = _launch(work)
     act = ACTIVATIONS.index(spec.activation)
 
@@ -53,33 +76,92 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
-                acc = T.alloc_buffer((BR,), "float32", scope="local")
+                acc = T.alloc_buffer((R,), "float32", scope="local")
                 w = T.bind(bx * n_threads + tx)
                 if w < work:
                     m = T.bind(w % M)
-                    rb = T.bind(w // M % NRB)
-                    b = T.bind(w // (M * NRB))
-                    for i in T.unroll(BR):
+                    g = T.bind(w // M % G)
+                    rb = T.bind(w // (M * G) % NRB)
+                    b = T.bind(w // (M * G * NRB))
+                    for i in T.unroll(R):
                         acc[i] = T.float32(0)
                     for p0 in range(indptr[rb + 1] - indptr[rb]):
                         p = T.bind(indptr[rb] + p0)
                         k0 = T.bind(indices[p])
                         for c in T.unroll(BC):
-                            for i in T.unroll(BR):
-                                acc[i] = acc[i] + data[p, i, c] * X[b, k0 + c, m]
-                    for i in T.unroll(BR):
-                        if rb * BR + i < N:
-                            _store(Y, b, rb * BR + i, m, acc[i] + bias[rb * BR + i], act)
+                            for i in T.unroll(R):
+                                acc[i] = acc[i] + data[p, g * R + i, c] * X[b, k0 + c, m]
+                    for i in T.unroll(R):
+                        row = T.bind(rb * BR + g * R + i)
+                        if row < N:
+                            _store(Y, b, row, m, acc[i] + bias[row], act)
 
     return bsr_matmul
 
 
+def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
+    """BSR W x x (M == 1) on a GPU: a warp per (batch, block row). Lane j takes the row's blocks
+    j, j + 32, ...; the lanes' sums are added with warp shuffles and lane 0 stores the rows.
+    A dense W comes as a BSR matrix with every block (`full_bsr`), as on the CPU."""
+    B, N, K = spec.batch, spec.rows, spec.cols
+    BR, BC = spec.block
+    NNZB, NRB = stored_blocks(), spec.block_rows
+    work = B * NRB
+    warps = min(WARPS_PER_BLOCK, work)
+    n_blocks = -(-work // warps)
+    act = ACTIVATIONS.index(spec.activation)
+    full = T.uint32(0xFFFFFFFF)
+
+    @T.prim_func(s_tir=True)
+    def bsr_matvec(
+        X: T.Buffer((B, K, 1), "float32"),
+        data: T.Buffer((NNZB, BR, BC), "float32"),
+        indices: T.Buffer((NNZB,), "int32"),
+        indptr: T.Buffer((NRB + 1,), "int32"),
+        bias: T.Buffer((N,), "float32"),
+        Y: T.Buffer((B, N, 1), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for lane in T.thread_binding(WARP, thread="threadIdx.x"):
+                    acc = T.alloc_buffer((BR,), "float32", scope="local")
+                    w = T.bind(bx * warps + ty)
+                    if w < work:  # the same for the whole warp: every lane shuffles below
+                        rb = T.bind(w % NRB)
+                        b = T.bind(w // NRB)
+                        start = T.bind(indptr[rb])
+                        count = T.bind(indptr[rb + 1] - start)
+                        for i in T.unroll(BR):
+                            acc[i] = T.float32(0)
+                        for j in range((count - lane + WARP - 1) // WARP):
+                            p = T.bind(start + lane + j * WARP)
+                            k0 = T.bind(indices[p])
+                            for c in T.unroll(BC):
+                                for i in T.unroll(BR):
+                                    acc[i] = acc[i] + data[p, i, c] * X[b, k0 + c, 0]
+                        for i in T.unroll(BR):
+                            for s in T.unroll(5):
+                                acc[i] = acc[i] + T.tvm_warp_shuffle_down(
+                                    full, acc[i], 16 >> s, WARP, WARP
+                                )
+                        if lane == 0:
+                            for i in T.unroll(BR):
+                                if rb * BR + i < N:
+                                    _store(Y, b, rb * BR + i, 0, acc[i] + bias[rb * BR + i], act)
+
+    return bsr_matvec
+
+
 def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
-    """Dense twin of `bsr_matmul_cuda`: W packed as (N / bs_r, K, bs_r), no indirection."""
+    """Dense twin of `bsr_matmul_cuda`: W packed as (N / bs_r, K, bs_r), no indirection. (At
+    M == 1 the dense twin is `bsr_matvec_cuda` on a BSR matrix with every block.)"""
     B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
     BR = spec.block[0]
     NRB = spec.block_rows
-    work = B * NRB * M
+    G = row_groups(spec, BR)
+    R = BR // G
+    work = B * NRB * G * M
     n_blocks, n_threads = _launch(work)
     act = ACTIVATIONS.index(spec.activation)
 
@@ -93,20 +175,22 @@ def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
-                acc = T.alloc_buffer((BR,), "float32", scope="local")
+                acc = T.alloc_buffer((R,), "float32", scope="local")
                 w = T.bind(bx * n_threads + tx)
                 if w < work:
                     m = T.bind(w % M)
-                    rb = T.bind(w // M % NRB)
-                    b = T.bind(w // (M * NRB))
-                    for i in T.unroll(BR):
+                    g = T.bind(w // M % G)
+                    rb = T.bind(w // (M * G) % NRB)
+                    b = T.bind(w // (M * G * NRB))
+                    for i in T.unroll(R):
                         acc[i] = T.float32(0)
                     for k in range(K):
-                        for i in T.unroll(BR):
-                            acc[i] = acc[i] + data[rb, k, i] * X[b, k, m]
-                    for i in T.unroll(BR):
-                        if rb * BR + i < N:
-                            _store(Y, b, rb * BR + i, m, acc[i] + bias[rb * BR + i], act)
+                        for i in T.unroll(R):
+                            acc[i] = acc[i] + data[rb, k, g * R + i] * X[b, k, m]
+                    for i in T.unroll(R):
+                        row = T.bind(rb * BR + g * R + i)
+                        if row < N:
+                            _store(Y, b, row, m, acc[i] + bias[row], act)
 
     return dense_matmul
 

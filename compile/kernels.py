@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 12
+KERNEL_VERSION = 13
 
 
 @dataclass(frozen=True)
@@ -941,8 +941,8 @@ def matmul_kernel(
     num_cores: int | None = None,
     avx512: bool = True,
 ) -> tirx.PrimFunc:
-    """The scheduled matmul kernel for `spec`: sparse (BSR), dense (packed W), or, on a CPU when
-    M == 1, the matrix-vector kernel (a dense W then comes as a BSR matrix with every block)."""
+    """The scheduled matmul kernel for `spec`: sparse (BSR), dense (packed W), or, when M == 1,
+    the matrix-vector kernel (a dense W then comes as a BSR matrix with every block)."""
     if family not in FAMILIES:
         raise KeyError(family)
     if spec.activation not in ACTIVATIONS:
@@ -950,7 +950,7 @@ def matmul_kernel(
     if family == "cuda":
         from compile.cuda_kernels import bsr_matmul_cuda, dense_matmul_cuda
 
-        return dense_matmul_cuda(spec) if dense else bsr_matmul_cuda(spec)
+        return dense_matmul_cuda(spec) if dense and spec.m > 1 else bsr_matmul_cuda(spec)
     tiling = choose_tiling(family, spec, num_cores, avx512)
     if spec.m == 1:
         return bsr_matvec_cpu(spec, tiling)

@@ -492,8 +492,9 @@ def _dense_candidate(
     the spec's `in_hw`, `out_hw` (a conv's 4-D input and output) and `residual`."""
     rows, cols = matrix.shape
     num_cores = _cores(num_cores, batch * rows * cols * m)
-    if m == 1 and family != "cuda":
-        bsr = full_bsr(matrix, (vector_unit(family, avx512).lanes, 1))
+    if m == 1:  # the matrix-vector kernel; on a GPU a warp per row, four columns per lane
+        block = (1, 4) if family == "cuda" else (vector_unit(family, avx512).lanes, 1)
+        bsr = full_bsr(matrix, block)
         consts = [bsr.data, bsr.indices, bsr.indptr, bias]
         spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
     else:

@@ -13,12 +13,14 @@ import tvm
 from torch import nn
 
 import compile as hw_compile
-from compile.bsr import pack_dense, to_bsr
+from compile import cuda_kernels
+from compile.bsr import full_bsr, pack_dense, to_bsr
 from compile.cuda_kernels import (
     bsr_matmul_cuda,
     dense_matmul_cuda,
     depthwise_conv_cuda,
     im2col_cuda,
+    row_groups,
 )
 from compile.kernels import ConvGeometry, KernelSpec
 from hw_profiles.profiles import load_profile
@@ -50,11 +52,8 @@ def _close(got: np.ndarray, want: np.ndarray) -> None:
 ACTS = {"none": lambda y: y, "relu": lambda y: np.maximum(y, 0), "relu6": lambda y: y.clip(0, 6)}
 
 
-@pytest.mark.parametrize(
-    ("block", "batch", "m", "activation"),
-    [((4, 1), 2, 49, "relu"), ((16, 1), 1, 200, "none"), ((1, 4), 3, 1, "relu6")],
-)
-def test_cuda_matmul_kernels_match_numpy(block, batch, m, activation):
+def _matmul_case(batch: int, m: int, activation: str):
+    """W (53 x 37, 80% zero, rows 8-23 empty), X, bias and the expected output."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((53, 37)).astype(np.float32)
     w[rng.random(w.shape) < 0.8] = 0
@@ -62,6 +61,32 @@ def test_cuda_matmul_kernels_match_numpy(block, batch, m, activation):
     x = rng.standard_normal((batch, 37, m)).astype(np.float32)
     bias = rng.standard_normal(53).astype(np.float32)
     want = ACTS[activation](np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None])
+    return w, x, bias, want
+
+
+def test_row_groups_split_block_rows_only_to_fill_the_gpu():
+    small = KernelSpec(1, 96, 16, 256, (16, 1), 6)  # 1536 threads at one per block row
+    assert row_groups(small, 16) == 16  # one thread per row: still under FILL_THREADS
+    big = dataclasses.replace(small, batch=32)  # 49152 threads: enough already
+    assert row_groups(big, 16) == 1
+    assert row_groups(dataclasses.replace(small, batch=8), 16) == 4  # 8 x 1536 x 4 >= 32768
+    assert row_groups(dataclasses.replace(small, batch=8), 1) == 1
+
+
+@pytest.mark.parametrize(
+    ("block", "batch", "m", "activation", "fill"),
+    [
+        ((4, 1), 2, 49, "relu", None),
+        ((4, 1), 2, 49, "none", 2000),  # two threads per block row, two rows each
+        ((16, 1), 1, 200, "none", None),
+        ((16, 1), 1, 200, "relu", 3000),  # four threads per block row, four rows each
+        ((1, 4), 3, 2, "relu6", None),
+    ],
+)
+def test_cuda_matmul_kernels_match_numpy(block, batch, m, activation, fill, monkeypatch):
+    if fill is not None:
+        monkeypatch.setattr(cuda_kernels, "FILL_THREADS", fill)
+    w, x, bias, want = _matmul_case(batch, m, activation)
     bsr = to_bsr(w, block)
     spec = KernelSpec(batch, 53, 37, m, block, bsr.block_rows, activation)
     sparse = _call(bsr_matmul_cuda(spec), [x, bsr.data, bsr.indices, bsr.indptr, bias], want.shape)
@@ -111,13 +136,17 @@ class CudaNet(nn.Module):
 def test_cuda_build_carries_our_kernels(profile_name, tmp_path):
     profile = load_profile(profile_name)
     torch.manual_seed(1)
-    compiled = hw_compile.build(CudaNet().eval(), torch.randn(1, 8, 12, 12), profile)
-    assert compiled.sparse_layers == ["pw", "down", "head"]  # >= 70% sparse, not timed here
+    model, x = CudaNet().eval(), torch.randn(1, 8, 12, 12)
+    compiled = hw_compile.build(model, x, profile, kernel_choice="sparse")
+    assert compiled.sparse_layers == ["pw", "down", "head"]
     assert compiled.dense_layers == ["dw", "conv"]
     source = compiled.device_source("cuda")
     for kernel in ("sparse_pw", "sparse_down", "im2col_down", "sparse_head", "depthwise_dw"):
         assert re.search(rf"__global__ void .*\b{kernel}_kernel\(", source), kernel
     assert "dense_conv_kernel(" in source and "im2col_conv_kernel(" in source
+    # the classifier at batch 1 is a matrix-vector product: a warp per block row
+    head = re.search(r"sparse_head_kernel\([^)]*\) \{(.*?)\n\}", source, re.DOTALL)
+    assert head and "__shfl_down_sync" in head.group(1)
     lib = compiled.export_library(tmp_path / "model.so")
     assert lib.stat().st_size > 0
     if not compiled.host_runnable:
@@ -135,6 +164,28 @@ def _local_gpu_profile():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("block", "batch", "activation"),
+    [((4, 1), 1, "relu"), ((16, 1), 2, "none"), ((1, 4), 3, "relu6"), ((2, 2), 1, "none")],
+)
+def test_cuda_matvec_kernel_matches_numpy_on_the_gpu(block, batch, activation):
+    """M == 1: warps share out a block row and add with shuffles, which only a GPU runs. With
+    every block stored (the dense twin's form) a row has more blocks than a warp has lanes."""
+    profile = _local_gpu_profile()
+    target = tvm.target.Target(profile.target, host="llvm")
+    gpu = tvm.cuda(0)
+    w, x, bias, want = _matmul_case(batch, 1, activation)
+    for bsr in (to_bsr(w, block), full_bsr(w, block)):
+        spec = KernelSpec(batch, 53, 37, 1, block, bsr.block_rows, activation)
+        func = bsr_matmul_cuda(spec)
+        lib = tvm.compile(func, target=target)
+        args = [x, bsr.data, bsr.indices, bsr.indptr, bias]
+        out = tvm.runtime.tensor(np.full(want.shape, np.nan, np.float32), gpu)
+        lib[str(func.attrs["global_symbol"])](*[tvm.runtime.tensor(a, gpu) for a in args], out)
+        _close(out.numpy(), want)
+
+
+@pytest.mark.gpu
 def test_cuda_build_runs_on_the_gpu_like_torch(tmp_path):
     profile = _local_gpu_profile()
     torch.manual_seed(2)
@@ -142,6 +193,11 @@ def test_cuda_build_runs_on_the_gpu_like_torch(tmp_path):
     x = torch.randn(2, 8, 12, 12)
     compiled = hw_compile.build(model, x, profile)  # runs on the GPU and compares with torch
     assert compiled.host_runnable
+    for name in ("pw", "down", "head"):  # both kernels timed on this GPU, the faster kept
+        info = compiled.kernels[name]
+        assert info["sparse_ms"] > 0 and info["dense_ms"] > 0
+        faster = "sparse" if info["sparse_ms"] <= info["dense_ms"] else "dense"
+        assert info["impl"] == faster, name
     with torch.no_grad():
         want = model(x).numpy()
     got = compiled.run(x.numpy())
