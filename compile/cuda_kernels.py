@@ -14,7 +14,15 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from compile.kernels import ACTIVATIONS, ConvGeometry, KernelSpec, stored_blocks
+from compile.kernels import (
+    ACTIVATIONS,
+    ConvGeometry,
+    KernelSpec,
+    _activate,
+    _drop_unused_inputs,
+    _finish,
+    stored_blocks,
+)
 
 THREADS_PER_BLOCK = 128
 # Threads a matmul launch should have to keep a large GPU busy (132 SMs x 256 on an H100);
@@ -40,16 +48,6 @@ def row_groups(spec: KernelSpec, rows_per_block: int) -> int:
     return rows_per_block
 
 
-@T.macro
-def _store(y_buf, tb, row, tm, value, act):
-    if act == 0:
-        y_buf[tb, row, tm] = value
-    elif act == 1:
-        y_buf[tb, row, tm] = T.max(value, T.float32(0))
-    else:
-        y_buf[tb, row, tm] = T.min(T.max(value, T.float32(0)), T.float32(6))
-
-
 def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     """BSR W x X on a GPU: one thread per (batch, row group, m), a group's rows of a block row
     accumulated in registers over the row's blocks. M == 1: `bsr_matvec_cuda`."""
@@ -59,44 +57,48 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     BR, BC = spec.block
     NNZB, NRB = stored_blocks(), spec.block_rows
     G = row_groups(spec, BR)
-    R = BR // G
+    RT = BR // G  # rows per thread
     work = B * NRB * G * M
     n_blocks, n_threads = _launch(work)
-    act = ACTIVATIONS.index(spec.activation)
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
     @T.prim_func(s_tir=True)
     def bsr_matmul(
-        X: T.Buffer((B, K, M), "float32"),
+        X4: T.Buffer(spec.x_shape, "float32"),
         data: T.Buffer((NNZB, BR, BC), "float32"),
         indices: T.Buffer((NNZB,), "int32"),
         indptr: T.Buffer((NRB + 1,), "int32"),
         bias: T.Buffer((N,), "float32"),
-        Y: T.Buffer((B, N, M), "float32"),
+        R4: T.Buffer(spec.y_shape, "float32"),
+        Y4: T.Buffer(spec.y_shape, "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
-                acc = T.alloc_buffer((R,), "float32", scope="local")
+                acc = T.alloc_buffer((RT,), "float32", scope="local")
                 w = T.bind(bx * n_threads + tx)
                 if w < work:
                     m = T.bind(w % M)
                     g = T.bind(w // M % G)
                     rb = T.bind(w // (M * G) % NRB)
                     b = T.bind(w // (M * G * NRB))
-                    for i in T.unroll(R):
+                    for i in T.unroll(RT):
                         acc[i] = T.float32(0)
                     for p0 in range(indptr[rb + 1] - indptr[rb]):
                         p = T.bind(indptr[rb] + p0)
                         k0 = T.bind(indices[p])
                         for c in T.unroll(BC):
-                            for i in T.unroll(R):
-                                acc[i] = acc[i] + data[p, g * R + i, c] * X[b, k0 + c, m]
-                    for i in T.unroll(R):
-                        row = T.bind(rb * BR + g * R + i)
+                            for i in T.unroll(RT):
+                                acc[i] = acc[i] + data[p, g * RT + i, c] * X[b, k0 + c, m]
+                    for i in T.unroll(RT):
+                        row = T.bind(rb * BR + g * RT + i)
                         if row < N:
-                            _store(Y, b, row, m, acc[i] + bias[row], act)
+                            Y[b, row, m] = _finish(acc[i] + bias[row], R[b, row, m], epilogue)
 
-    return bsr_matmul
+    return _drop_unused_inputs(bsr_matmul, spec)
 
 
 def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
@@ -109,19 +111,23 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     work = B * NRB
     warps = min(WARPS_PER_BLOCK, work)
     n_blocks = -(-work // warps)
-    act = ACTIVATIONS.index(spec.activation)
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
     full = T.uint32(0xFFFFFFFF)
 
     @T.prim_func(s_tir=True)
     def bsr_matvec(
-        X: T.Buffer((B, K, 1), "float32"),
+        X4: T.Buffer(spec.x_shape, "float32"),
         data: T.Buffer((NNZB, BR, BC), "float32"),
         indices: T.Buffer((NNZB,), "int32"),
         indptr: T.Buffer((NRB + 1,), "int32"),
         bias: T.Buffer((N,), "float32"),
-        Y: T.Buffer((B, N, 1), "float32"),
+        R4: T.Buffer(spec.y_shape, "float32"),
+        Y4: T.Buffer(spec.y_shape, "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for lane in T.thread_binding(WARP, thread="threadIdx.x"):
@@ -147,10 +153,13 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
                                 )
                         if lane == 0:
                             for i in T.unroll(BR):
-                                if rb * BR + i < N:
-                                    _store(Y, b, rb * BR + i, 0, acc[i] + bias[rb * BR + i], act)
+                                row = T.bind(rb * BR + i)
+                                if row < N:
+                                    Y[b, row, 0] = _finish(
+                                        acc[i] + bias[row], R[b, row, 0], epilogue
+                                    )
 
-    return bsr_matvec
+    return _drop_unused_inputs(bsr_matvec, spec)
 
 
 def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
@@ -160,39 +169,43 @@ def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     BR = spec.block[0]
     NRB = spec.block_rows
     G = row_groups(spec, BR)
-    R = BR // G
+    RT = BR // G  # rows per thread
     work = B * NRB * G * M
     n_blocks, n_threads = _launch(work)
-    act = ACTIVATIONS.index(spec.activation)
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
     @T.prim_func(s_tir=True)
     def dense_matmul(
-        X: T.Buffer((B, K, M), "float32"),
+        X4: T.Buffer(spec.x_shape, "float32"),
         data: T.Buffer((NRB, K, BR), "float32"),
         bias: T.Buffer((N,), "float32"),
-        Y: T.Buffer((B, N, M), "float32"),
+        R4: T.Buffer(spec.y_shape, "float32"),
+        Y4: T.Buffer(spec.y_shape, "float32"),
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
-                acc = T.alloc_buffer((R,), "float32", scope="local")
+                acc = T.alloc_buffer((RT,), "float32", scope="local")
                 w = T.bind(bx * n_threads + tx)
                 if w < work:
                     m = T.bind(w % M)
                     g = T.bind(w // M % G)
                     rb = T.bind(w // (M * G) % NRB)
                     b = T.bind(w // (M * G * NRB))
-                    for i in T.unroll(R):
+                    for i in T.unroll(RT):
                         acc[i] = T.float32(0)
                     for k in range(K):
-                        for i in T.unroll(R):
-                            acc[i] = acc[i] + data[rb, k, g * R + i] * X[b, k, m]
-                    for i in T.unroll(R):
-                        row = T.bind(rb * BR + g * R + i)
+                        for i in T.unroll(RT):
+                            acc[i] = acc[i] + data[rb, k, g * RT + i] * X[b, k, m]
+                    for i in T.unroll(RT):
+                        row = T.bind(rb * BR + g * RT + i)
                         if row < N:
-                            _store(Y, b, row, m, acc[i] + bias[row], act)
+                            Y[b, row, m] = _finish(acc[i] + bias[row], R[b, row, m], epilogue)
 
-    return dense_matmul
+    return _drop_unused_inputs(dense_matmul, spec)
 
 
 def depthwise_conv_cuda(geo: ConvGeometry, activation: str = "none") -> tirx.PrimFunc:
@@ -230,14 +243,7 @@ def depthwise_conv_cuda(geo: ConvGeometry, activation: str = "none") -> tirx.Pri
                             iw = T.bind(ow * SW + kw - PL)
                             if 0 <= ih and ih < H and 0 <= iw and iw < W:
                                 acc[0] = acc[0] + weight[c, kh, kw] * X[b, c, ih, iw]
-                    if act == 0:
-                        Y[b, c, oh, ow] = acc[0] + bias[c]
-                    elif act == 1:
-                        Y[b, c, oh, ow] = T.max(acc[0] + bias[c], T.float32(0))
-                    else:
-                        Y[b, c, oh, ow] = T.min(
-                            T.max(acc[0] + bias[c], T.float32(0)), T.float32(6)
-                        )
+                    Y[b, c, oh, ow] = _activate(acc[0] + bias[c], act)
 
     return depthwise_conv
 

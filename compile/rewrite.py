@@ -327,7 +327,7 @@ def plan_rewrite(
             graph, call_var, f"{name}.bias", weight_vars, tensors, rows
         )
         residual_var = None
-        if kind == "conv" and family != "cuda":
+        if kind == "conv":
             out_shape = (geometry.batch, rows, geometry.out_height, geometry.out_width)
             found_residual = _residual(graph, out_var, out_shape)
             if found_residual is not None:
@@ -362,12 +362,12 @@ def plan_rewrite(
         maps: tuple = (None, None, False)
         if kind == "conv":
             batch, m = geometry.batch, geometry.out_height * geometry.out_width
-            if family != "cuda":  # CPU kernels take the conv's 4-D tensors (no reshapes)
-                hw = (geometry.out_height, geometry.out_width)
-                maps = (hw if _is_plain_1x1(geometry) else None, hw, residual_var is not None)
+            # the kernels take the conv's 4-D tensors: no reshape calls around them
+            hw = (geometry.out_height, geometry.out_width)
+            maps = (hw if _is_plain_1x1(geometry) else None, hw, residual_var is not None)
         else:
             batch, m = 1, math.prod(x_shape[:-1])
-            if family != "cuda" and m == 1 and len(x_shape) == 2:  # (1, features): as it is
+            if m == 1 and len(x_shape) == 2:  # (1, features): as it is
                 maps = ((), (), False)
         dense = _dense_candidate(
             matrix, bias, batch, m, activation, family, num_cores, avx512, maps
@@ -424,7 +424,7 @@ def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph, num_cores: int
             or dw.kernel.family == "cuda"
             or ex is None
             or ex.impl != "sparse"
-            or ex.spec.in_hw is None  # im2col, or a GPU's reshaped input
+            or ex.spec.in_hw is None  # im2col
             or ex.residual_var is not None
             or len(graph.consumers.get(ex.output_var, [])) != 1
         ):

@@ -96,6 +96,24 @@ def test_cuda_matmul_kernels_match_numpy(block, batch, m, activation, fill, monk
     _close(dense, want)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_cuda_matmul_reads_conv_tensors_and_adds_the_residual(dense):
+    """A 1x1 conv's (batch, channels, 7, 7) tensors as they are, the residual added after
+    the activation: no reshape or add kernels around ours."""
+    w, x, bias, want = _matmul_case(2, 49, "relu6")
+    residual = np.random.default_rng(1).standard_normal(want.shape).astype(np.float32)
+    maps = {"in_hw": (7, 7), "out_hw": (7, 7), "residual": True}
+    x4, r4, want4 = (a.reshape(2, -1, 7, 7) for a in (x, residual, want + residual))
+    if dense:
+        spec = KernelSpec(2, 53, 37, 49, (4, 1), 14, "relu6", **maps)
+        func, consts = dense_matmul_cuda(spec), [pack_dense(w, 4), bias]
+    else:
+        bsr = to_bsr(w, (16, 1))
+        spec = KernelSpec(2, 53, 37, 49, (16, 1), bsr.block_rows, "relu6", **maps)
+        func, consts = bsr_matmul_cuda(spec), [bsr.data, bsr.indices, bsr.indptr, bias]
+    _close(_call(func, [x4, *consts, r4], want4.shape), want4)
+
+
 @pytest.mark.parametrize(("kernel", "stride", "pad"), [(3, 2, 1), (5, 1, 2), (3, 1, 0)])
 def test_cuda_depthwise_and_im2col_match_torch(kernel, stride, pad):
     torch.manual_seed(0)
@@ -112,22 +130,25 @@ def test_cuda_depthwise_and_im2col_match_torch(kernel, stride, pad):
 
 
 class CudaNet(nn.Module):
-    """A sparse 1x1 conv, a depthwise conv, a sparse strided 3x3 conv (im2col), a dense 3x3
-    conv, a sparse classifier: every kernel of ours, plus glue ops left to dlight."""
+    """A sparse 1x1 conv, a depthwise conv, a sparse 1x1 conv with a residual, a sparse strided
+    3x3 conv (im2col), a dense 3x3 conv, a sparse classifier: every kernel of ours, plus glue
+    ops left to dlight."""
 
     def __init__(self):
         super().__init__()
         self.pw = SparseConv2d(8, 32, 1, sparsity=0.8, pattern="block", block=(4, 1))
         self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.mix = SparseConv2d(32, 32, 1, sparsity=0.8, pattern="block", block=(4, 1))
         self.down = SparseConv2d(32, 32, 3, 2, 1, sparsity=0.9, pattern="block", block=(16, 1))
         self.conv = nn.Conv2d(32, 16, 3, padding=1)
         self.head = SparseLinear(16, 10, sparsity=0.75, pattern="block", block=(1, 4))
-        for layer in (self.pw, self.down, self.head):
+        for layer in (self.pw, self.mix, self.down, self.head):
             layer.update_mask()
 
     def forward(self, x):
         x = torch.relu(self.pw(x))
         x = x + nn.functional.relu6(self.dw(x))
+        x = x + self.mix(x)  # a residual our kernel adds
         x = self.conv(self.down(x)).mean((2, 3))
         return self.head(x)
 
@@ -138,11 +159,18 @@ def test_cuda_build_carries_our_kernels(profile_name, tmp_path):
     torch.manual_seed(1)
     model, x = CudaNet().eval(), torch.randn(1, 8, 12, 12)
     compiled = hw_compile.build(model, x, profile, kernel_choice="sparse")
-    assert compiled.sparse_layers == ["pw", "down", "head"]
+    assert compiled.sparse_layers == ["pw", "mix", "down", "head"]
     assert compiled.dense_layers == ["dw", "conv"]
+    assert compiled.kernels["mix"]["fused_residual"]
     source = compiled.device_source("cuda")
-    for kernel in ("sparse_pw", "sparse_down", "im2col_down", "sparse_head", "depthwise_dw"):
-        assert re.search(rf"__global__ void .*\b{kernel}_kernel\(", source), kernel
+    for kernel in ("pw", "mix", "down", "head"):
+        assert re.search(rf"__global__ void .*\bsparse_{kernel}_kernel\(", source), kernel
+    assert "im2col_down_kernel(" in source and "depthwise_dw_kernel(" in source
+    # the 1x1 convs read and write 4-D tensors and the mix conv adds its residual: no reshape
+    # kernels; left to dlight are the depthwise conv's residual add and the mean
+    kernels = re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\([^)]*\) \{", source)
+    glue = [k for k in kernels if not re.match(r"(sparse|dense|im2col|depthwise)_", k)]
+    assert sorted(glue) == ["add_kernel", "mean_kernel"], kernels
     assert "dense_conv_kernel(" in source and "im2col_conv_kernel(" in source
     # the classifier at batch 1 is a matrix-vector product: a warp per block row
     head = re.search(r"sparse_head_kernel\([^)]*\) \{(.*?)\n\}", source, re.DOTALL)
@@ -193,7 +221,7 @@ def test_cuda_build_runs_on_the_gpu_like_torch(tmp_path):
     x = torch.randn(2, 8, 12, 12)
     compiled = hw_compile.build(model, x, profile)  # runs on the GPU and compares with torch
     assert compiled.host_runnable
-    for name in ("pw", "down", "head"):  # both kernels timed on this GPU, the faster kept
+    for name in ("pw", "mix", "down", "head"):  # both kernels timed on this GPU, faster kept
         info = compiled.kernels[name]
         assert info["sparse_ms"] > 0 and info["dense_ms"] > 0
         faster = "sparse" if info["sparse_ms"] <= info["dense_ms"] else "dense"
