@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 13
+KERNEL_VERSION = 14
 
 
 @dataclass(frozen=True)
@@ -427,15 +427,28 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     return _drop_unused_inputs(dense_matmul, spec)
 
 
+def _lane_sum(buf, base, lanes: int):
+    """buf[base] + ... + buf[base + lanes - 1], as one expression."""
+    total = buf[base]
+    for c in range(1, lanes):
+        total = total + buf[base + c]
+    return total
+
+
 def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     """M == 1 (a Linear at batch 1, a 1x1 conv on a 1x1 map): vectorized over the block's
-    bs_r x bs_c values instead of M; parallel over (batch x block row). Rows, columns and
-    blocks are read from the arrays."""
+    bs_r x bs_c values instead of M; parallel over (batch x block row). With 1 x c blocks a
+    work item is c rows, whose sums go out as one vector. Rows, columns and blocks are read
+    from the arrays."""
     B = spec.batch
     N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
     BR, BC = spec.block
     NNZB, NRB = stored_blocks(), NP - 1
-    work = B * NRB
+    # 1 x c blocks: a row's sum is a horizontal add of its vector; RG rows' sums are made
+    # together, as one transposed vector, instead of one shuffle chain and scalar store each.
+    RG = BC if BR == 1 and BC > 1 else 1
+    n_groups = (NRB + RG - 1) // RG
+    work = B * n_groups
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     chunk_loop = _chunk_loop(tiling.parallel)
     per_chunk = (work + n_chunks - 1) // n_chunks
@@ -452,6 +465,28 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             acc_buf[a0 + e] = (
                 acc_buf[a0 + e] + w_data[p, e // BC, e % BC] * x_buf[tb, k0 + e % BC, 0]
             )
+
+    @T.macro
+    def row_block(acc_buf, w_data, w_indices, w_indptr, x_buf, tb, rb, a0):
+        """Block row `rb`'s blocks times x, summed into acc_buf[a0 : a0 + E] (CH chains from
+        a0 on). A block row past the last has no blocks."""
+        p_lo = T.bind(w_indptr[T.min(rb, NRB)])
+        n_p = T.bind(w_indptr[T.min(rb + 1, NRB)] - p_lo)
+        # One vector per chain: zeroing all CH * E at once made LLVM keep the chains packed
+        # in wider registers, inserting and extracting every block.
+        for ch in T.unroll(CH):
+            for e in T.vectorized(E):
+                acc_buf[a0 + ch * E + e] = T.float32(0)
+        # The block's bs_r x bs_c values are contiguous: one vector per block, CH blocks at a
+        # time into CH accumulators (independent FMA chains).
+        for q in range(n_p // CH):
+            for ch in T.unroll(CH):
+                block(acc_buf, w_data, w_indices, x_buf, tb, a0 + ch * E, p_lo + q * CH + ch)
+        for r in range(n_p % CH):
+            block(acc_buf, w_data, w_indices, x_buf, tb, a0, p_lo + n_p // CH * CH + r)
+        for ch in T.unroll(CH - 1):  # the chains' sum, a vector add each
+            for e in T.vectorized(E):
+                acc_buf[a0 + e] = acc_buf[a0 + e] + acc_buf[a0 + (ch + 1) * E + e]
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -470,42 +505,42 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
         for t in chunk_loop(n_chunks):
-            acc = T.alloc_buffer((CH * E,), "float32", scope="local", annotations=_ON_STACK)
-            red = T.alloc_buffer((BR, 1), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((RG * CH * E,), "float32", scope="local", annotations=_ON_STACK)
+            red = T.alloc_buffer((max(BR, RG), 1), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:
-                    b = T.bind(_outer(w, NRB, B))
-                    rb = T.bind(_inner(w, NRB, B))
-                    p_lo = T.bind(indptr[rb])
-                    n_p = T.bind(indptr[rb + 1] - p_lo)
-                    # One vector per chain: zeroing all CH * E at once made LLVM keep the
-                    # chains packed in wider registers, inserting and extracting every block.
-                    for ch in T.unroll(CH):
-                        for e in T.vectorized(E):
-                            acc[ch * E + e] = T.float32(0)
-                    # The block's bs_r x bs_c values are contiguous: one vector per block,
-                    # CH blocks at a time into CH accumulators (independent FMA chains).
-                    for q in range(n_p // CH):
-                        for ch in T.unroll(CH):
-                            block(acc, data, indices, X, b, ch * E, p_lo + q * CH + ch)
-                    for r in range(n_p % CH):
-                        block(acc, data, indices, X, b, 0, p_lo + n_p // CH * CH + r)
-                    for ch in T.unroll(CH - 1):  # the chains' sum, a vector add each
-                        for e in T.vectorized(E):
-                            acc[e] = acc[e] + acc[(ch + 1) * E + e]
-                    if BC == 1 and (not guard or rb * BR + BR <= N):
-                        # A whole block row of a row block: its rows are the vector's lanes.
-                        for e in T.vectorized(BR):
-                            Y[b, rb * BR + e, 0] = _finish(
-                                acc[e] + bias[rb * BR + e], R[b, rb * BR + e, 0], epilogue
-                            )
+                    b = T.bind(_outer(w, n_groups, B))
+                    g = T.bind(_inner(w, n_groups, B))
+                    if RG > 1:  # RG rows of 1 x c blocks: lane r of `red` is row g * RG + r
+                        for r in T.unroll(RG):
+                            row_block(acc, data, indices, indptr, X, b, g * RG + r, r * CH * E)
+                        for r in T.vectorized(RG):
+                            red[r, 0] = _lane_sum(acc, r * CH * E, BC)
+                        if g * RG + RG <= N:
+                            for r in T.vectorized(RG):
+                                Y[b, g * RG + r, 0] = _finish(
+                                    red[r, 0] + bias[g * RG + r], R[b, g * RG + r, 0], epilogue
+                                )
+                        else:
+                            for r in range(N - g * RG):
+                                Y[b, g * RG + r, 0] = _finish(
+                                    red[r, 0] + bias[g * RG + r], R[b, g * RG + r, 0], epilogue
+                                )
                     else:
-                        _init_tile(red, bias, rb * BR, BR, 1, N, None)
-                        for i in T.unroll(BR):
-                            for c in T.unroll(BC):
-                                red[i, 0] = red[i, 0] + acc[i * BC + c]
-                        _store_tile(red, R, Y, b, rb * BR, 0, BR, 1, N, epilogue, guard, None)
+                        row_block(acc, data, indices, indptr, X, b, g, 0)
+                        if BC == 1 and (not guard or g * BR + BR <= N):
+                            # A whole block row of a row block: its rows are the vector's lanes.
+                            for e in T.vectorized(BR):
+                                Y[b, g * BR + e, 0] = _finish(
+                                    acc[e] + bias[g * BR + e], R[b, g * BR + e, 0], epilogue
+                                )
+                        else:
+                            _init_tile(red, bias, g * BR, BR, 1, N, None)
+                            for i in T.unroll(BR):
+                                for c in T.unroll(BC):
+                                    red[i, 0] = red[i, 0] + acc[i * BC + c]
+                            _store_tile(red, R, Y, b, g * BR, 0, BR, 1, N, epilogue, guard, None)
 
     return _drop_unused_inputs(bsr_matvec, spec)
 

@@ -143,6 +143,9 @@ def _run_kernel(w, x, bias, block, activation):
         ((1, 8), 1.0, 1, 49, "none"),
         ((16, 1), 0.5, 2, 1, "relu6"),  # matrix-vector: whole block rows, then a part
         ((1, 4), 0.9, 1, 1, "relu"),
+        # 1 x c blocks at M == 1: c rows' sums as one vector, 53 rows end in a partial group
+        ((1, 4), 0.7, 3, 1, "relu6"),
+        ((1, 8), 0.9, 2, 1, "none"),
     ],
 )
 def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
