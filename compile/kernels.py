@@ -488,6 +488,13 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             for e in T.vectorized(E):
                 acc_buf[a0 + e] = acc_buf[a0 + e] + acc_buf[a0 + (ch + 1) * E + e]
 
+    @T.macro
+    def put_row(red_buf, bias_buf, r_buf, y_buf, tb, row0, r):
+        """Row row0 + r of a group: lane r of `red_buf`, plus its bias, finished."""
+        y_buf[tb, row0 + r, 0] = _finish(
+            red_buf[r, 0] + bias_buf[row0 + r], r_buf[tb, row0 + r, 0], epilogue
+        )
+
     XS, YS = _io_shapes(spec, K, N)
 
     @T.prim_func(s_tir=True)
@@ -519,14 +526,10 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                             red[r, 0] = _lane_sum(acc, r * CH * E, BC)
                         if g * RG + RG <= N:
                             for r in T.vectorized(RG):
-                                Y[b, g * RG + r, 0] = _finish(
-                                    red[r, 0] + bias[g * RG + r], R[b, g * RG + r, 0], epilogue
-                                )
+                                put_row(red, bias, R, Y, b, g * RG, r)
                         else:
                             for r in range(N - g * RG):
-                                Y[b, g * RG + r, 0] = _finish(
-                                    red[r, 0] + bias[g * RG + r], R[b, g * RG + r, 0], epilogue
-                                )
+                                put_row(red, bias, R, Y, b, g * RG, r)
                     else:
                         row_block(acc, data, indices, indptr, X, b, g, 0)
                         if BC == 1 and (not guard or g * BR + BR <= N):
