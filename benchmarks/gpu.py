@@ -23,7 +23,15 @@ import numpy as np
 import torch
 import tvm
 from e2e import build_model, machine
-from kernels import BLOCKS, SHAPES, SPARSITIES, Shape, block_sparse_weight, summary
+from kernels import (
+    BLOCKS,
+    SHAPES,
+    SPARSITIES,
+    Shape,
+    block_sparse_weight,
+    replace_section,
+    summary,
+)
 
 import compile as hw_compile
 from compile.bsr import to_bsr
@@ -32,7 +40,6 @@ from compile.rewrite import _dense_candidate
 from hw_profiles.profiles import load_profile
 
 OUT = Path(__file__).parent / "out"
-RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTION = "## CUDA"
 METHODS = ("ours sparse", "ours dense", "torch dense", "torch csr")
 # The CPU grid's shapes at batch 1, and the 1x1 convs again at batch 32 (a GPU's usual load).
@@ -223,14 +230,7 @@ def write_results(table: str, result: dict) -> None:
         "time over the method's. torch csr is cuSPARSE on the same block-sparse matrix.\n\n"
         f"{table}\n"
     )
-    text = RESULTS.read_text()
-    start = text.find(SECTION + " ")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    RESULTS.write_text(text)
+    replace_section(SECTION, section)
 
 
 def main() -> None:

@@ -278,12 +278,18 @@ def write_results(table: str, result: dict) -> None:
         "method's. scipy and torch.sparse get the same block-sparse matrix as CSR.\n\n"
         f"{table}\n"
     )
+    replace_section(SECTION, section)
+
+
+def replace_section(heading: str, section: str) -> None:
+    """Put `section` in RESULTS.md in place of the one whose title starts with `heading` (up to
+    the next `## ` or the end), or at the end when there is none."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
+    start = text.find(heading + " ")
     if start < 0:
         text = text.rstrip() + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     RESULTS.write_text(text)
 
