@@ -248,6 +248,67 @@ def depthwise_conv_cuda(geo: ConvGeometry, activation: str = "none") -> tirx.Pri
     return depthwise_conv
 
 
+def expand_depthwise_cuda(
+    expand: KernelSpec, geo: ConvGeometry, activation: str = "none"
+) -> tirx.PrimFunc:
+    """A sparse 1x1 conv (`expand`) and the depthwise conv that reads its output (`geo`) in one
+    kernel, one thread per depthwise output: each of its kh x kw inputs is expanded where it is
+    read, from the expand weight's row in CSR form. An expanded value is made once per output
+    that reads it (kh x kw times), which costs only the row's nonzeros; the expanded tensor
+    never goes to memory and a launch goes away (a small net on a GPU is launch-bound).
+    Takes the arrays of `compile.kernels.expand_depthwise_cpu`."""
+    B, C, H, W = geo.batch, geo.channels, geo.height, geo.width
+    K = expand.cols
+    NNZ = tirx.Var("nnz", "int32")
+    KH, KW = geo.kernel
+    SH, SW = geo.stride
+    PT, PL = geo.pad
+    OH, OW = geo.out_height, geo.out_width
+    work = B * C * OH * OW
+    n_blocks, n_threads = _launch(work)
+    act = ACTIVATIONS.index(activation)
+    expand_act = ACTIVATIONS.index(expand.activation)
+
+    @T.prim_func(s_tir=True)
+    def expand_depthwise(
+        X: T.Buffer((B, K, H, W), "float32"),
+        data: T.Buffer((NNZ,), "float32"),
+        indices: T.Buffer((NNZ,), "int32"),
+        indptr: T.Buffer((C + 1,), "int32"),
+        expand_bias: T.Buffer((C,), "float32"),
+        weight: T.Buffer((C, KH, KW), "float32"),
+        bias: T.Buffer((C,), "float32"),
+        Y: T.Buffer((B, C, OH, OW), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
+                acc = T.alloc_buffer((2,), "float32", scope="local")  # depthwise, expanded
+                w = T.bind(bx * n_threads + tx)
+                if w < work:
+                    ow = T.bind(w % OW)
+                    oh = T.bind(w // OW % OH)
+                    c = T.bind(w // (OW * OH) % C)
+                    b = T.bind(w // (OW * OH * C))
+                    p_lo = T.bind(indptr[c])
+                    n_p = T.bind(indptr[c + 1] - p_lo)
+                    acc[0] = T.float32(0)
+                    for kh in T.unroll(KH):
+                        for kw in T.unroll(KW):
+                            ih = T.bind(oh * SH + kh - PT)
+                            iw = T.bind(ow * SW + kw - PL)
+                            if 0 <= ih and ih < H and 0 <= iw and iw < W:
+                                acc[1] = expand_bias[c]
+                                for p0 in range(n_p):
+                                    acc[1] = (
+                                        acc[1] + data[p_lo + p0] * X[b, indices[p_lo + p0], ih, iw]
+                                    )
+                                acc[0] = acc[0] + weight[c, kh, kw] * _activate(acc[1], expand_act)
+                    Y[b, c, oh, ow] = _activate(acc[0] + bias[c], act)
+
+    return expand_depthwise
+
+
 def im2col_cuda(geo: ConvGeometry) -> tirx.PrimFunc:
     """Unfold NCHW input into (B, C * kh * kw, OH * OW) columns: one thread per element."""
     B, C, H, W = geo.batch, geo.channels, geo.height, geo.width

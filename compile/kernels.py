@@ -1013,12 +1013,12 @@ def depthwise_kernel(
     expand: KernelSpec | None = None,
 ) -> tirx.PrimFunc:
     """The depthwise conv kernel for a target family; with `expand`, the sparse 1x1 conv that
-    feeds it computed inside it (CPU families, see `expand_depthwise_cpu`)."""
+    feeds it computed inside it (`expand_depthwise_cpu`, `expand_depthwise_cuda`)."""
     if family == "cuda":
-        if expand is not None:
-            raise ValueError("the fused expand + depthwise kernel is CPU-only")
-        from compile.cuda_kernels import depthwise_conv_cuda
+        from compile.cuda_kernels import depthwise_conv_cuda, expand_depthwise_cuda
 
+        if expand is not None:
+            return expand_depthwise_cuda(expand, geo, activation)
         return depthwise_conv_cuda(geo, activation)
     lanes = vector_unit(family, avx512).lanes
     if expand is not None:

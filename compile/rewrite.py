@@ -412,16 +412,15 @@ def plan_rewrite(
 
 
 def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph, num_cores: int | None) -> None:
-    """Give each depthwise conv fed only by a sparse plain 1x1 conv (CPU targets) one kernel
-    that computes both (`compile.kernels.expand_depthwise_cpu`): the expanded tensor never goes
-    to memory and a call goes away. Only sparse ones: a dense 1x1 conv reuses each input load
+    """Give each depthwise conv fed only by a sparse plain 1x1 conv one kernel that computes
+    both (`expand_depthwise_cpu`, `expand_depthwise_cuda`): the expanded tensor never goes to
+    memory and a call goes away. Only sparse ones: a dense 1x1 conv reuses each input load
     across a tile of rows, which the fused kernel's channel-by-channel expansion cannot."""
     by_output = {plan.output_var: plan for plan in plans}
     for dw in plans:
         ex = by_output.get(dw.input_var)
         if (
             dw.kind != "depthwise"
-            or dw.kernel.family == "cuda"
             or ex is None
             or ex.impl != "sparse"
             or ex.spec.in_hw is None  # im2col

@@ -19,6 +19,7 @@ from compile.cuda_kernels import (
     bsr_matmul_cuda,
     dense_matmul_cuda,
     depthwise_conv_cuda,
+    expand_depthwise_cuda,
     im2col_cuda,
     row_groups,
 )
@@ -129,6 +130,65 @@ def test_cuda_depthwise_and_im2col_match_torch(kernel, stride, pad):
     _close(_call(im2col_cuda(geo), [x.numpy()], cols.shape), cols)
 
 
+@pytest.mark.parametrize(
+    ("batch", "size", "stride", "pad", "acts"),
+    [
+        (1, (8, 8), 1, 1, ("relu6", "relu6")),
+        (2, (9, 7), 2, 1, ("relu", "none")),
+        (1, (5, 6), 1, 0, ("none", "relu")),
+    ],
+)
+def test_cuda_expand_depthwise_kernel_matches_torch(batch, size, stride, pad, acts):
+    """The sparse 1x1 conv expanded where the depthwise conv reads it: odd sizes, stride 2, no
+    padding, an empty and a full expand channel."""
+    rng = np.random.default_rng(5)
+    (h, w), (k, c) = size, (11, 21)
+    x = torch.from_numpy(rng.standard_normal((batch, k, h, w)).astype(np.float32))
+    ew = rng.standard_normal((c, k)).astype(np.float32) * (rng.random((c, k)) < 0.2)
+    ew[3], ew[4] = 0, rng.standard_normal(k)
+    eb, dw, db = (rng.standard_normal(s).astype(np.float32) for s in (c, (c, 3, 3), c))
+    mid = nn.functional.conv2d(x, torch.from_numpy(ew)[:, :, None, None], torch.from_numpy(eb))
+    mid = torch.from_numpy(ACTS[acts[0]](mid.numpy()))
+    dw_out = nn.functional.conv2d(mid, torch.from_numpy(dw)[:, None], None, stride, pad, 1, c)
+    want = ACTS[acts[1]](dw_out.numpy() + db[:, None, None])
+    oh, ow = want.shape[2:]
+    geo = ConvGeometry(batch, c, h, w, (3, 3), (stride, stride), (pad, pad), oh, ow)
+    expand = KernelSpec(batch, c, k, h * w, (1, 1), c, acts[0], (h, w), (h, w))
+    csr = to_bsr(ew, (1, 1))
+    args = [x.numpy(), csr.data.reshape(-1), csr.indices, csr.indptr, eb, dw, db]
+    _close(_call(expand_depthwise_cuda(expand, geo, acts[1]), args, want.shape), want)
+
+
+class FusedNet(nn.Module):
+    """A sparse expand conv read only by a depthwise conv (fused), then a plain sparse one."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = SparseConv2d(8, 32, 1, sparsity=0.9, pattern="block", block=(16, 1))
+        self.dw = nn.Conv2d(32, 32, 3, 2, 1, groups=32)
+        self.project = SparseConv2d(32, 8, 1, sparsity=0.9, pattern="block", block=(4, 1))
+        for layer in (self.expand, self.project):
+            layer.update_mask()
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.dw(nn.functional.relu6(self.expand(x))))
+        return self.project(x)
+
+
+def test_cuda_build_fuses_the_expand_conv_into_the_depthwise_conv():
+    compiled = hw_compile.build(
+        FusedNet().eval(),
+        torch.randn(1, 8, 10, 10),
+        load_profile("cuda/h100"),
+        kernel_choice="sparse",
+    )
+    assert compiled.kernels["expand"]["fused_into"] == "dw"
+    assert compiled.kernels["dw"]["fused_expand"] == "expand"
+    source = compiled.device_source("cuda")
+    kernels = re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\([^)]*\) \{", source)
+    assert sorted(kernels) == ["depthwise_dw_kernel", "sparse_project_kernel"], kernels
+
+
 class CudaNet(nn.Module):
     """A sparse 1x1 conv, a depthwise conv, a sparse 1x1 conv with a residual, a sparse strided
     3x3 conv (im2col), a dense 3x3 conv, a sparse classifier: every kernel of ours, plus glue
@@ -211,6 +271,18 @@ def test_cuda_matvec_kernel_matches_numpy_on_the_gpu(block, batch, activation):
         out = tvm.runtime.tensor(np.full(want.shape, np.nan, np.float32), gpu)
         lib[str(func.attrs["global_symbol"])](*[tvm.runtime.tensor(a, gpu) for a in args], out)
         _close(out.numpy(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_fused_build_runs_on_the_gpu_like_torch(batch):
+    torch.manual_seed(4)
+    model, x = FusedNet().eval(), torch.randn(batch, 8, 10, 10)
+    compiled = hw_compile.build(model, x, _local_gpu_profile(), kernel_choice="sparse")
+    assert compiled.kernels["dw"]["fused_expand"] == "expand"
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(compiled.run(x.numpy()), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
