@@ -458,6 +458,9 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         info["fused_into"] = layer.fused_into
     if layer.expand is not None:
         info["fused_expand"] = layer.expand.name
+    if layer.fusion_ms:  # its 1x1 conv was fused although its dense kernel was faster alone
+        info["fused_ms"] = layer.fusion_ms["fused"]
+        info["unfused_ms"] = layer.fusion_ms["unfused"]
     if layer.spec is not None and layer.spec.kept_rows:  # channel-pruned, rebuilt smaller
         info["kept_rows"] = int(layer.constants[1].size)
     if layer.bsr is not None:

@@ -93,6 +93,26 @@ class KernelChooser:
             f"sparse {entry['sparse_ms']:.4g} ms vs dense {entry['dense_ms']:.4g} ms",
         )
 
+    def time_fusion(self, fused: tuple, depthwise: tuple, shapes, density: float):
+        """For a 1x1 conv that got its dense kernel and feeds only a depthwise conv: the times
+        (ms) of the kernel that computes both (the 1x1 conv sparse, inside the depthwise conv)
+        and of the depthwise conv alone, as (fused, depthwise); None when not timed here.
+        `fused` and `depthwise`: (Kernel, constants); `shapes`: the 1x1 conv's input, the
+        depthwise conv's input and its output; `density`: the 1x1 conv's."""
+        if self.mode != "auto" or not self.host_runnable:
+            return None
+        x_shape, mid_shape, y_shape = shapes
+        bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
+        key = f"v{KERNEL_VERSION}|{target_key(self.target)}|fused|{fused[0].key}|{bucket}"
+        entry = self._load().get(key)
+        if entry is None:
+            entry = {
+                "fused_ms": self._time_call(*fused, x_shape, y_shape),
+                "depthwise_ms": self._time_call(*depthwise, mid_shape, y_shape),
+            }
+            self._save(key, entry)
+        return entry["fused_ms"], entry["depthwise_ms"]
+
     def _key(self, spec: KernelSpec, density: float) -> str:
         bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
         shape = f"{spec.batch}x{spec.rows}x{spec.cols}x{spec.m}"
@@ -101,20 +121,23 @@ class KernelChooser:
 
     def _time(self, candidate: KernelCandidate) -> float:
         spec = candidate.spec
+        residual = [np.zeros(spec.y_shape, np.float32)] if spec.residual else []
+        constants = [*candidate.constants, *residual]
+        return self._time_call(candidate.kernel, constants, spec.x_shape, spec.y_shape)
+
+    def _time_call(self, kernel: Kernel, constants: list[np.ndarray], x_shape, y_shape) -> float:
+        """ms per call of `kernel` on random X of `x_shape`, then `constants`, into Y."""
         if self.target.kind.name == "cuda":  # this host's GPU (see `host_runnable`)
             dev = tvm.cuda(0)
-            func = candidate.kernel.func()
+            func = kernel.func()
             lib = tvm.compile(func, target=self.target).mod
             symbol = str(func.attrs["global_symbol"])
         else:
             dev = tvm.cpu()
-            lib, symbol = load_kernel(candidate.kernel, self.target)
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal(spec.x_shape).astype(np.float32)
-        residual = (np.zeros(spec.y_shape, np.float32),) if spec.residual else ()
-        inputs = (x, *candidate.constants, *residual)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
-        out = tvm.runtime.tensor(np.empty(spec.y_shape, np.float32), dev)
+            lib, symbol = load_kernel(kernel, self.target)
+        x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *constants)]
+        out = tvm.runtime.tensor(np.empty(y_shape, np.float32), dev)
         timer = lib.time_evaluator(
             symbol, dev, number=1, repeat=self.repeats, min_repeat_ms=self.min_repeat_ms
         )

@@ -139,6 +139,8 @@ class LayerPlan:
     # takes that conv's input; the 1x1 conv's plan names it in `fused_into` and has no call.
     expand: LayerPlan | None = field(repr=False, default=None)
     fused_into: str | None = None
+    # When the 1x1 conv had got its dense kernel: the fused kernel's time and the two calls'
+    fusion_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -407,22 +409,31 @@ def plan_rewrite(
             cores = _cores(num_cores, 3 * _depthwise_macs(geometry))  # per copied element
             plan.im2col = Kernel("im2col", family, geometry, num_cores=cores, avx512=avx512)
         plans.append(plan)
-    _fuse_expand_depthwise(plans, graph, num_cores)
+    _fuse_expand_depthwise(plans, graph, num_cores, chooser, dense_reasons)
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
 
 
-def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph, num_cores: int | None) -> None:
+def _fuse_expand_depthwise(
+    plans: list[LayerPlan],
+    graph: _Graph,
+    num_cores: int | None,
+    chooser: KernelChooser,
+    dense_reasons: dict[str, str],
+) -> None:
     """Give each depthwise conv fed only by a sparse plain 1x1 conv one kernel that computes
     both (`expand_depthwise_cpu`, `expand_depthwise_cuda`): the expanded tensor never goes to
     memory and a call goes away. Only sparse ones: a dense 1x1 conv reuses each input load
-    across a tile of rows, which the fused kernel's channel-by-channel expansion cannot."""
+    across a tile of rows, which the fused kernel's channel-by-channel expansion cannot. A
+    sparse 1x1 conv that got its dense kernel (faster alone) is fused when the fused kernel,
+    timed here, takes no longer than the two calls: the call saved can outweigh the slower
+    1x1 conv (small layers on a GPU, where every launch costs a few microseconds)."""
     by_output = {plan.output_var: plan for plan in plans}
     for dw in plans:
         ex = by_output.get(dw.input_var)
         if (
             dw.kind != "depthwise"
             or ex is None
-            or ex.impl != "sparse"
+            or ex.bsr is None  # a dense layer
             or ex.spec.in_hw is None  # im2col
             or ex.residual_var is not None
             or len(graph.consumers.get(ex.output_var, [])) != 1
@@ -431,9 +442,26 @@ def _fuse_expand_depthwise(plans: list[LayerPlan], graph: _Graph, num_cores: int
         csr = to_bsr(bsr_to_dense(ex.bsr), (1, 1))
         spec = replace(ex.spec, block=(1, 1), block_rows=ex.spec.rows, kept_rows=False)
         bias = ex.constants[-1]
-        dw.constants = [csr.data.reshape(-1), csr.indices, csr.indptr, bias, *dw.constants]
+        constants = [csr.data.reshape(-1), csr.indices, csr.indptr, bias, *dw.constants]
         macs = _depthwise_macs(dw.geometry) + spec.batch * csr.data.size * spec.m
-        dw.kernel = replace(dw.kernel, expand=spec, num_cores=_cores(num_cores, macs))
+        kernel = replace(dw.kernel, expand=spec, num_cores=_cores(num_cores, macs))
+        if ex.impl != "sparse":
+            geo = dw.geometry
+            mid = (geo.batch, geo.channels, geo.height, geo.width)
+            out = (geo.batch, geo.channels, geo.out_height, geo.out_width)
+            density = csr.data.size / (ex.bsr.rows * ex.bsr.cols)
+            times = chooser.time_fusion(
+                (kernel, constants), (dw.kernel, dw.constants), (ex.input_shape, mid, out), density
+            )
+            if times is None or not ex.times_ms:
+                continue
+            unfused = ex.times_ms["dense"] + times[1]
+            if times[0] > unfused:
+                continue
+            ex.impl = "sparse"
+            dense_reasons.pop(ex.name, None)
+            dw.fusion_ms = {"fused": times[0], "unfused": unfused}
+        dw.constants, dw.kernel = constants, kernel
         dw.input_var, dw.input_shape = ex.input_var, ex.input_shape
         dw.expand, ex.fused_into = ex, dw.name
 

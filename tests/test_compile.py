@@ -588,6 +588,43 @@ def test_auto_choice_times_both_kernels_and_caches_them(tmp_path, monkeypatch):
     assert again.kernels["0"] == info
 
 
+def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(tmp_path, monkeypatch):
+    """The kernel choice times a 1x1 conv's kernels alone; when its dense kernel wins, the fused
+    kernel (the conv sparse, inside the depthwise conv) is timed against the two calls, and the
+    faster way is kept. The cached times are edited to make each way the faster one."""
+    monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        MaskedConv2d(16, 48, 1, sparsity=0.9, block=(16, 1)),
+        nn.ReLU6(),
+        nn.Conv2d(48, 48, 3, 1, 1, groups=48),
+    ).eval()
+    x = torch.randn(1, 16, 8, 8)
+    hw_compile.build(model, x, HOST)
+    path = tmp_path / "kernel_times.json"
+    table = json.loads(path.read_text())
+    (choice_key,) = table
+    table[choice_key] = {"sparse_ms": 1.0, "dense_ms": 0.5}  # dense faster alone
+    path.write_text(json.dumps(table))
+    compiled = hw_compile.build(model, x, HOST)
+    (fused_key,) = (key for key in json.loads(path.read_text()) if "|fused|" in key)
+    for fused_ms, depthwise_ms, fuses in ((0.6, 0.2, True), (0.8, 0.2, False)):
+        table = json.loads(path.read_text())
+        table[fused_key] = {"fused_ms": fused_ms, "depthwise_ms": depthwise_ms}
+        path.write_text(json.dumps(table))
+        compiled = hw_compile.build(model, x, HOST)  # checked against torch either way
+        info, dw = compiled.kernels["0"], compiled.kernels["2"]
+        assert (info["sparse_ms"], info["dense_ms"]) == (1.0, 0.5)
+        if fuses:  # 0.6 ms against 0.5 + 0.2
+            assert info["impl"] == "sparse" and info["fused_into"] == "2"
+            assert (dw["fused_ms"], dw["unfused_ms"]) == (0.6, 0.7)
+            assert compiled.sparse_layers == ["0"] and "0" not in compiled.dense_reasons
+        else:  # 0.8 ms against 0.7
+            assert info["impl"] == "dense" and "fused_into" not in info
+            assert "fused_expand" not in dw and "fused_ms" not in dw
+            assert compiled.sparse_layers == [] and "0" in compiled.dense_reasons
+
+
 def test_untimed_target_goes_sparse_above_the_threshold():
     chooser = KernelChooser(tvm.target.Target(HOST.target), host_runnable=False)
     assert chooser.choose(None, None, density=0.1).impl == "sparse"
