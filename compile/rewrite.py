@@ -446,6 +446,8 @@ def _fuse_expand_depthwise(
         macs = _depthwise_macs(dw.geometry) + spec.batch * csr.data.size * spec.m
         kernel = replace(dw.kernel, expand=spec, num_cores=_cores(num_cores, macs))
         if ex.impl != "sparse":
+            if not ex.times_ms:  # dense by a rule or by request, not by timing
+                continue
             geo = dw.geometry
             mid = (geo.batch, geo.channels, geo.height, geo.width)
             out = (geo.batch, geo.channels, geo.out_height, geo.out_width)
@@ -453,14 +455,14 @@ def _fuse_expand_depthwise(
             times = chooser.time_fusion(
                 (kernel, constants), (dw.kernel, dw.constants), (ex.input_shape, mid, out), density
             )
-            if times is None or not ex.times_ms:
+            if times is None:
                 continue
-            unfused = ex.times_ms["dense"] + times[1]
-            if times[0] > unfused:
+            fused_ms, unfused_ms = times[0], ex.times_ms["dense"] + times[1]
+            if fused_ms > unfused_ms:
                 continue
             ex.impl = "sparse"
             dense_reasons.pop(ex.name, None)
-            dw.fusion_ms = {"fused": times[0], "unfused": unfused}
+            dw.fusion_ms = {"fused": fused_ms, "unfused": unfused_ms}
         dw.constants, dw.kernel = constants, kernel
         dw.input_var, dw.input_shape = ex.input_var, ex.input_shape
         dw.expand, ex.fused_into = ex, dw.name
