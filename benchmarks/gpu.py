@@ -4,10 +4,10 @@ Kernels: per shape x sparsity x block, our BSR kernel against our dense CUDA ker
 dense (cuDNN for the 1x1 convs, cuBLAS for the Linear) and torch CSR (cuSPARSE SpMM), all on
 the GPU, each the best of `repeats` repeats of the mean over >= min_ms of calls. Rates are
 effective GFLOP/s (2 x nonzero MACs / time) and speedups our dense kernel's time over the
-method's, as in `kernels.py`. End to end: the net through hwnas (sparse and its dense twin)
-against torch eager on the GPU, at batch 1 and 32.
+method's, as in `kernels.py`. End to end: the net through hwnas (sparse, sparse with every
+sparse kernel forced, and its dense twin) against torch eager on the GPU, at batch 1 and 32.
 Writes benchmarks/out/gpu.json and the `## CUDA` section of RESULTS.md. Needs a CUDA GPU:
-``python benchmarks/gpu.py [--quick]``.
+``python benchmarks/gpu.py [--quick | --e2e-only]``.
 """
 
 from __future__ import annotations
