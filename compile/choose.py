@@ -103,7 +103,10 @@ class KernelChooser:
             return None
         x_shape, mid_shape, y_shape = shapes
         bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
-        key = f"v{KERNEL_VERSION}|{target_key(self.target)}|fused|{fused[0].key}|{bucket}"
+        # A CPU kernel's key leaves out the channel counts (read from its arrays): the shapes
+        # name the layer.
+        sizes = "x".join(map(str, (*x_shape, *mid_shape[1:2])))
+        key = f"v{KERNEL_VERSION}|{target_key(self.target)}|fused|{sizes}|{fused[0].key}|{bucket}"
         entry = self._load().get(key)
         if entry is None:
             entry = {

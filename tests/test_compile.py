@@ -608,6 +608,7 @@ def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(tmp_
     path.write_text(json.dumps(table))
     hw_compile.build(model, x, HOST)  # times the fused kernel and the depthwise conv alone
     (fused_key,) = (key for key in json.loads(path.read_text()) if "|fused|" in key)
+    assert "|1x16x8x8x48|" in fused_key  # the layer's sizes: a CPU kernel's key has none
     for fused_ms, depthwise_ms, fuses in ((0.6, 0.2, True), (0.8, 0.2, False)):
         table = json.loads(path.read_text())
         table[fused_key] = {"fused_ms": fused_ms, "depthwise_ms": depthwise_ms}
