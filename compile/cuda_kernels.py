@@ -48,6 +48,16 @@ def row_groups(spec: KernelSpec, rows_per_block: int) -> int:
     return rows_per_block
 
 
+@T.macro
+def _store_rows(acc_buf, bias_buf, r_buf, y_buf, tb, row0, m, rows, n_rows, epilogue):
+    """Rows row0 .. row0 + rows - 1 of Y (those below n_rows) at column m: the accumulators
+    plus their bias, finished (`compile.kernels._finish`)."""
+    for i in T.unroll(rows):
+        row = T.bind(row0 + i)
+        if row < n_rows:
+            y_buf[tb, row, m] = _finish(acc_buf[i] + bias_buf[row], r_buf[tb, row, m], epilogue)
+
+
 def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     """BSR W x X on a GPU: one thread per (batch, row group, m), a group's rows of a block row
     accumulated in registers over the row's blocks. M == 1: `bsr_matvec_cuda`."""
@@ -93,10 +103,7 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
                         for c in T.unroll(BC):
                             for i in T.unroll(RT):
                                 acc[i] = acc[i] + data[p, g * RT + i, c] * X[b, k0 + c, m]
-                    for i in T.unroll(RT):
-                        row = T.bind(rb * BR + g * RT + i)
-                        if row < N:
-                            Y[b, row, m] = _finish(acc[i] + bias[row], R[b, row, m], epilogue)
+                    _store_rows(acc, bias, R, Y, b, rb * BR + g * RT, m, RT, N, epilogue)
 
     return _drop_unused_inputs(bsr_matmul, spec)
 
@@ -152,12 +159,7 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
                                     full, acc[i], 16 >> s, WARP, WARP
                                 )
                         if lane == 0:
-                            for i in T.unroll(BR):
-                                row = T.bind(rb * BR + i)
-                                if row < N:
-                                    Y[b, row, 0] = _finish(
-                                        acc[i] + bias[row], R[b, row, 0], epilogue
-                                    )
+                            _store_rows(acc, bias, R, Y, b, rb * BR, 0, BR, N, epilogue)
 
     return _drop_unused_inputs(bsr_matvec, spec)
 
@@ -200,10 +202,7 @@ def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
                     for k in range(K):
                         for i in T.unroll(RT):
                             acc[i] = acc[i] + data[rb, k, g * RT + i] * X[b, k, m]
-                    for i in T.unroll(RT):
-                        row = T.bind(rb * BR + g * RT + i)
-                        if row < N:
-                            Y[b, row, m] = _finish(acc[i] + bias[row], R[b, row, m], epilogue)
+                    _store_rows(acc, bias, R, Y, b, rb * BR + g * RT, m, RT, N, epilogue)
 
     return _drop_unused_inputs(dense_matmul, spec)
 

@@ -489,11 +489,9 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 acc_buf[a0 + e] = acc_buf[a0 + e] + acc_buf[a0 + (ch + 1) * E + e]
 
     @T.macro
-    def put_row(red_buf, bias_buf, r_buf, y_buf, tb, row0, r):
-        """Row row0 + r of a group: lane r of `red_buf`, plus its bias, finished."""
-        y_buf[tb, row0 + r, 0] = _finish(
-            red_buf[r, 0] + bias_buf[row0 + r], r_buf[tb, row0 + r, 0], epilogue
-        )
+    def put_row(value, bias_buf, r_buf, y_buf, tb, row):
+        """Y's `row`: its sum `value` plus its bias, finished."""
+        y_buf[tb, row, 0] = _finish(value + bias_buf[row], r_buf[tb, row, 0], epilogue)
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -526,18 +524,16 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                             red[r, 0] = _lane_sum(acc, r * CH * E, BC)
                         if g * RG + RG <= N:
                             for r in T.vectorized(RG):
-                                put_row(red, bias, R, Y, b, g * RG, r)
+                                put_row(red[r, 0], bias, R, Y, b, g * RG + r)
                         else:
                             for r in range(N - g * RG):
-                                put_row(red, bias, R, Y, b, g * RG, r)
+                                put_row(red[r, 0], bias, R, Y, b, g * RG + r)
                     else:
                         row_block(acc, data, indices, indptr, X, b, g, 0)
                         if BC == 1 and (not guard or g * BR + BR <= N):
                             # A whole block row of a row block: its rows are the vector's lanes.
                             for e in T.vectorized(BR):
-                                Y[b, g * BR + e, 0] = _finish(
-                                    acc[e] + bias[g * BR + e], R[b, g * BR + e, 0], epilogue
-                                )
+                                put_row(acc[e], bias, R, Y, b, g * BR + e)
                         else:
                             _init_tile(red, bias, g * BR, BR, 1, N, None)
                             for i in T.unroll(BR):
