@@ -9,24 +9,21 @@ markdown table. Run alone on a quiet machine:
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
 
-def _threads_arg() -> int:
-    """`--threads N` from the command line, read before TVM starts its thread pool."""
-    for i, arg in enumerate(sys.argv[1:], start=1):
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-        if arg == "--threads" and i + 1 < len(sys.argv):
-            return int(sys.argv[i + 1])
-    return 1
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="threads for every runtime")
+    return parser
 
 
-THREADS = _threads_arg() if __name__ == "__main__" else 1
+# Read before TVM starts its thread pool (at import).
+THREADS = _parser().parse_args().threads if __name__ == "__main__" else 1
 os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
 
-import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -156,10 +153,7 @@ def layer_breakdown(compiled, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, help="threads for every runtime")
-    args = parser.parse_args()
+    args = _parser().parse_args()
     torch.set_num_threads(THREADS)
     x = torch.randn(1, 3, 32, 32)
     xn = x.numpy()
