@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 14
+KERNEL_VERSION = 15
 
 
 @dataclass(frozen=True)
@@ -435,10 +435,11 @@ def _lane_sum(buf, base, lanes: int):
     return total
 
 
-def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
+def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.PrimFunc:
     """M == 1 (a Linear at batch 1, a 1x1 conv on a 1x1 map): vectorized over the block's
     bs_r x bs_c values instead of M; parallel over (batch x block row). With 1 x c blocks a
-    work item is c rows, whose sums go out as one vector. Rows, columns and blocks are read
+    work item is c rows, whose sums go out as one vector. Blocks smaller than a vector of
+    `lanes` (at most 8) are taken several to a vector. Rows, columns and blocks are read
     from the arrays."""
     B = spec.batch
     N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
@@ -456,7 +457,14 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
     E = BR * BC
-    CH = max(1, min(4, 32 // E))  # small blocks: a lone FMA chain would wait on its latency
+    # P blocks per vector: a 4x1 block fills half an AVX2 register, so two blocks' weights
+    # are one load and one FMA (their x values, two broadcasts, are blended).
+    P = max(1, min(lanes, 8) // E)
+    V = P * E
+    CH = max(1, min(4, 32 // V))  # small blocks: a lone FMA chain would wait on its latency
+    # Per row: CH chains of V, and with P > 1 an E-wide sum in front of them (the blocks
+    # left over after whole vectors, and then the row's total).
+    SPAN = CH * V + (E if P > 1 else 0)
 
     @T.macro
     def block(acc_buf, w_data, w_indices, x_buf, tb, a0, p):
@@ -466,12 +474,29 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 acc_buf[a0 + e] + w_data[p, e // BC, e % BC] * x_buf[tb, k0 + e % BC, 0]
             )
 
+    def x_vector(x_buf, w_indices, tb, p):
+        """x under blocks p .. p + P - 1, lane for lane of their weights: block j's columns
+        x[k_j : k_j + BC] once per block row (x_buf: X flat). An explicit shuffle: written as
+        a vectorized loop, each lane's index and value became a load of its own."""
+        parts = []
+        for j in range(P):
+            k = tb * K + w_indices[p + j]
+            if BC == 1:
+                parts.append(tirx.Broadcast(x_buf[k], E) if E > 1 else x_buf[k])
+            else:
+                parts += [x_buf[tirx.Ramp(k, 1, BC)]] * BR
+        return tirx.Shuffle(parts, list(range(V)))
+
     @T.macro
-    def row_block(acc_buf, w_data, w_indices, w_indptr, x_buf, tb, rb, a0):
-        """Block row `rb`'s blocks times x, summed into acc_buf[a0 : a0 + E] (CH chains from
-        a0 on). A block row past the last has no blocks."""
-        p_lo = T.bind(w_indptr[T.min(rb, NRB)])
-        n_p = T.bind(w_indptr[T.min(rb + 1, NRB)] - p_lo)
+    def blocks(acc_buf, w_flat, w_indices, x_buf, tb, a0, p):
+        """Blocks p .. p + P - 1 into one V-wide chain (their weights are contiguous)."""
+        acc_buf[T.ramp(a0, 1, V)] = acc_buf[T.ramp(a0, 1, V)] + w_flat[
+            T.ramp(p * E, 1, V)
+        ] * x_vector(x_buf, w_indices, tb, p)
+
+    @T.macro
+    def row_chains(acc_buf, w_data, w_indices, x_buf, tb, p_lo, n_p, a0):
+        """P == 1: the row's blocks into CH chains from acc_buf[a0] on, summed into the first."""
         # One vector per chain: zeroing all CH * E at once made LLVM keep the chains packed
         # in wider registers, inserting and extracting every block.
         for ch in T.unroll(CH):
@@ -487,6 +512,44 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         for ch in T.unroll(CH - 1):  # the chains' sum, a vector add each
             for e in T.vectorized(E):
                 acc_buf[a0 + e] = acc_buf[a0 + e] + acc_buf[a0 + (ch + 1) * E + e]
+
+    @T.macro
+    def row_vectors(acc_buf, w_data, w_flat, w_indices, x_buf, x_flat, tb, p_lo, n_p, a0):
+        """P > 1: the row's blocks P to a vector into CH chains after acc_buf[a0 : a0 + E],
+        the rest one by one into acc_buf[a0 : a0 + E], and the row's sum there."""
+        c0 = T.bind(a0 + E)
+        for e in T.vectorized(E):
+            acc_buf[a0 + e] = T.float32(0)
+        for ch in T.unroll(CH):
+            for e in T.vectorized(V):
+                acc_buf[c0 + ch * V + e] = T.float32(0)
+        for q in range(n_p // (CH * P)):
+            for ch in T.unroll(CH):
+                blocks(acc_buf, w_flat, w_indices, x_flat, tb, c0 + ch * V, p_lo + (q * CH + ch) * P)
+        rest = T.bind(n_p % (CH * P))
+        p_rest = T.bind(p_lo + n_p - rest)
+        for ch in T.unroll(CH - 1):  # fewer than CH whole vectors left: one to a chain
+            if ch < rest // P:
+                blocks(acc_buf, w_flat, w_indices, x_flat, tb, c0 + ch * V, p_rest + ch * P)
+        for r in range(rest % P):
+            block(acc_buf, w_data, w_indices, x_buf, tb, a0, p_rest + rest // P * P + r)
+        for ch in T.unroll(CH - 1):
+            for e in T.vectorized(V):
+                acc_buf[c0 + e] = acc_buf[c0 + e] + acc_buf[c0 + (ch + 1) * V + e]
+        for j in T.unroll(P):
+            for e in T.vectorized(E):
+                acc_buf[a0 + e] = acc_buf[a0 + e] + acc_buf[c0 + j * E + e]
+
+    @T.macro
+    def row_block(acc_buf, w_data, w_flat, w_indices, w_indptr, x_buf, x_flat, tb, rb, a0):
+        """Block row `rb`'s blocks times x, summed into acc_buf[a0 : a0 + E] (CH chains from
+        a0 on). A block row past the last has no blocks."""
+        p_lo = T.bind(w_indptr[T.min(rb, NRB)])
+        n_p = T.bind(w_indptr[T.min(rb + 1, NRB)] - p_lo)
+        if P > 1:
+            row_vectors(acc_buf, w_data, w_flat, w_indices, x_buf, x_flat, tb, p_lo, n_p, a0)
+        else:
+            row_chains(acc_buf, w_data, w_indices, x_buf, tb, p_lo, n_p, a0)
 
     @T.macro
     def put_row(value, bias_buf, r_buf, y_buf, tb, row):
@@ -509,8 +572,10 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
+        W = T.decl_buffer((NNZB * E,), "float32", data=data.data)
+        XF = T.decl_buffer((B * K,), "float32", data=X4.data)
         for t in chunk_loop(n_chunks):
-            acc = T.alloc_buffer((RG * CH * E,), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((RG * SPAN,), "float32", scope="local", annotations=_ON_STACK)
             red = T.alloc_buffer((max(BR, RG), 1), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
@@ -519,9 +584,9 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     g = T.bind(_inner(w, n_groups, B))
                     if RG > 1:  # RG rows of 1 x c blocks: lane r of `red` is row g * RG + r
                         for r in T.unroll(RG):
-                            row_block(acc, data, indices, indptr, X, b, g * RG + r, r * CH * E)
+                            row_block(acc, data, W, indices, indptr, X, XF, b, g * RG + r, r * SPAN)
                         for r in T.vectorized(RG):
-                            red[r, 0] = _lane_sum(acc, r * CH * E, BC)
+                            red[r, 0] = _lane_sum(acc, r * SPAN, BC)
                         if g * RG + RG <= N:
                             for r in T.vectorized(RG):
                                 put_row(red[r, 0], bias, R, Y, b, g * RG + r)
@@ -529,7 +594,7 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                             for r in range(N - g * RG):
                                 put_row(red[r, 0], bias, R, Y, b, g * RG + r)
                     else:
-                        row_block(acc, data, indices, indptr, X, b, g, 0)
+                        row_block(acc, data, W, indices, indptr, X, XF, b, g, 0)
                         if BC == 1 and (not guard or g * BR + BR <= N):
                             # A whole block row of a row block: its rows are the vector's lanes.
                             for e in T.vectorized(BR):
@@ -987,7 +1052,7 @@ def matmul_kernel(
         return dense_matmul_cuda(spec) if dense and spec.m > 1 else bsr_matmul_cuda(spec)
     tiling = choose_tiling(family, spec, num_cores, avx512)
     if spec.m == 1:
-        return bsr_matvec_cpu(spec, tiling)
+        return bsr_matvec_cpu(spec, tiling, vector_unit(family, avx512).lanes)
     if dense:
         return dense_matmul_cpu(spec, tiling)
     return bsr_matmul_cpu(spec, tiling)

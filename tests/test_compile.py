@@ -146,6 +146,10 @@ def _run_kernel(w, x, bias, block, activation):
         # 1 x c blocks at M == 1: c rows' sums as one vector, 53 rows end in a partial group
         ((1, 4), 0.7, 3, 1, "relu6"),
         ((1, 8), 0.9, 2, 1, "none"),
+        # blocks smaller than a vector at M == 1: several to a vector, then the rest alone
+        ((4, 1), 0.5, 1, 1, "none"),
+        ((1, 1), 0.7, 2, 1, "relu"),
+        ((2, 1), 0.6, 1, 1, "relu6"),
     ],
 )
 def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
