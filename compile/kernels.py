@@ -525,7 +525,8 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
                 acc_buf[c0 + ch * V + e] = T.float32(0)
         for q in range(n_p // (CH * P)):
             for ch in T.unroll(CH):
-                blocks(acc_buf, w_flat, w_indices, x_flat, tb, c0 + ch * V, p_lo + (q * CH + ch) * P)
+                p = T.bind(p_lo + (q * CH + ch) * P)
+                blocks(acc_buf, w_flat, w_indices, x_flat, tb, c0 + ch * V, p)
         rest = T.bind(n_p % (CH * P))
         p_rest = T.bind(p_lo + n_p - rest)
         for ch in T.unroll(CH - 1):  # fewer than CH whole vectors left: one to a chain
@@ -584,7 +585,9 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
                     g = T.bind(_inner(w, n_groups, B))
                     if RG > 1:  # RG rows of 1 x c blocks: lane r of `red` is row g * RG + r
                         for r in T.unroll(RG):
-                            row_block(acc, data, W, indices, indptr, X, XF, b, g * RG + r, r * SPAN)
+                            row_block(
+                                acc, data, W, indices, indptr, X, XF, b, g * RG + r, r * SPAN
+                            )
                         for r in T.vectorized(RG):
                             red[r, 0] = _lane_sum(acc, r * SPAN, BC)
                         if g * RG + RG <= N:
