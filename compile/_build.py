@@ -26,7 +26,7 @@ from compile.choose import KernelChooser
 from compile.errors import CompileError, OutputMismatch
 from compile.kernels import BUILD_CONFIG
 from compile.layers import layer_calls, layer_output, run_layer_calls
-from compile.objects import kernel_object
+from compile.objects import kernel_object, symbol_for
 from compile.rewrite import (
     LayerPlan,
     RewritePlan,
@@ -130,7 +130,7 @@ class CompiledModel:
         if self._library is not None:  # already linked here to run the check
             shutil.copyfile(self._library, path)
             return path
-        fcompile = cc.cross_compiler(self.cross_compiler) if self.cross_compiler else None
+        fcompile = _cross_fcompile(self.cross_compiler)
         try:
             with _native_warnings_silenced():
                 self.executable.export_library(
@@ -156,17 +156,20 @@ class CompiledModel:
 
         A conv computed by im2col + matmul is two calls, timed as their sum. Layers left to
         TVM's default build (`kernels[...]["impl"] == "tvm-default"`) have no kernel of ours and
-        are left out. CUDA targets build their kernels into the model's module (`call_tir`), so
-        per-layer device times are not available for them yet: `CompileError`.
+        are left out. On a CPU target the library links the kernels' cached object files; on
+        a CUDA target the kernels are built together into one module (host and device code).
         """
-        if self.family == "cuda":
-            raise CompileError("per-layer device times are not available for CUDA targets yet")
         if not self.layer_plans:
             raise CompileError("no layer of this model runs on our kernels: nothing to time")
         rng = np.random.default_rng(seed)
-        objects: dict[str, Path] = {}
+        objects: dict[str, Path] = {}  # CPU: symbol -> object file
+        funcs: dict[str, Any] = {}  # CUDA: symbol -> kernel (PrimFunc)
 
         def symbol_of(kernel) -> str:
+            if self.family == "cuda":
+                symbol = symbol_for(kernel, self.target)
+                funcs[symbol] = kernel.func().with_attr("global_symbol", symbol)
+                return symbol
             obj = kernel_object(kernel, self.target)
             objects[obj.symbol] = obj.path
             return obj.symbol
@@ -187,10 +190,15 @@ class CompiledModel:
             calls[plan.name] = layer_calls(plan, x, symbol_of, rng)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        link = cc.cross_compiler(self.cross_compiler) if self.cross_compiler else cc.create_shared
+        fcompile = _cross_fcompile(self.cross_compiler)
         try:
             with _native_warnings_silenced():
-                link(str(path), [str(p) for p in objects.values()])
+                if funcs:
+                    with tvm.transform.PassContext(config=BUILD_CONFIG):
+                        built = tvm.compile(tvm.IRModule(funcs), target=self.target)
+                    built.export_library(str(path), fcompile=fcompile)
+                else:
+                    (fcompile or cc.create_shared)(str(path), [str(p) for p in objects.values()])
         except Exception as exc:  # the system or cross compiler failed
             raise CompileError(f"linking {path} failed: {str(exc).splitlines()[0]}") from exc
         return calls
@@ -265,6 +273,16 @@ _TUNING_FEATURES = (
 def _llvm_features(target: tvm.target.Target) -> set[str]:
     """The instruction-set features code for `target` may use."""
     return {f for f in codegen.llvm_get_cpu_features(target) if not f.startswith(_TUNING_FEATURES)}
+
+
+def _cross_fcompile(compiler: str | None):
+    """`export_library`'s compile function for a cross compiler (None: the host's). It names
+    the compiler's target triple: a model whose every layer is ours has no LLVM module of its
+    own, and TVM then built the library's import blob for the host (an x86 `devc.o` that the
+    aarch64 linker refused)."""
+    if not compiler:
+        return None
+    return cc.cross_compiler(compiler, get_target_triple=cc.get_target_by_dump_machine(compiler))
 
 
 def _host_runnable(target: tvm.target.Target) -> bool:

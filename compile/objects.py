@@ -78,15 +78,22 @@ def _write_whole(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def symbol_for(kernel: Kernel, target: tvm.target.Target | dict) -> str:
+    """The symbol `kernel` built for `target` is exported by: `hwnas_<digest>`, the digest
+    naming the kernel, the target, TVM's version and `KERNEL_VERSION`."""
+    target = tvm.target.Target(target) if isinstance(target, dict) else target
+    text = f"v{KERNEL_VERSION}|tvm {tvm.__version__}|{target_key(target)}|{kernel.key}"
+    return "hwnas_" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObject:
     """The object file of `kernel` built for `target`, built now unless cached."""
     target = tvm.target.Target(target) if isinstance(target, dict) else target
-    text = f"v{KERNEL_VERSION}|tvm {tvm.__version__}|{target_key(target)}|{kernel.key}"
-    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    symbol = symbol_for(kernel, target)
+    digest = symbol.removeprefix("hwnas_")
     known = _known.get(digest)
     if known is not None and _touch(known.path):
         return known
-    symbol = f"hwnas_{digest}"
     path = _objects_dir() / f"{symbol}.o"
     if not _touch(path):
         func = kernel.func().with_attr("global_symbol", symbol)

@@ -432,7 +432,7 @@ def _layer_library(
 ) -> tuple[Path, dict[str, list[KernelCall]]] | LayerTimes:
     """The layer library for `--layer-times` (`out/layers.so`) and its calls per layer, or
     `LayerTimes(error=...)`: per-layer times are an extra, so their failure never fails the
-    trial (a CUDA target has none yet)."""
+    trial."""
     path = out / "layers.so"
     try:
         return path, compiled.export_layer_library(path)

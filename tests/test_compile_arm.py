@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import EMULATED_KEY
+from torch import nn
 
 import compile as hw_compile
 from compile.kernels import KernelSpec, choose_tiling
 from hw_profiles.profiles import load_profile
+from search_spaces.ops import SparseLinear
 from search_spaces.spaces import get_space
 
 
@@ -66,3 +68,24 @@ def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path, emulated_board):
     wrong = compiled.expected_output + 0.1 * np.abs(compiled.expected_output).max()
     with pytest.raises(hw_compile.OutputMismatch, match="differs from torch"):
         compiled.check_output(wrong)
+
+
+@pytest.mark.arm
+def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_board):
+    """The matrix-vector kernel takes blocks narrower than a NEON register several to a vector
+    (unstructured 1x1: four; 2x1: two); their shuffles are NEON code only the board runs."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        SparseLinear(37, 53, sparsity=0.7, pattern="unstructured"),
+        nn.ReLU(),
+        SparseLinear(53, 10, sparsity=0.6, pattern="block", block=(2, 1)),
+    )
+    for layer in (model[0], model[2]):
+        layer.update_mask()
+    model.eval()
+    profile = load_profile("arm/qemu-aarch64")
+    compiled = hw_compile.build(model, torch.randn(1, 37), profile, kernel_choice="sparse")
+    assert compiled.sparse_layers == ["0", "2"]
+    lib = compiled.export_library(tmp_path / "model.so")
+    remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
+    compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs

@@ -168,6 +168,58 @@ def test_layer_failures_come_back_as_data(built, tracker: Tracker, tmp_path: Pat
     assert failed.error.startswith("warmup layer 'fc' (no_such_symbol):"), failed.error
 
 
+@pytest.mark.parametrize(
+    ("profile_name", "machine"), [("cuda/h100", 62), ("cuda/jetson-orin", 183)]
+)
+def test_cuda_layer_library_holds_every_layers_kernels(
+    profile_name: str, machine: int, tmp_path: Path
+) -> None:
+    """On a CUDA target the layers' kernels are built into one library with their device
+    code, for the profile's host (x86-64, or aarch64 on a Jetson); the calls are the same as
+    on a CPU (run on a GPU: the `gpu` test below)."""
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    compiled = hw_compile.build(model, x, load_profile(profile_name), kernel_choice="sparse")
+    path = tmp_path / "layers.so"
+    calls = compiled.export_layer_library(path)
+    assert list(calls) == ["0", "2", "6", "8", "11"]
+    assert [len(layer) for layer in calls.values()] == [2, 1, 1, 1, 1]
+    library = path.read_bytes()
+    assert library[:4] == b"\x7fELF" and library[18] == machine  # e_machine
+    symbols = {call.symbol for layer in calls.values() for call in layer}
+    assert len(symbols) == 6  # im2col, and five distinct kernels
+    for symbol in symbols:  # the host function, and its kernel in the device code
+        assert symbol.encode() in library and f"{symbol}_kernel".encode() in library, symbol
+
+
+def _local_gpu_profile(key: str) -> Profile:
+    """The H100 profile for this machine's GPU, served under `key`."""
+    gpu = tvm.cuda(0)
+    if not gpu.exist:
+        pytest.skip("no CUDA GPU on this machine")
+    base = load_profile("cuda/h100")
+    arch = "sm_" + gpu.compute_version.replace(".", "")
+    return _quick(dataclasses.replace(base, target={**base.target, "arch": arch}), key)
+
+
+@pytest.mark.gpu
+def test_layers_are_timed_on_the_gpu(tracker: Tracker, tmp_path: Path) -> None:
+    """The CUDA layer library gives each layer's torch output on the GPU, and the local
+    rpc_server (which serves this machine's GPU too) times every layer on it."""
+    profile = _local_gpu_profile(KEY)
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    compiled = hw_compile.build(model, x, profile, kernel_choice="sparse")
+    path = tmp_path / "layers.so"
+    inputs = _layer_inputs(model, x, [plan.name for plan in compiled.layer_plans])
+    calls = compiled.export_layer_library(path, inputs=inputs)
+    lib = tvm.runtime.load_module(str(path))
+    run = lambda layer: run_layer_calls(lib, tvm.cuda(0), layer)  # noqa: E731
+    _check_layers(compiled, model, x, calls, run)
+    times = measure_layers(path, calls, profile, tracker)
+    assert times.ok, times.error
+    assert list(times.ms) == ["0", "2", "6", "8", "11"]
+    assert all(math.isfinite(ms) and ms > 0 for ms in times.ms.values())
+
+
 @pytest.mark.arm
 def test_layers_are_timed_on_the_emulated_arm_board(
     tmp_path: Path, emulated_board: Tracker
