@@ -458,7 +458,7 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
 
     E = BR * BC
     # P blocks per vector: a 4x1 block fills half an AVX2 register, so two blocks' weights
-    # are one load and one FMA (their x values, two broadcasts, are blended).
+    # are one load and one FMA (their x values are shuffled into one vector, `x_vector`).
     P = max(1, min(lanes, 8) // E)
     V = P * E
     CH = max(1, min(4, 32 // V))  # small blocks: a lone FMA chain would wait on its latency
@@ -543,8 +543,8 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
 
     @T.macro
     def row_block(acc_buf, w_data, w_flat, w_indices, w_indptr, x_buf, x_flat, tb, rb, a0):
-        """Block row `rb`'s blocks times x, summed into acc_buf[a0 : a0 + E] (CH chains from
-        a0 on). A block row past the last has no blocks."""
+        """Block row `rb`'s blocks times x, summed into acc_buf[a0 : a0 + E] (the SPAN entries
+        from a0 on are its chains). A block row past the last has no blocks."""
         p_lo = T.bind(w_indptr[T.min(rb, NRB)])
         n_p = T.bind(w_indptr[T.min(rb + 1, NRB)] - p_lo)
         if P > 1:

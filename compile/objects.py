@@ -90,8 +90,7 @@ def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObj
     """The object file of `kernel` built for `target`, built now unless cached."""
     target = tvm.target.Target(target) if isinstance(target, dict) else target
     symbol = symbol_for(kernel, target)
-    digest = symbol.removeprefix("hwnas_")
-    known = _known.get(digest)
+    known = _known.get(symbol)
     if known is not None and _touch(known.path):
         return known
     path = _objects_dir() / f"{symbol}.o"
@@ -101,8 +100,8 @@ def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObj
             built = tvm.compile(tvm.IRModule({symbol: func}), target=target)
         _write_whole(path, lambda tmp: built.mod.write_to_file(str(tmp)))
         prune(path.parent)
-    _known[digest] = KernelObject(symbol, path)
-    return _known[digest]
+    _known[symbol] = KernelObject(symbol, path)
+    return _known[symbol]
 
 
 def _touch(path: Path) -> bool:
