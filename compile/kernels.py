@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 15
+KERNEL_VERSION = 16
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class Tiling:
     chunks: int
     sub_rows: int = 0  # 0: the whole block
     parallel: bool = True  # False: one core (see `_chunk_loop`)
+    lanes: int = 8  # float32 lanes of a vector register: a tile row is done in such pieces
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class VectorUnit:
 
 
 # Per vector ISA. NEON (aarch64): 32 registers of 128 bits (4 floats); half hold
-# accumulators, so a 4x1 block gets a 4 x 16 tile and a 16x1 block a 16 x 4 tile.
+# accumulators, so a 4x1 block gets a 4 x 16 tile and a 16x1 block two 8 x 8 passes.
 VECTOR_UNITS: dict[str, VectorUnit] = {
     "avx512": VectorUnit(lanes=16, acc_registers=16, widest=128),  # 32 zmm registers
     "avx2": VectorUnit(lanes=8, acc_registers=12, widest=128),  # 16 ymm registers
@@ -139,11 +140,15 @@ def choose_tiling(
     while sub_rows > 1 and sub_rows % 2 == 0 and sub_rows * vectors * unit.lanes > unit.acc_budget:
         sub_rows //= 2
     per_row = max(1, unit.acc_budget // sub_rows)
-    # A power of two: a 24-wide AVX2 tile (3 vectors) ran 4-6x slower than a 16-wide one.
-    tile = max(unit.lanes, min(unit.widest, 1 << (per_row.bit_length() - 1)))
-    tile = min(tile, spec.m)
+    # Vectors per row: a power of two, or 3 (4 rows x 24 on AVX2: 12 accumulators beat the
+    # 8 of 4 x 16, whose FMA chains just cover the FMA latency; 4x1 and 16x1 blocks at 95% on
+    # 384->64 and the Linear at batch 64 went 1.02-1.08x faster). Rows of 6 or 12 vectors
+    # (2x2 and 1x4 blocks) were slower than 4 and 8. See `_piece` for how a row is written.
+    vectors = max(1, per_row // unit.lanes)
+    vectors = 3 if vectors == 3 else 1 << (vectors.bit_length() - 1)
+    tile = min(vectors * unit.lanes, unit.widest, spec.m)
     # A few chunks per core balance load; each chunk allocates its accumulators once.
-    return Tiling(tile, _max_chunks(num_cores), sub_rows, parallel=num_cores != 1)
+    return Tiling(tile, _max_chunks(num_cores), sub_rows, num_cores != 1, unit.lanes)
 
 
 def _max_chunks(num_cores: int | None) -> int:
@@ -189,18 +194,33 @@ def _out_row(row_map, row):
     return row if row_map is None else row_map[row]
 
 
+# A tile row of `width` is done in vector pieces: whole registers of `lanes` when `width` is a
+# multiple of it, else one piece. A row vectorized as one 24-lane vector kept the accumulators
+# out of registers (4-6x slower); three 8-lane loops do not. (Called inline in the macros: a
+# name assigned in a macro is a TIR variable, not a Python int.)
+def _piece(width: int, lanes: int) -> int:
+    return lanes if width % lanes == 0 else width
+
+
+def _n_pieces(width: int, lanes: int) -> int:
+    return width // _piece(width, lanes)
+
+
 @T.macro
-def _init_tile(acc_buf, bias_buf, row0, rows, width, n_rows, row_map):
+def _init_tile(acc_buf, bias_buf, row0, rows, width, lanes, n_rows, row_map):
     """Start `rows` x `width` accumulators at their rows' bias (saves an add per output in
     the epilogue; a row past the last, never stored, reads the last row's bias)."""
     for i in T.unroll(rows):
-        for j in T.vectorized(width):
-            acc_buf[i, j] = bias_buf[_out_row(row_map, T.min(row0 + i, n_rows - 1))]
+        for v in T.unroll(_n_pieces(width, lanes)):
+            for j in T.vectorized(_piece(width, lanes)):
+                acc_buf[i, v * _piece(width, lanes) + j] = bias_buf[
+                    _out_row(row_map, T.min(row0 + i, n_rows - 1))
+                ]
 
 
 @T.macro
 def _store_tile(
-    acc_buf, res_buf, y_buf, tb, row0, m0, rows, width, n_rows, epilogue, guard, row_map
+    acc_buf, res_buf, y_buf, tb, row0, m0, rows, width, lanes, n_rows, epilogue, guard, row_map
 ):
     """Write `rows` x `width` accumulators (which started at the bias, see `_init_tile`)
     through the activation to Y (to the rows `row_map` names when it is not None); then add
@@ -208,8 +228,13 @@ def _store_tile(
     for i in T.unroll(rows):
         if not guard or row0 + i < n_rows:
             r = T.bind(_out_row(row_map, row0 + i))
-            for j in T.vectorized(width):
-                y_buf[tb, r, m0 + j] = _finish(acc_buf[i, j], res_buf[tb, r, m0 + j], epilogue)
+            for v in T.unroll(_n_pieces(width, lanes)):
+                for j in T.vectorized(_piece(width, lanes)):
+                    y_buf[tb, r, m0 + v * _piece(width, lanes) + j] = _finish(
+                        acc_buf[i, v * _piece(width, lanes) + j],
+                        res_buf[tb, r, m0 + v * _piece(width, lanes) + j],
+                        epilogue,
+                    )
 
 
 def _drop_unused_inputs(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
@@ -239,7 +264,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
     BR, BC = spec.block
     NNZB, NRB = stored_blocks(), NP - 1
-    MT = tiling.tile_m
+    MT, L = tiling.tile_m, tiling.lanes
     SR = tiling.sub_rows or BR
     n_full = M // MT
     tail = M % MT
@@ -258,7 +283,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     ):
         """One SR x width tile at (row0, m0); `blocks`: the block row's (first, count)."""
         p_lo, n_p = blocks
-        _init_tile(acc_buf, bias_buf, row0, SR, width, N, None)
+        _init_tile(acc_buf, bias_buf, row0, SR, width, L, N, None)
         # A zero-based loop plus an offset: a non-zero range start inside a parallel body
         # miscompiled once (TVM_NOTES.md).
         for p0 in range(n_p):
@@ -266,11 +291,14 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             k0 = T.bind(w_indices[p])
             for c in T.unroll(BC):
                 for i in T.unroll(SR):
-                    for j in T.vectorized(width):
-                        acc_buf[i, j] = (
-                            acc_buf[i, j] + w_data[p, s * SR + i, c] * x_buf[tb, k0 + c, m0 + j]
-                        )
-        _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, N, epilogue, guard, None)
+                    for v in T.unroll(_n_pieces(width, L)):
+                        for j in T.vectorized(_piece(width, L)):
+                            acc_buf[i, v * _piece(width, L) + j] = (
+                                acc_buf[i, v * _piece(width, L) + j]
+                                + w_data[p, s * SR + i, c]
+                                * x_buf[tb, k0 + c, m0 + v * _piece(width, L) + j]
+                            )
+        _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, L, N, epilogue, guard, None)
 
     @T.macro
     def block_row(bufs, w_indptr, tb, trb, mt_lo, mt_hi):
@@ -341,7 +369,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     N, K, NRB = _dim("n"), _dim("k"), _dim("block_rows")
     NK, NPR = _dim("kept_rows"), _dim("pruned_rows")
     BR = spec.block[0]
-    MT = tiling.tile_m
+    MT, L = tiling.tile_m, tiling.lanes
     n_full, tail = M // MT, M % MT
     n_mt = n_full + (1 if tail else 0)
     work = B * NRB * n_mt
@@ -357,12 +385,16 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, kept_buf, tb, trb, m0, width):
         # Python-level choices (a TVMScript var cannot hold None): the kept rows, or none.
         _init_tile(
-            acc_buf, bias_buf, trb * BR, BR, width, n_rows, kept_buf if spec.kept_rows else None
+            acc_buf, bias_buf, trb * BR, BR, width, L, n_rows, kept_buf if spec.kept_rows else None
         )
         for k in range(K):
             for i in T.unroll(BR):
-                for j in T.vectorized(width):
-                    acc_buf[i, j] = acc_buf[i, j] + w_data[trb, k, i] * x_buf[tb, k, m0 + j]
+                for v in T.unroll(_n_pieces(width, L)):
+                    for j in T.vectorized(_piece(width, L)):
+                        acc_buf[i, v * _piece(width, L) + j] = (
+                            acc_buf[i, v * _piece(width, L) + j]
+                            + w_data[trb, k, i] * x_buf[tb, k, m0 + v * _piece(width, L) + j]
+                        )
         _store_tile(
             acc_buf,
             r_buf,
@@ -372,6 +404,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             m0,
             BR,
             width,
+            L,
             n_rows,
             epilogue,
             guard,
@@ -603,11 +636,13 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
                             for e in T.vectorized(BR):
                                 put_row(acc[e], bias, R, Y, b, g * BR + e)
                         else:
-                            _init_tile(red, bias, g * BR, BR, 1, N, None)
+                            _init_tile(red, bias, g * BR, BR, 1, 1, N, None)
                             for i in T.unroll(BR):
                                 for c in T.unroll(BC):
                                     red[i, 0] = red[i, 0] + acc[i * BC + c]
-                            _store_tile(red, R, Y, b, g * BR, 0, BR, 1, N, epilogue, guard, None)
+                            _store_tile(
+                                red, R, Y, b, g * BR, 0, BR, 1, 1, N, epilogue, guard, None
+                            )
 
     return _drop_unused_inputs(bsr_matvec, spec)
 

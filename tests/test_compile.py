@@ -314,10 +314,13 @@ def test_tall_blocks_are_computed_in_passes_that_fit_the_registers():
         chosen = choose_tiling("x86", spec, 1, avx512)
         return chosen.sub_rows, chosen.tile_m
 
-    # AVX2: 12 of 16 ymm registers for accumulators, two vectors per row: a 16x1 block goes
-    # in four 4-row passes; AVX-512 (16 zmm accumulators) in two 8-row passes.
-    assert tiling((16, 1), avx512=False) == (4, 16)
-    assert tiling((4, 1), avx512=False) == (4, 16)
+    # AVX2: 12 of 16 ymm registers for accumulators, at least two vectors per row: a 16x1
+    # block goes in four 4-row passes of three vectors; AVX-512 (16 zmm accumulators) in two
+    # 8-row passes. Rows of more vectors take a power of two (6 or 12 were slower).
+    assert tiling((16, 1), avx512=False) == (4, 24)
+    assert tiling((4, 1), avx512=False) == (4, 24)
+    assert tiling((2, 2), avx512=False) == (2, 32)
+    assert tiling((1, 4), avx512=False) == (1, 64)
     assert tiling((16, 1), avx512=True) == (8, 32)
     assert tiling((4, 1), avx512=True) == (4, 64)
     # An M of one vector or less: rows take the registers the second vector would have.
