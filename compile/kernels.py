@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 16
+KERNEL_VERSION = 17
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,13 @@ def choose_tiling(
     per_row = max(1, unit.acc_budget // sub_rows)
     # Vectors per row: a power of two, or 3 (4 rows x 24 on AVX2: 12 accumulators beat the
     # 8 of 4 x 16, whose FMA chains just cover the FMA latency; 4x1 and 16x1 blocks at 95% on
-    # 384->64 and the Linear at batch 64 went 1.02-1.08x faster). Rows of 6 or 12 vectors
+    # 384->64 went 1.06-1.08x faster, our dense 1x1 convs 1.1-1.17x). Rows of 6 or 12 vectors
     # (2x2 and 1x4 blocks) were slower than 4 and 8. See `_piece` for how a row is written.
+    # Only for M >= 160: below that, the dense kernel ran up to 2x slower with 3 vectors
+    # (M = 32 to 128, with or without a tail; not understood yet), and 2 vectors are kept.
     vectors = max(1, per_row // unit.lanes)
-    vectors = 3 if vectors == 3 else 1 << (vectors.bit_length() - 1)
+    if vectors != 3 or spec.m < 160:
+        vectors = 1 << (vectors.bit_length() - 1)
     tile = min(vectors * unit.lanes, unit.widest, spec.m)
     # A few chunks per core balance load; each chunk allocates its accumulators once.
     return Tiling(tile, _max_chunks(num_cores), sub_rows, num_cores != 1, unit.lanes)
@@ -301,9 +304,10 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, L, N, epilogue, guard, None)
 
     @T.macro
-    def block_row(bufs, w_indptr, tb, trb, mt_lo, mt_hi):
+    def block_row(bufs, acc_tail, w_indptr, tb, trb, mt_lo, mt_hi):
         """M tiles [mt_lo, mt_hi) of one block row: what depends on the row only (its blocks,
-        its bias) is read once, not once per tile."""
+        its bias) is read once, not once per tile. The narrower tail tile has accumulators of
+        its own (see `dense_matmul_cpu`)."""
         p_lo = T.bind(w_indptr[trb])
         n_p = T.bind(w_indptr[trb + 1] - p_lo)
         for s in range(BR // SR):  # passes over the block's rows, SR at a time
@@ -313,7 +317,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     tile(*bufs, tb, row0, s, (p_lo, n_p), (mt_lo + mt0) * MT, MT)
                 if has_tail:
                     if mt_hi == n_mt:
-                        tile(*bufs, tb, row0, s, (p_lo, n_p), n_full * MT, tail)
+                        tile(acc_tail, *bufs[1:], tb, row0, s, (p_lo, n_p), n_full * MT, tail)
 
     XS, YS = _io_shapes(spec, K, N)
 
@@ -337,6 +341,9 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         # by block row.
         for t in chunk_loop(n_chunks):
             acc = T.alloc_buffer((SR, MT), "float32", scope="local", annotations=_ON_STACK)
+            acc_tail = T.alloc_buffer(
+                (SR, max(tail, 1)), "float32", scope="local", annotations=_ON_STACK
+            )
             lo = T.bind(t * per_chunk)
             hi = T.bind(T.min(lo + per_chunk, work))
             if lo < hi:
@@ -347,7 +354,9 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     rb = T.bind(_inner(rbb, NRB, B))
                     mt_lo = T.bind(T.max(lo - rbb * n_mt, 0))
                     mt_hi = T.bind(T.min(hi - rbb * n_mt, n_mt))
-                    block_row((acc, X, data, indices, bias, R, Y), indptr, b, rb, mt_lo, mt_hi)
+                    block_row(
+                        (acc, X, data, indices, bias, R, Y), acc_tail, indptr, b, rb, mt_lo, mt_hi
+                    )
 
     return _drop_unused_inputs(bsr_matmul, spec)
 
@@ -436,6 +445,9 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         for t in chunk_loop(n_chunks):
             acc = T.alloc_buffer((BR, MT), "float32", scope="local", annotations=_ON_STACK)
+            acc_tail = T.alloc_buffer(
+                (BR, max(tail, 1)), "float32", scope="local", annotations=_ON_STACK
+            )
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:
@@ -447,7 +459,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         if mt < n_full:
                             tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, MT)
                         else:
-                            tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, tail)
+                            tile(acc_tail, X, data, bias, R, Y, kept, b, rb, mt * MT, tail)
                     else:
                         tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, MT)
         if spec.kept_rows:

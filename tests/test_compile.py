@@ -319,6 +319,7 @@ def test_tall_blocks_are_computed_in_passes_that_fit_the_registers():
     # 8-row passes. Rows of more vectors take a power of two (6 or 12 were slower).
     assert tiling((16, 1), avx512=False) == (4, 24)
     assert tiling((4, 1), avx512=False) == (4, 24)
+    assert tiling((4, 1), avx512=False, m=64) == (4, 16)  # 3 vectors only from M = 160 on
     assert tiling((2, 2), avx512=False) == (2, 32)
     assert tiling((1, 4), avx512=False) == (1, 64)
     assert tiling((16, 1), avx512=True) == (8, 32)
