@@ -307,7 +307,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     def block_row(bufs, acc_tail, w_indptr, tb, trb, mt_lo, mt_hi):
         """M tiles [mt_lo, mt_hi) of one block row: what depends on the row only (its blocks,
         its bias) is read once, not once per tile. The narrower tail tile has accumulators of
-        its own (see `dense_matmul_cpu`)."""
+        its own: sharing the wide tile's, its FMAs were blended into wide registers one by one."""
         p_lo = T.bind(w_indptr[trb])
         n_p = T.bind(w_indptr[trb + 1] - p_lo)
         for s in range(BR // SR):  # passes over the block's rows, SR at a time
