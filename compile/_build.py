@@ -26,7 +26,7 @@ from compile.choose import KernelChooser
 from compile.errors import CompileError, OutputMismatch
 from compile.kernels import BUILD_CONFIG
 from compile.layers import layer_calls, layer_output, run_layer_calls
-from compile.objects import kernel_object, symbol_for
+from compile.objects import build_kernels, kernel_object, symbol_for
 from compile.rewrite import (
     LayerPlan,
     RewritePlan,
@@ -163,13 +163,12 @@ class CompiledModel:
             raise CompileError("no layer of this model runs on our kernels: nothing to time")
         rng = np.random.default_rng(seed)
         objects: dict[str, Path] = {}  # CPU: symbol -> object file
-        funcs: dict[str, Any] = {}  # CUDA: symbol -> kernel (PrimFunc)
+        kernels: dict[Any, str] = {}  # CUDA: kernel -> symbol
 
         def symbol_of(kernel) -> str:
             if self.family == "cuda":
-                symbol = symbol_for(kernel, self.target)
-                funcs[symbol] = kernel.func().with_attr("global_symbol", symbol)
-                return symbol
+                kernels[kernel] = symbol_for(kernel, self.target)
+                return kernels[kernel]
             obj = kernel_object(kernel, self.target)
             objects[obj.symbol] = obj.path
             return obj.symbol
@@ -193,9 +192,8 @@ class CompiledModel:
         fcompile = _cross_fcompile(self.cross_compiler)
         try:
             with _native_warnings_silenced():
-                if funcs:
-                    with tvm.transform.PassContext(config=BUILD_CONFIG):
-                        built = tvm.compile(tvm.IRModule(funcs), target=self.target)
+                if kernels:
+                    built = build_kernels(kernels, self.target)
                     built.export_library(str(path), fcompile=fcompile)
                 else:
                     (fcompile or cc.create_shared)(str(path), [str(p) for p in objects.values()])
@@ -522,12 +520,7 @@ def run_layer_kernel(plan: LayerPlan, x: np.ndarray, target) -> np.ndarray:
     symbols = {plan.kernel: kernel_symbol(plan.name, plan.impl)}
     if plan.im2col is not None:
         symbols[plan.im2col] = kernel_symbol(plan.name, "im2col")
-    funcs = {
-        symbol: kernel.func().with_attr("global_symbol", symbol)
-        for kernel, symbol in symbols.items()
-    }
-    with tvm.transform.PassContext(config=BUILD_CONFIG):
-        lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    lib = build_kernels(symbols, target)
     calls = layer_calls(plan, x, symbols.__getitem__, np.random.default_rng(0))
     return layer_output(plan, run_layer_calls(lib, local_device(target), calls))
 

@@ -86,6 +86,13 @@ def symbol_for(kernel: Kernel, target: tvm.target.Target | dict) -> str:
     return "hwnas_" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def build_kernels(symbols: dict[Kernel, str], target: tvm.target.Target) -> Any:
+    """The kernels built for `target` into one module, each exported by its symbol."""
+    funcs = {symbol: k.func().with_attr("global_symbol", symbol) for k, symbol in symbols.items()}
+    with tvm.transform.PassContext(config=BUILD_CONFIG):
+        return tvm.compile(tvm.IRModule(funcs), target=target)
+
+
 def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObject:
     """The object file of `kernel` built for `target`, built now unless cached."""
     target = tvm.target.Target(target) if isinstance(target, dict) else target
@@ -95,9 +102,7 @@ def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObj
         return known
     path = _objects_dir() / f"{symbol}.o"
     if not _touch(path):
-        func = kernel.func().with_attr("global_symbol", symbol)
-        with tvm.transform.PassContext(config=BUILD_CONFIG):
-            built = tvm.compile(tvm.IRModule({symbol: func}), target=target)
+        built = build_kernels({kernel: symbol}, target)
         _write_whole(path, lambda tmp: built.mod.write_to_file(str(tmp)))
         prune(path.parent)
     _known[symbol] = KernelObject(symbol, path)
