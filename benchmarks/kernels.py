@@ -108,10 +108,6 @@ def tvm_timer(
     return lambda: float(min(timer(*args, out).results))
 
 
-def time_tvm(kernel, inputs: list[np.ndarray], out_shape, min_ms: float, repeats: int) -> float:
-    return tvm_timer(kernel, inputs, out_shape, min_ms, repeats)()
-
-
 def ort_session(shape: Shape, w: np.ndarray):
     """A one-node ONNX model (1x1 Conv, or Gemm with W transposed) in onnxruntime, 1 thread."""
     import onnxruntime as ort
