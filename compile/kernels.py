@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 17
+KERNEL_VERSION = 18
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,14 @@ def vector_unit(family: str, avx512: bool = True) -> VectorUnit:
 
 
 def choose_tiling(
-    family: str, spec: KernelSpec, num_cores: int | None = None, avx512: bool = True
+    family: str,
+    spec: KernelSpec,
+    num_cores: int | None = None,
+    avx512: bool = True,
+    dense: bool = False,
 ) -> Tiling:
-    """Pick the M tile (accumulators kept in registers) and parallel chunk count for a shape."""
+    """Pick the M tile (accumulators kept in registers) and parallel chunk count for a shape,
+    for our sparse kernel or (`dense`) our dense one."""
     unit = vector_unit(family, avx512)
     bs_r = spec.block[0]
     # Two vectors per row (fewer when M is narrower): with one, every FMA needs its own weight
@@ -142,12 +147,13 @@ def choose_tiling(
     per_row = max(1, unit.acc_budget // sub_rows)
     # Vectors per row: a power of two, or 3 (4 rows x 24 on AVX2: 12 accumulators beat the
     # 8 of 4 x 16, whose FMA chains just cover the FMA latency; 4x1 and 16x1 blocks at 95% on
-    # 384->64 went 1.06-1.08x faster, our dense 1x1 convs 1.1-1.17x). Rows of 6 or 12 vectors
-    # (2x2 and 1x4 blocks) were slower than 4 and 8. See `_piece` for how a row is written.
-    # Only for M >= 160: below that, the dense kernel ran up to 2x slower with 3 vectors
-    # (M = 32 to 128, with or without a tail; not understood yet), and 2 vectors are kept.
+    # 384->64 went 1.06-1.08x faster, our dense 1x1 convs 1.1-1.17x, the sparse kernel on
+    # M = 64 and 128 1.03-1.3x). Rows of 6 or 12 vectors (2x2 and 1x4 blocks) were slower
+    # than 4 and 8. See `_fma_piece` for how a row is written.
+    # The dense kernel takes 3 only from M = 160 on: at M = 64 and 128 LLVM unrolled its loop
+    # over K twice and kept its 12 accumulators on the stack (3.5-4x slower).
     vectors = max(1, per_row // unit.lanes)
-    if vectors != 3 or spec.m < 160:
+    if vectors != 3 or spec.m < (160 if dense else 3 * unit.lanes):
         vectors = 1 << (vectors.bit_length() - 1)
     tile = min(vectors * unit.lanes, unit.widest, spec.m)
     # A few chunks per core balance load; each chunk allocates its accumulators once.
@@ -197,16 +203,30 @@ def _out_row(row_map, row):
     return row if row_map is None else row_map[row]
 
 
-# A tile row of `width` is done in vector pieces: whole registers of `lanes` when `width` is a
-# multiple of it, else one piece. A row vectorized as one 24-lane vector kept the accumulators
-# out of registers (4-6x slower); three 8-lane loops do not. (Called inline in the macros: a
-# name assigned in a macro is a TIR variable, not a Python int.)
-def _piece(width: int, lanes: int) -> int:
-    return lanes if width % lanes == 0 else width
+# A tile row of `width` is done in vector pieces: width // lanes whole registers, then the
+# rest (fewer than `lanes`) as one piece. A row vectorized as one wider vector kept the
+# accumulators out of registers: one 24-lane vector ran 4-6x slower than three 8-lane loops,
+# and a 20-lane tile or a 12- or 14-lane tail up to 10x slower than its pieces. Every macro
+# that walks a tile row does `width // lanes` pieces at v * lanes, then, when `width % lanes`,
+# one at `width - width % lanes` (Python ints: the branch is taken when the kernel is written).
+@T.macro
+def _bias_piece(acc_buf, bias_buf, i, off, lanes, row):
+    for j in T.vectorized(lanes):
+        acc_buf[i, off + j] = bias_buf[row]
 
 
-def _n_pieces(width: int, lanes: int) -> int:
-    return width // _piece(width, lanes)
+@T.macro
+def _fma_piece(acc_buf, i, off, lanes, weight, x_buf, tb, k, m0):
+    for j in T.vectorized(lanes):
+        acc_buf[i, off + j] = acc_buf[i, off + j] + weight * x_buf[tb, k, m0 + off + j]
+
+
+@T.macro
+def _store_piece(acc_buf, res_buf, y_buf, tb, r, i, m0, off, lanes, epilogue):
+    for j in T.vectorized(lanes):
+        y_buf[tb, r, m0 + off + j] = _finish(
+            acc_buf[i, off + j], res_buf[tb, r, m0 + off + j], epilogue
+        )
 
 
 @T.macro
@@ -214,11 +234,19 @@ def _init_tile(acc_buf, bias_buf, row0, rows, width, lanes, n_rows, row_map):
     """Start `rows` x `width` accumulators at their rows' bias (saves an add per output in
     the epilogue; a row past the last, never stored, reads the last row's bias)."""
     for i in T.unroll(rows):
-        for v in T.unroll(_n_pieces(width, lanes)):
-            for j in T.vectorized(_piece(width, lanes)):
-                acc_buf[i, v * _piece(width, lanes) + j] = bias_buf[
-                    _out_row(row_map, T.min(row0 + i, n_rows - 1))
-                ]
+        for v in T.unroll(width // lanes):
+            _bias_piece(
+                acc_buf, bias_buf, i, v * lanes, lanes, _out_row(row_map, T.min(row0 + i, n_rows - 1))
+            )
+        if width % lanes > 0:
+            _bias_piece(
+                acc_buf,
+                bias_buf,
+                i,
+                width - width % lanes,
+                width % lanes,
+                _out_row(row_map, T.min(row0 + i, n_rows - 1)),
+            )
 
 
 @T.macro
@@ -231,13 +259,21 @@ def _store_tile(
     for i in T.unroll(rows):
         if not guard or row0 + i < n_rows:
             r = T.bind(_out_row(row_map, row0 + i))
-            for v in T.unroll(_n_pieces(width, lanes)):
-                for j in T.vectorized(_piece(width, lanes)):
-                    y_buf[tb, r, m0 + v * _piece(width, lanes) + j] = _finish(
-                        acc_buf[i, v * _piece(width, lanes) + j],
-                        res_buf[tb, r, m0 + v * _piece(width, lanes) + j],
-                        epilogue,
-                    )
+            for v in T.unroll(width // lanes):
+                _store_piece(acc_buf, res_buf, y_buf, tb, r, i, m0, v * lanes, lanes, epilogue)
+            if width % lanes > 0:
+                _store_piece(
+                    acc_buf,
+                    res_buf,
+                    y_buf,
+                    tb,
+                    r,
+                    i,
+                    m0,
+                    width - width % lanes,
+                    width % lanes,
+                    epilogue,
+                )
 
 
 def _drop_unused_inputs(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
@@ -294,13 +330,22 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             k0 = T.bind(w_indices[p])
             for c in T.unroll(BC):
                 for i in T.unroll(SR):
-                    for v in T.unroll(_n_pieces(width, L)):
-                        for j in T.vectorized(_piece(width, L)):
-                            acc_buf[i, v * _piece(width, L) + j] = (
-                                acc_buf[i, v * _piece(width, L) + j]
-                                + w_data[p, s * SR + i, c]
-                                * x_buf[tb, k0 + c, m0 + v * _piece(width, L) + j]
-                            )
+                    for v in T.unroll(width // L):
+                        _fma_piece(
+                            acc_buf, i, v * L, L, w_data[p, s * SR + i, c], x_buf, tb, k0 + c, m0
+                        )
+                    if width % L > 0:
+                        _fma_piece(
+                            acc_buf,
+                            i,
+                            width - width % L,
+                            width % L,
+                            w_data[p, s * SR + i, c],
+                            x_buf,
+                            tb,
+                            k0 + c,
+                            m0,
+                        )
         _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, L, N, epilogue, guard, None)
 
     @T.macro
@@ -398,12 +443,12 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         )
         for k in range(K):
             for i in T.unroll(BR):
-                for v in T.unroll(_n_pieces(width, L)):
-                    for j in T.vectorized(_piece(width, L)):
-                        acc_buf[i, v * _piece(width, L) + j] = (
-                            acc_buf[i, v * _piece(width, L) + j]
-                            + w_data[trb, k, i] * x_buf[tb, k, m0 + v * _piece(width, L) + j]
-                        )
+                for v in T.unroll(width // L):
+                    _fma_piece(acc_buf, i, v * L, L, w_data[trb, k, i], x_buf, tb, k, m0)
+                if width % L > 0:
+                    _fma_piece(
+                        acc_buf, i, width - width % L, width % L, w_data[trb, k, i], x_buf, tb, k, m0
+                    )
         _store_tile(
             acc_buf,
             r_buf,
@@ -506,7 +551,10 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
     # are one load and one FMA (their x values are shuffled into one vector, `x_vector`).
     P = max(1, min(lanes, 8) // E)
     V = P * E
-    CH = max(1, min(4, 32 // V))  # small blocks: a lone FMA chain would wait on its latency
+    # Small blocks: a lone FMA chain would wait on its latency. The RG rows of 1 x c blocks
+    # are chains of their own; with CH chains each as well, their accumulators left the
+    # registers (1x4 at 95%, Linear 512x512 at batch 1: 1.12-1.25x slower with 4 chains).
+    CH = max(1, min(4, 32 // V) // RG)
     # Per row: CH chains of V, and with P > 1 an E-wide sum in front of them (the blocks
     # left over after whole vectors, and then the row's total).
     SPAN = CH * V + (E if P > 1 else 0)
@@ -1100,7 +1148,7 @@ def matmul_kernel(
         from compile.cuda_kernels import bsr_matmul_cuda, dense_matmul_cuda
 
         return dense_matmul_cuda(spec) if dense and spec.m > 1 else bsr_matmul_cuda(spec)
-    tiling = choose_tiling(family, spec, num_cores, avx512)
+    tiling = choose_tiling(family, spec, num_cores, avx512, dense and spec.m > 1)
     if spec.m == 1:
         return bsr_matvec_cpu(spec, tiling, vector_unit(family, avx512).lanes)
     if dense:

@@ -150,6 +150,11 @@ def _run_kernel(w, x, bias, block, activation):
         ((4, 1), 0.5, 1, 1, "none"),
         ((1, 1), 0.7, 2, 1, "relu"),
         ((2, 1), 0.6, 1, 1, "relu6"),
+        # tile rows of whole vectors and a rest: 24 + 12 (8 + 4), 24 + 6, 16 + 4, 49 (6 x 8 + 1)
+        ((4, 1), 0.8, 1, 36, "relu"),
+        ((16, 1), 0.7, 2, 30, "none"),
+        ((4, 1), 0.6, 1, 20, "relu6"),
+        ((1, 4), 0.6, 1, 49, "relu"),
     ],
 )
 def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
@@ -309,9 +314,11 @@ def test_strided_and_kxk_sparse_convs_go_through_im2col():
 
 
 def test_tall_blocks_are_computed_in_passes_that_fit_the_registers():
-    def tiling(block: tuple[int, int], avx512: bool, m: int = 1024) -> tuple[int, int]:
+    def tiling(
+        block: tuple[int, int], avx512: bool, m: int = 1024, dense: bool = False
+    ) -> tuple[int, int]:
         spec = KernelSpec(1, 64, 64, m, block, 64 // block[0])
-        chosen = choose_tiling("x86", spec, 1, avx512)
+        chosen = choose_tiling("x86", spec, 1, avx512, dense)
         return chosen.sub_rows, chosen.tile_m
 
     # AVX2: 12 of 16 ymm registers for accumulators, at least two vectors per row: a 16x1
@@ -319,7 +326,11 @@ def test_tall_blocks_are_computed_in_passes_that_fit_the_registers():
     # 8-row passes. Rows of more vectors take a power of two (6 or 12 were slower).
     assert tiling((16, 1), avx512=False) == (4, 24)
     assert tiling((4, 1), avx512=False) == (4, 24)
-    assert tiling((4, 1), avx512=False, m=64) == (4, 16)  # 3 vectors only from M = 160 on
+    assert tiling((4, 1), avx512=False, m=64) == (4, 24)
+    assert tiling((4, 1), avx512=False, m=20) == (4, 16)  # 3 vectors from M = 24 on
+    # Our dense kernel: 3 vectors only from M = 160 on.
+    assert tiling((4, 1), avx512=False, m=128, dense=True) == (4, 16)
+    assert tiling((4, 1), avx512=False, m=196, dense=True) == (4, 24)
     assert tiling((2, 2), avx512=False) == (2, 32)
     assert tiling((1, 4), avx512=False) == (1, 64)
     assert tiling((16, 1), avx512=True) == (8, 32)
@@ -343,7 +354,7 @@ def test_kernel_cache_is_pruned_oldest_first_sparing_recent_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hwnas_c.o", "unrelated.txt"]
 
 
-@pytest.mark.parametrize(("m", "batch"), [(49, 2), (7, 1), (1, 3)])
+@pytest.mark.parametrize(("m", "batch"), [(49, 2), (7, 1), (1, 3), (44, 1), (200, 1)])
 def test_dense_kernel_matches_numpy(m, batch):
     rng = np.random.default_rng(4)
     w = rng.standard_normal((53, 37)).astype(np.float32)
