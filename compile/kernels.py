@@ -150,8 +150,9 @@ def choose_tiling(
     # 384->64 went 1.06-1.08x faster, our dense 1x1 convs 1.1-1.17x, the sparse kernel on
     # M = 64 and 128 1.03-1.3x). Rows of 6 or 12 vectors (2x2 and 1x4 blocks) were slower
     # than 4 and 8. See `_fma_piece` for how a row is written.
-    # The dense kernel takes 3 only from M = 160 on: at M = 64 and 128 LLVM unrolled its loop
-    # over K twice and kept its 12 accumulators on the stack (3.5-4x slower).
+    # The dense kernel takes 3 only from M = 160 on: at M = 64 and 128 LLVM's code for it did
+    # two steps over K per loop trip and kept the 12 accumulators on the stack, loaded and
+    # stored every trip (3.5-4x slower; LLVM's unroll and interleave options did not change it).
     vectors = max(1, per_row // unit.lanes)
     if vectors != 3 or spec.m < (160 if dense else 3 * unit.lanes):
         vectors = 1 << (vectors.bit_length() - 1)
