@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 18
+KERNEL_VERSION = 19
 
 
 @dataclass(frozen=True)
@@ -836,24 +836,56 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
                     [SW * i for i in range(ph[6])],
                 )
 
+    # An output row is done in vector pieces, whole registers then the rest, as a matmul tile
+    # row (`_fma_piece`): as one 14-lane vector a 14x14 map cost 1.6x as much per output as
+    # a 16x16 one.
+    @T.macro
+    def zero_piece(acc, i, j0, n):
+        for j in T.vectorized(n):
+            acc[i, j0 + j] = T.float32(0)
+
+    @T.macro
+    def tap_piece(acc, i, buf, src, w, j0, n):
+        for j in T.vectorized(n):
+            acc[i, j0 + j] = acc[i, j0 + j] + w * buf[src + j0 + j]
+
+    @T.macro
+    def put_piece(acc, bias, y_buf, tb, tc, oh, i, j0, n):
+        for j in T.vectorized(n):
+            y_buf[tb, tc, oh, j0 + j] = _activate(acc[i, j0 + j] + bias[tc], act)
+
     @T.macro
     def row_group(acc, buf, weight, bias, y_buf, tb, tc, oh0, rows):
         """Output rows oh0 .. oh0 + rows - 1: each phase row loaded once for all its taps."""
         for i in T.unroll(rows):
-            for j in T.vectorized(OW):
-                acc[i, j] = T.float32(0)
+            for v in T.unroll(OW // lanes):
+                zero_piece(acc, i, v * lanes, lanes)
+            if OW % lanes > 0:
+                zero_piece(acc, i, OW - OW % lanes, OW % lanes)
         for r in T.unroll(rows + DR):
             for kh in T.unroll(KH):
                 for kw in T.unroll(KW):
                     if r - kh // SH >= 0 and r - kh // SH < rows:
                         src = T.bind(((kh % SH) * SW + kw % SW) * PP + (oh0 + r) * PW + kw // SW)
-                        for j in T.vectorized(OW):
-                            acc[r - kh // SH, j] = (
-                                acc[r - kh // SH, j] + weight[tc, kh, kw] * buf[src + j]
+                        for v in T.unroll(OW // lanes):
+                            tap_piece(
+                                acc, r - kh // SH, buf, src, weight[tc, kh, kw], v * lanes, lanes
+                            )
+                        if OW % lanes > 0:
+                            tap_piece(
+                                acc,
+                                r - kh // SH,
+                                buf,
+                                src,
+                                weight[tc, kh, kw],
+                                OW - OW % lanes,
+                                OW % lanes,
                             )
         for i in T.unroll(rows):
-            for j in T.vectorized(OW):
-                y_buf[tb, tc, oh0 + i, j] = _activate(acc[i, j] + bias[tc], act)
+            for v in T.unroll(OW // lanes):
+                put_piece(acc, bias, y_buf, tb, tc, oh0 + i, i, v * lanes, lanes)
+            if OW % lanes > 0:
+                put_piece(acc, bias, y_buf, tb, tc, oh0 + i, i, OW - OW % lanes, OW % lanes)
 
     P0, P1, P2, P3 = (phases + [phases[0]] * 3)[:4]  # macros take one phase each
     if len(phases) > 4:
@@ -985,14 +1017,31 @@ def expand_depthwise_cpu(
     load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
     put_row = parts.put_row
     # Expanded positions per register tile: whole input rows when they can go straight into
-    # the depthwise conv's buffer, else into a plane that `load` then copies.
-    if put_row is not None and W <= 8 * lanes:
+    # the depthwise conv's buffer, else into a plane that `load` then copies. Only rows of
+    # whole registers (or narrower than one), at most 4 registers wide, go straight: slicing
+    # 12-, 14-, 28- or 56-wide rows out of the tile made 12x12 to 56x56 maps 2.2-3.6x slower
+    # than the plane.
+    if put_row is not None and W <= 4 * lanes and (W % lanes == 0 or W < lanes):
         MT = W * min(H, 8 * lanes // W)
     else:
         MT, put_row = min(M, 8 * lanes), None
     n_full, tail = M // MT, M % MT
     n_chunks, per_chunk = _chunks(B * C, num_cores)
     chunk_loop = _chunk_loop(num_cores != 1)
+    # The expanded tile in vector pieces of EP lanes, whole registers then the rest (see
+    # `_fma_piece`), when it goes to the plane; as one vector when its rows go straight into
+    # the buffer (`put_row` slices them out of it: 7x7 maps were 6-14% slower in pieces).
+    EP = lanes if put_row is None else MT
+
+    @T.macro
+    def bias_piece(eacc, value, j0, n):
+        for j in T.vectorized(n):
+            eacc[j0 + j] = value
+
+    @T.macro
+    def fma_piece(eacc, weight, x_buf, tb, k, m0, j0, n):
+        for j in T.vectorized(n):
+            eacc[j0 + j] = eacc[j0 + j] + weight * x_buf[tb, k, m0 + j0 + j]
 
     @T.macro
     def expand_tile(eacc, dest, x_buf, csr, tb, tc, m0, width):
@@ -1000,13 +1049,19 @@ def expand_depthwise_cpu(
         (with put_row) the depthwise buffer. `csr`: the expand conv's values, column indices,
         row pointers and bias."""
         w_data, w_indices, w_indptr, bias_buf = csr
-        for j in T.vectorized(width):
-            eacc[j] = bias_buf[tc]
+        for v in T.unroll(width // EP):
+            bias_piece(eacc, bias_buf[tc], v * EP, EP)
+        if width % EP > 0:
+            bias_piece(eacc, bias_buf[tc], width - width % EP, width % EP)
         for p0 in range(w_indptr[tc + 1] - w_indptr[tc]):
             p = T.bind(w_indptr[tc] + p0)
             k = T.bind(w_indices[p])
-            for j in T.vectorized(width):
-                eacc[j] = eacc[j] + w_data[p] * x_buf[tb, k, m0 + j]
+            for v in T.unroll(width // EP):
+                fma_piece(eacc, w_data[p], x_buf, tb, k, m0, v * EP, EP)
+            if width % EP > 0:
+                fma_piece(
+                    eacc, w_data[p], x_buf, tb, k, m0, width - width % EP, width % EP
+                )
         if put_row is None:
             for j in T.vectorized(width):
                 dest[m0 + j] = _activate(eacc[j], expand_act)

@@ -387,6 +387,7 @@ def _geometry(batch, channels, size, kernel, stride, pad) -> ConvGeometry:
         ((7, 5), (3, 1), (2, 1), (0, 0)),
         ((2, 3), (3, 3), (1, 2), (2, 1)),
         ((1, 1), (3, 3), (2, 2), (1, 1)),
+        ((14, 20), (3, 3), (1, 1), (1, 1)),  # output rows of 8 + 8 + 4 lanes
     ],
 )
 def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
@@ -442,6 +443,8 @@ def test_im2col_kernel_matches_torch_unfold(size, kernel, stride, pad):
         (2, (13, 10), (3, 3), (1, 1), (0, 1), ("relu6", "relu6")),
         (1, (3, 70), (1, 3), (1, 1), (0, 1), ("none", "none")),
         (2, (3, 3), (3, 3), (2, 2), (1, 1), ("relu", "relu6")),
+        # 14-wide rows: through the plane, its tiles in 8-lane pieces and a 4-lane tail
+        (1, (14, 14), (3, 3), (2, 2), (1, 1), ("relu6", "none")),
     ],
 )
 def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad, acts):
