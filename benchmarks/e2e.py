@@ -2,9 +2,10 @@
 through hwnas, against its dense twin through hwnas, TVM's default build, torch and onnxruntime.
 
 One thread each, or N with ``--threads N`` (TVM_NUM_THREADS is set before TVM starts its pool;
-hwnas builds for N cores). Writes benchmarks/out/e2e.json (e2e-Nthreads.json) and prints a
-markdown table. Run alone on a quiet machine:
-``python benchmarks/e2e.py [--repeats 20] [--threads N]``.
+hwnas builds for N cores). The input is 32x32, or S x S with ``--size S`` (56 gives the
+feature maps of an ImageNet-size MobileNet's later stages: 28, 14 and 7). Writes
+benchmarks/out/e2e.json (e2e-Nthreads.json, e2e-sizeS.json) and prints a markdown table. Run
+alone on a quiet machine: ``python benchmarks/e2e.py [--repeats 20] [--threads N] [--size S]``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="threads for every runtime")
+    parser.add_argument("--size", type=int, default=32, help="input height and width")
     return parser
 
 
@@ -90,9 +92,9 @@ def arch(sparse: bool) -> dict:
     return a
 
 
-def build_model(sparse: bool) -> torch.nn.Module:
+def build_model(sparse: bool, size: int = 32) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = get_space("mbv2-sparse").build(arch(sparse), 10, 3, 32)
+    model = get_space("mbv2-sparse").build(arch(sparse), 10, 3, size)
     for module in model.modules():
         if hasattr(module, "update_mask"):
             module.update_mask()
@@ -155,12 +157,12 @@ def layer_breakdown(compiled, repeats: int) -> dict:
 def main() -> None:
     args = _parser().parse_args()
     torch.set_num_threads(THREADS)
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, args.size, args.size)
     xn = x.numpy()
     rows = []
 
     for label, sparse in (("sparse 90% 16x1", True), ("dense twin", False)):
-        model = build_model(sparse)
+        model = build_model(sparse, args.size)
         start = time.perf_counter()
         compiled = hw_compile.build(model, x, HostProfile())
         compile_s = time.perf_counter() - start
@@ -174,7 +176,7 @@ def main() -> None:
                 "layers": layer_breakdown(compiled, 5),
             }
         )
-    dense = build_model(False)
+    dense = build_model(False, args.size)
     with torch.no_grad():
         rows.append(
             {
@@ -216,9 +218,11 @@ def main() -> None:
     except Exception as exc:  # onnxruntime or the ONNX exporter missing
         rows.append({"net": "dense twin", "runtime": "onnxruntime", "error": str(exc)[:200]})
 
-    result = {"machine": machine(), "repeats": args.repeats, "rows": rows}
+    result = {"machine": machine(), "repeats": args.repeats, "size": args.size, "rows": rows}
     OUT.mkdir(exist_ok=True)
     name = "e2e.json" if THREADS == 1 else f"e2e-{THREADS}threads.json"
+    if args.size != 32:
+        name = name.replace(".json", f"-size{args.size}.json")
     (OUT / name).write_text(json.dumps(result, indent=1))
     print(markdown(result))
 

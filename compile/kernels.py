@@ -237,7 +237,12 @@ def _init_tile(acc_buf, bias_buf, row0, rows, width, lanes, n_rows, row_map):
     for i in T.unroll(rows):
         for v in T.unroll(width // lanes):
             _bias_piece(
-                acc_buf, bias_buf, i, v * lanes, lanes, _out_row(row_map, T.min(row0 + i, n_rows - 1))
+                acc_buf,
+                bias_buf,
+                i,
+                v * lanes,
+                lanes,
+                _out_row(row_map, T.min(row0 + i, n_rows - 1)),
             )
         if width % lanes > 0:
             _bias_piece(
@@ -448,7 +453,15 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     _fma_piece(acc_buf, i, v * L, L, w_data[trb, k, i], x_buf, tb, k, m0)
                 if width % L > 0:
                     _fma_piece(
-                        acc_buf, i, width - width % L, width % L, w_data[trb, k, i], x_buf, tb, k, m0
+                        acc_buf,
+                        i,
+                        width - width % L,
+                        width % L,
+                        w_data[trb, k, i],
+                        x_buf,
+                        tb,
+                        k,
+                        m0,
                     )
         _store_tile(
             acc_buf,
@@ -1059,9 +1072,7 @@ def expand_depthwise_cpu(
             for v in T.unroll(width // EP):
                 fma_piece(eacc, w_data[p], x_buf, tb, k, m0, v * EP, EP)
             if width % EP > 0:
-                fma_piece(
-                    eacc, w_data[p], x_buf, tb, k, m0, width - width % EP, width % EP
-                )
+                fma_piece(eacc, w_data[p], x_buf, tb, k, m0, width - width % EP, width % EP)
         if put_row is None:
             for j in T.vectorized(width):
                 dest[m0 + j] = _activate(eacc[j], expand_act)
