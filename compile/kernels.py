@@ -149,7 +149,7 @@ def choose_tiling(
     # 8 of 4 x 16, whose FMA chains just cover the FMA latency; 4x1 and 16x1 blocks at 95% on
     # 384->64 went 1.06-1.08x faster, our dense 1x1 convs 1.1-1.17x, the sparse kernel on
     # M = 64 and 128 1.03-1.3x). Rows of 6 or 12 vectors (2x2 and 1x4 blocks) were slower
-    # than 4 and 8. See `_fma_piece` for how a row is written.
+    # than 4 and 8. See `_in_pieces` for how a row is written.
     # The dense kernel takes 3 only from M = 160 on: at M = 64 and 128 LLVM's code for it did
     # two steps over K per loop trip and kept the 12 accumulators on the stack, loaded and
     # stored every trip (3.5-4x slower; LLVM's unroll and interleave options did not change it).
@@ -207,23 +207,31 @@ def _out_row(row_map, row):
 # A tile row of `width` is done in vector pieces: width // lanes whole registers, then the
 # rest (fewer than `lanes`) as one piece. A row vectorized as one wider vector kept the
 # accumulators out of registers: one 24-lane vector ran 4-6x slower than three 8-lane loops,
-# and a 20-lane tile or a 12- or 14-lane tail up to 10x slower than its pieces. Every macro
-# that walks a tile row does `width // lanes` pieces at v * lanes, then, when `width % lanes`,
-# one at `width - width % lanes` (Python ints: the branch is taken when the kernel is written).
+# and a 20-lane tile or a 12- or 14-lane tail up to 10x slower than its pieces.
 @T.macro
-def _bias_piece(acc_buf, bias_buf, i, off, lanes, row):
+def _in_pieces(op, args, width, lanes):
+    """`op(*args, offset, n)` for each piece of a row of `width`: `width // lanes` whole
+    registers, then the rest (Python ints: the branch is taken when the kernel is written)."""
+    for v in T.unroll(width // lanes):
+        op(*args, v * lanes, lanes)
+    if width % lanes > 0:
+        op(*args, width - width % lanes, width % lanes)
+
+
+@T.macro
+def _bias_piece(acc_buf, bias_buf, i, row, off, lanes):
     for j in T.vectorized(lanes):
         acc_buf[i, off + j] = bias_buf[row]
 
 
 @T.macro
-def _fma_piece(acc_buf, i, off, lanes, weight, x_buf, tb, k, m0):
+def _fma_piece(acc_buf, i, weight, x_buf, tb, k, m0, off, lanes):
     for j in T.vectorized(lanes):
         acc_buf[i, off + j] = acc_buf[i, off + j] + weight * x_buf[tb, k, m0 + off + j]
 
 
 @T.macro
-def _store_piece(acc_buf, res_buf, y_buf, tb, r, i, m0, off, lanes, epilogue):
+def _store_piece(acc_buf, res_buf, y_buf, tb, r, i, m0, epilogue, off, lanes):
     for j in T.vectorized(lanes):
         y_buf[tb, r, m0 + off + j] = _finish(
             acc_buf[i, off + j], res_buf[tb, r, m0 + off + j], epilogue
@@ -235,24 +243,12 @@ def _init_tile(acc_buf, bias_buf, row0, rows, width, lanes, n_rows, row_map):
     """Start `rows` x `width` accumulators at their rows' bias (saves an add per output in
     the epilogue; a row past the last, never stored, reads the last row's bias)."""
     for i in T.unroll(rows):
-        for v in T.unroll(width // lanes):
-            _bias_piece(
-                acc_buf,
-                bias_buf,
-                i,
-                v * lanes,
-                lanes,
-                _out_row(row_map, T.min(row0 + i, n_rows - 1)),
-            )
-        if width % lanes > 0:
-            _bias_piece(
-                acc_buf,
-                bias_buf,
-                i,
-                width - width % lanes,
-                width % lanes,
-                _out_row(row_map, T.min(row0 + i, n_rows - 1)),
-            )
+        _in_pieces(
+            _bias_piece,
+            (acc_buf, bias_buf, i, _out_row(row_map, T.min(row0 + i, n_rows - 1))),
+            width,
+            lanes,
+        )
 
 
 @T.macro
@@ -265,21 +261,9 @@ def _store_tile(
     for i in T.unroll(rows):
         if not guard or row0 + i < n_rows:
             r = T.bind(_out_row(row_map, row0 + i))
-            for v in T.unroll(width // lanes):
-                _store_piece(acc_buf, res_buf, y_buf, tb, r, i, m0, v * lanes, lanes, epilogue)
-            if width % lanes > 0:
-                _store_piece(
-                    acc_buf,
-                    res_buf,
-                    y_buf,
-                    tb,
-                    r,
-                    i,
-                    m0,
-                    width - width % lanes,
-                    width % lanes,
-                    epilogue,
-                )
+            _in_pieces(
+                _store_piece, (acc_buf, res_buf, y_buf, tb, r, i, m0, epilogue), width, lanes
+            )
 
 
 def _drop_unused_inputs(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
@@ -336,22 +320,12 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             k0 = T.bind(w_indices[p])
             for c in T.unroll(BC):
                 for i in T.unroll(SR):
-                    for v in T.unroll(width // L):
-                        _fma_piece(
-                            acc_buf, i, v * L, L, w_data[p, s * SR + i, c], x_buf, tb, k0 + c, m0
-                        )
-                    if width % L > 0:
-                        _fma_piece(
-                            acc_buf,
-                            i,
-                            width - width % L,
-                            width % L,
-                            w_data[p, s * SR + i, c],
-                            x_buf,
-                            tb,
-                            k0 + c,
-                            m0,
-                        )
+                    _in_pieces(
+                        _fma_piece,
+                        (acc_buf, i, w_data[p, s * SR + i, c], x_buf, tb, k0 + c, m0),
+                        width,
+                        L,
+                    )
         _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, L, N, epilogue, guard, None)
 
     @T.macro
@@ -449,20 +423,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         )
         for k in range(K):
             for i in T.unroll(BR):
-                for v in T.unroll(width // L):
-                    _fma_piece(acc_buf, i, v * L, L, w_data[trb, k, i], x_buf, tb, k, m0)
-                if width % L > 0:
-                    _fma_piece(
-                        acc_buf,
-                        i,
-                        width - width % L,
-                        width % L,
-                        w_data[trb, k, i],
-                        x_buf,
-                        tb,
-                        k,
-                        m0,
-                    )
+                _in_pieces(_fma_piece, (acc_buf, i, w_data[trb, k, i], x_buf, tb, k, m0), width, L)
         _store_tile(
             acc_buf,
             r_buf,
@@ -850,7 +811,7 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
                 )
 
     # An output row is done in vector pieces, whole registers then the rest, as a matmul tile
-    # row (`_fma_piece`): as one 14-lane vector a 14x14 map cost 1.6x as much per output as
+    # row (`_in_pieces`): as one 14-lane vector a 14x14 map cost 1.6x as much per output as
     # a 16x16 one.
     @T.macro
     def zero_piece(acc, i, j0, n):
@@ -871,34 +832,20 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
     def row_group(acc, buf, weight, bias, y_buf, tb, tc, oh0, rows):
         """Output rows oh0 .. oh0 + rows - 1: each phase row loaded once for all its taps."""
         for i in T.unroll(rows):
-            for v in T.unroll(OW // lanes):
-                zero_piece(acc, i, v * lanes, lanes)
-            if OW % lanes > 0:
-                zero_piece(acc, i, OW - OW % lanes, OW % lanes)
+            _in_pieces(zero_piece, (acc, i), OW, lanes)
         for r in T.unroll(rows + DR):
             for kh in T.unroll(KH):
                 for kw in T.unroll(KW):
                     if r - kh // SH >= 0 and r - kh // SH < rows:
                         src = T.bind(((kh % SH) * SW + kw % SW) * PP + (oh0 + r) * PW + kw // SW)
-                        for v in T.unroll(OW // lanes):
-                            tap_piece(
-                                acc, r - kh // SH, buf, src, weight[tc, kh, kw], v * lanes, lanes
-                            )
-                        if OW % lanes > 0:
-                            tap_piece(
-                                acc,
-                                r - kh // SH,
-                                buf,
-                                src,
-                                weight[tc, kh, kw],
-                                OW - OW % lanes,
-                                OW % lanes,
-                            )
+                        _in_pieces(
+                            tap_piece,
+                            (acc, r - kh // SH, buf, src, weight[tc, kh, kw]),
+                            OW,
+                            lanes,
+                        )
         for i in T.unroll(rows):
-            for v in T.unroll(OW // lanes):
-                put_piece(acc, bias, y_buf, tb, tc, oh0 + i, i, v * lanes, lanes)
-            if OW % lanes > 0:
-                put_piece(acc, bias, y_buf, tb, tc, oh0 + i, i, OW - OW % lanes, OW % lanes)
+            _in_pieces(put_piece, (acc, bias, y_buf, tb, tc, oh0 + i, i), OW, lanes)
 
     P0, P1, P2, P3 = (phases + [phases[0]] * 3)[:4]  # macros take one phase each
     if len(phases) > 4:
@@ -1042,7 +989,7 @@ def expand_depthwise_cpu(
     n_chunks, per_chunk = _chunks(B * C, num_cores)
     chunk_loop = _chunk_loop(num_cores != 1)
     # The expanded tile in vector pieces of EP lanes, whole registers then the rest (see
-    # `_fma_piece`), when it goes to the plane; as one vector when its rows go straight into
+    # `_in_pieces`), when it goes to the plane; as one vector when its rows go straight into
     # the buffer (`put_row` slices them out of it: 7x7 maps were 6-14% slower in pieces).
     EP = lanes if put_row is None else MT
 
@@ -1062,17 +1009,11 @@ def expand_depthwise_cpu(
         (with put_row) the depthwise buffer. `csr`: the expand conv's values, column indices,
         row pointers and bias."""
         w_data, w_indices, w_indptr, bias_buf = csr
-        for v in T.unroll(width // EP):
-            bias_piece(eacc, bias_buf[tc], v * EP, EP)
-        if width % EP > 0:
-            bias_piece(eacc, bias_buf[tc], width - width % EP, width % EP)
+        _in_pieces(bias_piece, (eacc, bias_buf[tc]), width, EP)
         for p0 in range(w_indptr[tc + 1] - w_indptr[tc]):
             p = T.bind(w_indptr[tc] + p0)
             k = T.bind(w_indices[p])
-            for v in T.unroll(width // EP):
-                fma_piece(eacc, w_data[p], x_buf, tb, k, m0, v * EP, EP)
-            if width % EP > 0:
-                fma_piece(eacc, w_data[p], x_buf, tb, k, m0, width - width % EP, width % EP)
+            _in_pieces(fma_piece, (eacc, w_data[p], x_buf, tb, k, m0), width, EP)
         if put_row is None:
             for j in T.vectorized(width):
                 dest[m0 + j] = _activate(eacc[j], expand_act)
