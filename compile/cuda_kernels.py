@@ -11,6 +11,8 @@ live in registers; bias and activation are fused into the store.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -58,6 +60,61 @@ def _store_rows(acc_buf, bias_buf, r_buf, y_buf, tb, row0, m, rows, n_rows, epil
             y_buf[tb, row, m] = _finish(acc_buf[i] + bias_buf[row], r_buf[tb, row, m], epilogue)
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """A matmul's threads: one per (batch, row group of a block row, M column)."""
+
+    blocks: int  # thread blocks
+    threads: int  # per thread block
+    work: int  # threads that have an output
+    m: int
+    groups: int  # row groups per block row
+    block_rows: int
+    block_height: int  # rows per block row
+    rows_per_thread: int
+    rows: int  # N
+
+
+def _thread_grid(spec: KernelSpec) -> _Grid:
+    height = spec.block[0]
+    groups = row_groups(spec, height)
+    work = spec.batch * spec.block_rows * groups * spec.m
+    return _Grid(
+        *_launch(work), work, spec.m, groups, spec.block_rows, height, height // groups, spec.rows
+    )
+
+
+@T.macro
+def _per_thread(body, args, bias_buf, r_buf, y_buf, grid, epilogue):
+    """A matmul's threads (`_Grid`): each zeroes its rows' accumulators, has
+    `body(*args, acc, batch, block row, first row of its group, column)` add to them, and
+    stores them (`_store_rows`)."""
+    for bx in T.thread_binding(grid.blocks, thread="blockIdx.x"):
+        for tx in T.thread_binding(grid.threads, thread="threadIdx.x"):
+            acc = T.alloc_buffer((grid.rows_per_thread,), "float32", scope="local")
+            w = T.bind(bx * grid.threads + tx)
+            if w < grid.work:
+                m = T.bind(w % grid.m)
+                g = T.bind(w // grid.m % grid.groups)
+                rb = T.bind(w // (grid.m * grid.groups) % grid.block_rows)
+                b = T.bind(w // (grid.m * grid.groups * grid.block_rows))
+                for i in T.unroll(grid.rows_per_thread):
+                    acc[i] = T.float32(0)
+                body(*args, acc, b, rb, g * grid.rows_per_thread, m)
+                _store_rows(
+                    acc,
+                    bias_buf,
+                    r_buf,
+                    y_buf,
+                    b,
+                    rb * grid.block_height + g * grid.rows_per_thread,
+                    m,
+                    grid.rows_per_thread,
+                    grid.rows,
+                    epilogue,
+                )
+
+
 def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     """BSR W x X on a GPU: one thread per (batch, row group, m), a group's rows of a block row
     accumulated in registers over the row's blocks. M == 1: `bsr_matvec_cuda`."""
@@ -66,11 +123,19 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
     BR, BC = spec.block
     NNZB, NRB = stored_blocks(), spec.block_rows
-    G = row_groups(spec, BR)
-    RT = BR // G  # rows per thread
-    work = B * NRB * G * M
-    n_blocks, n_threads = _launch(work)
+    grid = _thread_grid(spec)
+    RT = grid.rows_per_thread
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+
+    @T.macro
+    def block_row(x_buf, w_data, w_indices, w_indptr, acc_buf, tb, trb, r0, m):
+        """Rows r0 .. r0 + RT - 1 of block row `trb`, over its blocks, at column m."""
+        for p0 in range(w_indptr[trb + 1] - w_indptr[trb]):
+            p = T.bind(w_indptr[trb] + p0)
+            k0 = T.bind(w_indices[p])
+            for c in T.unroll(BC):
+                for i in T.unroll(RT):
+                    acc_buf[i] = acc_buf[i] + w_data[p, r0 + i, c] * x_buf[tb, k0 + c, m]
 
     @T.prim_func(s_tir=True)
     def bsr_matmul(
@@ -86,24 +151,7 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
-        for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
-            for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
-                acc = T.alloc_buffer((RT,), "float32", scope="local")
-                w = T.bind(bx * n_threads + tx)
-                if w < work:
-                    m = T.bind(w % M)
-                    g = T.bind(w // M % G)
-                    rb = T.bind(w // (M * G) % NRB)
-                    b = T.bind(w // (M * G * NRB))
-                    for i in T.unroll(RT):
-                        acc[i] = T.float32(0)
-                    for p0 in range(indptr[rb + 1] - indptr[rb]):
-                        p = T.bind(indptr[rb] + p0)
-                        k0 = T.bind(indices[p])
-                        for c in T.unroll(BC):
-                            for i in T.unroll(RT):
-                                acc[i] = acc[i] + data[p, g * RT + i, c] * X[b, k0 + c, m]
-                    _store_rows(acc, bias, R, Y, b, rb * BR + g * RT, m, RT, N, epilogue)
+        _per_thread(block_row, (X, data, indices, indptr), bias, R, Y, grid, epilogue)
 
     return _drop_unused_inputs(bsr_matmul, spec)
 
@@ -170,11 +218,16 @@ def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
     BR = spec.block[0]
     NRB = spec.block_rows
-    G = row_groups(spec, BR)
-    RT = BR // G  # rows per thread
-    work = B * NRB * G * M
-    n_blocks, n_threads = _launch(work)
+    grid = _thread_grid(spec)
+    RT = grid.rows_per_thread
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+
+    @T.macro
+    def row_block(x_buf, w_data, acc_buf, tb, trb, r0, m):
+        """Rows r0 .. r0 + RT - 1 of row block `trb`, over K, at column m."""
+        for k in range(K):
+            for i in T.unroll(RT):
+                acc_buf[i] = acc_buf[i] + w_data[trb, k, r0 + i] * x_buf[tb, k, m]
 
     @T.prim_func(s_tir=True)
     def dense_matmul(
@@ -188,21 +241,7 @@ def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
-        for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
-            for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
-                acc = T.alloc_buffer((RT,), "float32", scope="local")
-                w = T.bind(bx * n_threads + tx)
-                if w < work:
-                    m = T.bind(w % M)
-                    g = T.bind(w // M % G)
-                    rb = T.bind(w // (M * G) % NRB)
-                    b = T.bind(w // (M * G * NRB))
-                    for i in T.unroll(RT):
-                        acc[i] = T.float32(0)
-                    for k in range(K):
-                        for i in T.unroll(RT):
-                            acc[i] = acc[i] + data[rb, k, g * RT + i] * X[b, k, m]
-                    _store_rows(acc, bias, R, Y, b, rb * BR + g * RT, m, RT, N, epilogue)
+        _per_thread(row_block, (X, data), bias, R, Y, grid, epilogue)
 
     return _drop_unused_inputs(dense_matmul, spec)
 
