@@ -155,6 +155,13 @@ def _run_kernel(w, x, bias, block, activation):
         ((16, 1), 0.7, 2, 30, "none"),
         ((4, 1), 0.6, 1, 20, "relu6"),
         ((1, 4), 0.6, 1, 49, "relu"),
+        # M narrower than a tile: copies of the accumulators, by block column (1 x c blocks,
+        # c a multiple of the copies) or by block, with the blocks left over in copy 0
+        ((1, 4), 0.7, 2, 4, "relu"),
+        ((1, 4), 0.8, 1, 16, "none"),
+        ((1, 8), 0.7, 1, 2, "relu"),
+        ((4, 1), 0.6, 1, 3, "none"),
+        ((2, 2), 0.5, 2, 4, "relu6"),
     ],
 )
 def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
