@@ -34,7 +34,7 @@ TEST_WORKERS ?= 2
 test: setup system-deps
 	$(VENV)/bin/ruff check .
 	HWNAS_TEST_POSTGRES=$$(bash scripts/test-postgres.sh) $(PY) -m pytest -q \
-	  -n $(TEST_WORKERS) --dist loadfile
+	  -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-all: setup system-deps
 	HWNAS_TEST_POSTGRES=$$(bash scripts/test-postgres.sh) $(PY) -m pytest -q -m ''
