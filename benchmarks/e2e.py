@@ -127,11 +127,11 @@ def vm_timer(executable, x: np.ndarray, number: int = 200):
     return lambda: float(timer(arg).results[0]) * 1e3
 
 
-def in_turns(timers: dict, rounds: int) -> dict[str, tuple[float, float]]:
+def in_turns(timers: dict, rounds: int) -> dict:
     """Every timer called once per round, in turns, so that the seconds-long bursts of outside
     load on a shared machine hit them alike (timed one after the other, the 32x32 sparse net
-    read 0.044 or 0.065 ms depending on the stretch it fell in). (median, best) ms per name."""
-    times: dict[str, list[float]] = {name: [] for name in timers}
+    read 0.044 or 0.065 ms depending on the stretch it fell in). (median, best) ms per key."""
+    times: dict = {name: [] for name in timers}
     for _ in range(rounds):
         for name, timer in timers.items():
             times[name].append(timer())
@@ -216,7 +216,7 @@ def main() -> None:
         for index, (median, best) in in_turns(timers, args.repeats).items():
             rows[index].update(ms=median, best_ms=best)
 
-    # TVM's default build is ~100x slower: timed on its own, a few rounds.
+    # TVM's default build is 15-30x slower than ours: timed on its own, in fewer rounds.
     mod = from_exported_program(exported, unwrap_unit_return_tuple=True)
     start = time.perf_counter()
     default = tvm.compile(mod, target=tvm.target.Target(HostProfile.target))
