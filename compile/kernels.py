@@ -242,6 +242,28 @@ def _add_piece(acc_buf, i, other, off, lanes):
         acc_buf[i, off + j] = acc_buf[i, off + j] + acc_buf[other, off + j]
 
 
+def _copies(rows: int, width: int, lanes: int) -> int:
+    """Copies of a `rows` x `width` tile's accumulators so that about 8 FMA chains are in flight
+    (4 cycles of FMA latency, 2 FMAs a cycle): more than one only for a narrow tile (small M).
+    Consecutive terms of a sum go to different copies, summed before the store."""
+    return max(1, min(4, 8 // (rows * -(-width // lanes))))
+
+
+@T.macro
+def _zero_copies(acc_buf, rows, copies, width, lanes):
+    """Rows `rows` .. `rows * copies - 1` of acc_buf (copies 1.. of a tile) to zero."""
+    for i in T.unroll(rows * (copies - 1)):
+        _in_pieces(_zero_piece, (acc_buf, rows + i), width, lanes)
+
+
+@T.macro
+def _sum_copies(acc_buf, rows, copies, width, lanes):
+    """Copies 1.. of a tile's `rows` accumulator rows added into copy 0."""
+    for h in T.unroll(copies - 1):
+        for i in T.unroll(rows):
+            _in_pieces(_add_piece, (acc_buf, i, (h + 1) * rows + i), width, lanes)
+
+
 @T.macro
 def _store_piece(acc_buf, res_buf, y_buf, tb, r, i, m0, epilogue, off, lanes):
     for j in T.vectorized(lanes):
@@ -318,15 +340,13 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     guard = BR > 1  # the last block row may overhang the rows
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
-    # A narrow tile (small M) has few accumulators, and each FMA chain waits on the FMA's
-    # latency (4 cycles, 2 FMAs a cycle: 8 chains keep the FMA units busy). Such a tile gets
-    # CH copies of its accumulators, summed before the store: the block's columns go to
-    # different copies (1 x c blocks), or consecutive blocks do. 512x512 at 90%, M = 2, 4 and
-    # 16: 1x4 blocks 1.3-1.9x faster, 2x2 and 1x1 1.3-1.5x, 4x1 (M = 2, 4) 1.2x. Only an M
-    # narrower than a full tile gets copies (it is then the only tile). A tail tile never
-    # does: its latency hides behind the full tiles of its block row (with copies, 1x4 at
-    # M = 196 was 1.2x slower).
-    CH = max(1, min(4, 8 // (SR * -(-MT // L))))
+    # A narrow tile (small M) has few accumulators, each FMA chain waiting on the FMA's
+    # latency: it gets copies (`_copies`). The block's columns go to different copies (1 x c
+    # blocks), or consecutive blocks do. 512x512 at 90%, M = 2, 4 and 16: 1x4 blocks 1.3-1.9x
+    # faster, 2x2 and 1x1 1.3-1.5x, 4x1 (M = 2, 4) 1.2x. Only an M narrower than a full tile
+    # gets copies (it is then the only tile). A tail tile never does: its latency hides behind
+    # the full tiles of its block row (with copies, 1x4 at M = 196 was 1.2x slower).
+    CH = _copies(SR, MT, L)
 
     @T.macro
     def block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, ch, h):
@@ -378,8 +398,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 p = T.bind(p_lo + p0)
                 block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, 1, 0)
         else:
-            for i in T.unroll(SR * (ch - 1)):
-                _in_pieces(_zero_piece, (acc_buf, SR + i), width, L)
+            _zero_copies(acc_buf, SR, ch, width, L)
             if BC % ch == 0:
                 for p0 in range(n_p):
                     p = T.bind(p_lo + p0)
@@ -392,9 +411,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 for r in range(n_p % ch):
                     p = T.bind(p_lo + n_p // ch * ch + r)
                     block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, ch, 0)
-            for h in T.unroll(ch - 1):
-                for i in T.unroll(SR):
-                    _in_pieces(_add_piece, (acc_buf, i, (h + 1) * SR + i), width, L)
+            _sum_copies(acc_buf, SR, ch, width, L)
         _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, L, N, epilogue, guard, None)
 
     @T.macro
@@ -494,9 +511,9 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
     n_rows = NK if spec.kept_rows else N
 
-    # Copies of a narrow tile's accumulators, as in `bsr_matmul_cpu`: consecutive k go to
-    # different copies (512x512 on AVX2, M = 2, 4 and 8: 1.5x faster; M = 7: 1.1x).
-    CH = max(1, min(4, 8 // (BR * -(-MT // L))))
+    # Copies of a narrow tile's accumulators (`_copies`): consecutive k go to different copies
+    # (512x512 on AVX2, M = 2, 4 and 8: 1.5x faster; M = 7: 1.1x).
+    CH = _copies(BR, MT, L)
 
     @T.macro
     def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, kept_buf, tb, trb, m0, width, ch):
@@ -511,8 +528,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         _fma_piece, (acc_buf, i, w_data[trb, k, i], x_buf, tb, k, m0), width, L
                     )
         else:
-            for i in T.unroll(BR * (ch - 1)):
-                _in_pieces(_zero_piece, (acc_buf, BR + i), width, L)
+            _zero_copies(acc_buf, BR, ch, width, L)
             for q in range(K // ch):
                 for h in T.unroll(ch):
                     for i in T.unroll(BR):
@@ -546,9 +562,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         width,
                         L,
                     )
-            for h in T.unroll(ch - 1):
-                for i in T.unroll(BR):
-                    _in_pieces(_add_piece, (acc_buf, i, (h + 1) * BR + i), width, L)
+            _sum_copies(acc_buf, BR, ch, width, L)
         _store_tile(
             acc_buf,
             r_buf,
@@ -939,11 +953,6 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
     # row (`_in_pieces`): as one 14-lane vector a 14x14 map cost 1.6x as much per output as
     # a 16x16 one.
     @T.macro
-    def zero_piece(acc, i, j0, n):
-        for j in T.vectorized(n):
-            acc[i, j0 + j] = T.float32(0)
-
-    @T.macro
     def tap_piece(acc, i, buf, src, w, j0, n):
         for j in T.vectorized(n):
             acc[i, j0 + j] = acc[i, j0 + j] + w * buf[src + j0 + j]
@@ -957,7 +966,7 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
     def row_group(acc, buf, weight, bias, y_buf, tb, tc, oh0, rows):
         """Output rows oh0 .. oh0 + rows - 1: each phase row loaded once for all its taps."""
         for i in T.unroll(rows):
-            _in_pieces(zero_piece, (acc, i), OW, lanes)
+            _in_pieces(_zero_piece, (acc, i), OW, lanes)
         for r in T.unroll(rows + DR):
             for kh in T.unroll(KH):
                 for kw in T.unroll(KW):
