@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from hw_profiles import _guard
@@ -189,6 +190,13 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+# TVM's tracker and server need no torch, but tvm_ffi imports it whenever it can: 3 s of the 5 s
+# that `import tvm` takes on a 2-core VM, paid twice by each tool (it imports TVM, then so does
+# the popen worker it starts to do the work). On this path `import torch` fails as it would
+# without torch, which tvm_ffi allows for.
+_NO_TORCH = Path(__file__).with_name("_no_torch")
+
+
 def _spawn(
     args: list[str],
     log: IO[bytes],
@@ -201,7 +209,10 @@ def _spawn(
     this interpreter; else the guard runs `python` as its child. `env`: the environment (default:
     this process's)."""
     guard = [sys.executable, "-m", "hw_profiles._guard", str(os.getpid())]
-    if python is not None:
+    if python is None:
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_NO_TORCH), env.get("PYTHONPATH")]))
+    else:
         # -I: the guard needs only the standard library, and ignores `env`'s PYTHON* variables.
         guard = [sys.executable, "-I", _guard.__file__, str(os.getpid()), "--exec", python, "-m"]
     return subprocess.Popen(
@@ -215,13 +226,24 @@ def _spawn(
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    """Whether a process of group `pgid` still runs. A zombie does not count: a worker that
+    outlived the guard waits for init to reap it, which some VMs' init does only every 2 s."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def _stop(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:

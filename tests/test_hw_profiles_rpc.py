@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from hw_profiles import (
@@ -48,12 +49,15 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
     return predicate()
 
 
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _group_alive(pgid: int) -> bool:
+    """A process of the group runs (a zombie, awaiting init's reaping, does not)."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return False
 
 
 def _free(tracker: Tracker, key: str) -> int:

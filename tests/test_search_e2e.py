@@ -12,9 +12,10 @@ from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker, tracker_summary
 
 
-def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
+def test_search_writes_study_and_report(tmp_path: Path) -> None:
     """The defaults (mbv2-sparse, random, x86-local on a tracker and server the search starts
-    for itself): one trial, then the same command with a larger budget adds one."""
+    for itself): one trial, its files, the study and the report. (A larger budget resuming the
+    run is tested on tiny-sparse, in the attached-device test.)"""
     run = tmp_path / "demo"
     args = ["search", "--trials", "1", "--epochs", "1", "--out", str(run), "--seed", "3"]
     done = hwnas(*args)
@@ -45,16 +46,6 @@ def test_search_writes_study_and_report_then_resumes(tmp_path: Path) -> None:
     assert report.exists()
     html = report.read_text()
     assert "<svg" in html or "plotly" in html.lower()
-
-    # The same command with a larger budget resumes: the finished trial stays, none is repeated.
-    args[args.index("--trials") + 1] = "2"
-    again = hwnas(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    study = load_run(run)
-    resumed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert [t.number for t in resumed] == [0, 1]
-    assert resumed[0].values == complete[0].values
-    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
 
     rerender = hwnas("report", str(run))
     assert rerender.returncode == 0, rerender.stderr
@@ -214,12 +205,9 @@ def test_search_on_a_device_the_user_attached_with_dense_twin_and_layer_times(
     request."""
     key = load_profile("x86-local").key
     run = tmp_path / "attached"
-    done = hwnas(
-        "search",
-        *("--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--seed", "1"),
-        *("--dense-twin", "--layer-times", "--out", str(run)),
-        *("--tracker", str(x86_device)),
-    )
+    args = ["search", "--space", "tiny-sparse", "--trials", "1", "--epochs", "1", "--seed", "1"]
+    args += ["--dense-twin", "--layer-times", "--out", str(run), "--tracker", str(x86_device)]
+    done = hwnas(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     # The device is free again once the search is over: the session was released.
@@ -242,3 +230,13 @@ def test_search_on_a_device_the_user_attached_with_dense_twin_and_layer_times(
     assert "Times measured on the device (x86/local)" in html
     assert "time on the device (ms)" in html
     assert html.count("class='time-bar'") == len(layer_ms)
+
+    # The same command with a larger budget resumes: the finished trial stays, none is repeated.
+    args[args.index("--trials") + 1] = "2"
+    again = hwnas(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = load_run(run)
+    resumed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.number for t in resumed] == [0, 1]
+    assert resumed[0].values == trial.values
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
