@@ -16,7 +16,13 @@ from tvm.ir import Op
 
 from compile.bsr import BsrWeight, bsr_to_dense, choose_block, full_bsr, pack_dense, to_bsr
 from compile.choose import KernelCandidate, KernelChooser
-from compile.kernels import ConvGeometry, Kernel, KernelSpec, dense_block_rows, vector_unit
+from compile.kernels import (
+    ConvGeometry,
+    Kernel,
+    KernelSpec,
+    dense_block_rows,
+    dense_matvec_rows,
+)
 from compile.objects import kernel_object
 
 try:
@@ -522,7 +528,7 @@ def _dense_candidate(
     rows, cols = matrix.shape
     num_cores = _cores(num_cores, batch * rows * cols * m)
     if m == 1:  # the matrix-vector kernel; on a GPU a warp per row, four columns per lane
-        block = (1, 4) if family == "cuda" else (vector_unit(family, avx512).lanes, 1)
+        block = (1, 4) if family == "cuda" else (dense_matvec_rows(rows, family, avx512), 1)
         bsr = full_bsr(matrix, block)
         consts = [bsr.data, bsr.indices, bsr.indptr, bias]
         spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)

@@ -372,6 +372,9 @@ def test_kernel_cache_is_pruned_oldest_first_sparing_recent_files(tmp_path):
         # AVX2 tiles narrower than a full one: 2 or 4 copies of the accumulators over K = 37
         (4, 2, False),
         (7, 1, False),
+        # M == 1: W as an all-blocks BSR matrix, 32-row blocks on AVX-512 (53 rows: one
+        # block padded), 8-row ones on AVX2 (taller would pad more than 1/8)
+        (1, 2, False),
     ],
 )
 def test_dense_kernel_matches_numpy(m, batch, avx512):

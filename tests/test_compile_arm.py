@@ -73,19 +73,22 @@ def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path, emulated_board):
 @pytest.mark.arm
 def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_board):
     """The matrix-vector kernel takes blocks narrower than a NEON register several to a vector
-    (unstructured 1x1: four; 2x1: two); their shuffles are NEON code only the board runs."""
+    (unstructured 1x1: four; 2x1: two); their shuffles are NEON code only the board runs. The
+    dense layers' matrix-vector kernel takes blocks of up to four registers."""
     torch.manual_seed(5)
     model = nn.Sequential(
-        SparseLinear(37, 53, sparsity=0.7, pattern="unstructured"),
+        SparseLinear(37, 64, sparsity=0.7, pattern="unstructured"),
         nn.ReLU(),
-        SparseLinear(53, 10, sparsity=0.6, pattern="block", block=(2, 1)),
+        SparseLinear(64, 10, sparsity=0.6, pattern="block", block=(2, 1)),
     )
     for layer in (model[0], model[2]):
         layer.update_mask()
     model.eval()
     profile = load_profile("arm/qemu-aarch64")
-    compiled = hw_compile.build(model, torch.randn(1, 37), profile, kernel_choice="sparse")
-    assert compiled.sparse_layers == ["0", "2"]
-    lib = compiled.export_library(tmp_path / "model.so")
     remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
-    compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
+    # Dense: W as an all-blocks BSR matrix, in 16 x 1 blocks (64 rows) and 4 x 1 (10 rows).
+    for choice, sparse_layers in (("sparse", ["0", "2"]), ("dense", [])):
+        compiled = hw_compile.build(model, torch.randn(1, 37), profile, kernel_choice=choice)
+        assert compiled.sparse_layers == sparse_layers
+        lib = compiled.export_library(tmp_path / f"{choice}.so")
+        compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
