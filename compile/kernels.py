@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 21
+KERNEL_VERSION = 22
 
 
 @dataclass(frozen=True)
@@ -487,16 +487,19 @@ def dense_block_rows(family: str, avx512: bool = True) -> int:
     return 8 if family == "x86" and avx512 else 4
 
 
-def dense_matvec_rows(rows: int, family: str, avx512: bool = True) -> int:
-    """Rows per block of a dense W in the matrix-vector kernel (an all-blocks BSR matrix): the
-    tallest of 1, 2 and 4 vectors, at most 32, that pads W's rows by at most 1/8 more than one
-    vector does. A block's index and x load serve more FMAs: on AVX2, 512x512 took 20.0 us
+def dense_matvec_rows(rows: int, family: str, avx512: bool = True, columns: int = 1) -> int:
+    """Rows per block of a dense W in the matrix-vector kernel or its columns variant (an
+    all-blocks BSR matrix): the tallest of 1, 2 and 4 vectors, at most 32, that pads W's rows by
+    at most 1/8 more than one vector does and leaves `columns` x rows accumulators in the
+    registers. A block's index and x load serve more FMAs: on AVX2, 512x512 took 20.0 us
     with 8 x 1 blocks, 16.9 with 16 x 1 and 15.5 with 32 x 1; 10x512 0.56, 0.41 (16) and 0.76
     us (32, padded to 32 rows)."""
-    lanes = vector_unit(family, avx512).lanes
-    least = -(-rows // lanes) * lanes
+    unit = vector_unit(family, avx512)
+    least = -(-rows // unit.lanes) * unit.lanes
     fits = [
-        r for r in (lanes, 2 * lanes, 4 * lanes) if r <= 32 and -(-rows // r) * r * 8 <= least * 9
+        r
+        for r in (unit.lanes, 2 * unit.lanes, 4 * unit.lanes)
+        if r <= 32 and columns * r <= unit.acc_budget and -(-rows // r) * r * 8 <= least * 9
     ]
     return max(fits)
 
@@ -833,6 +836,116 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
                             )
 
     return _drop_unused_inputs(bsr_matvec, spec)
+
+
+# The most columns `bsr_matvec_columns_cpu` takes. AVX2, 512x512, interleaved against the
+# M-vectorized kernels: M = 2-5 1.1-2.7x faster (16x1 and 8x1 blocks at 90 and 95%) and a dense
+# W 2.1-3.4x; at M = 6 16x1 blocks were 0.86-0.95x, at M = 8 8x1 0.73-0.8x.
+MAX_COLUMNS = 5
+
+
+def takes_columns(spec: KernelSpec, family: str, avx512: bool = True) -> bool:
+    """Whether `bsr_matvec_columns_cpu` is the kernel for `spec` (CPU families)."""
+    unit = vector_unit(family, avx512)
+    BR, BC = spec.block
+    return (
+        2 <= spec.m <= MAX_COLUMNS
+        and not spec.kept_rows
+        and BC == 1
+        and BR % unit.lanes == 0
+        and spec.m * BR <= unit.acc_budget
+    )
+
+
+def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -> tirx.PrimFunc:
+    """A few columns (`takes_columns`: a Linear at batch 2-5) of W in r x 1 blocks at least
+    a vector tall, such as a dense W as an all-blocks BSR matrix: vectorized over the block's
+    rows, as the matrix-vector kernel, not over M (an M of 2 fills a quarter of an AVX2
+    vector). A block's weights are loaded once for all M columns. Each column has CH copies
+    of its accumulators (consecutive blocks into different copies, summed before the store).
+    Parallel over (batch x block row)."""
+    B, MC = spec.batch, spec.m
+    N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
+    BR = spec.block[0]
+    L = unit.lanes
+    NNZB, NRB = stored_blocks(), NP - 1
+    work = B * NRB
+    n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    chunk_loop = _chunk_loop(tiling.parallel)
+    per_chunk = (work + n_chunks - 1) // n_chunks
+    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    # Copy h of column c is accumulator row h * MC + c; the copies fill the registers given to
+    # accumulators, at most 4 (8 FMA chains or more with two or more vectors per block).
+    CH = max(1, min(4, unit.acc_budget // (MC * BR)))
+
+    @T.macro
+    def block_piece(acc_buf, w_data, x_buf, tb, k0, p, h, off, lanes):
+        for c in T.unroll(MC):
+            for j in T.vectorized(lanes):
+                acc_buf[h * MC + c, off + j] = (
+                    acc_buf[h * MC + c, off + j] + w_data[p, off + j, 0] * x_buf[tb, k0, c]
+                )
+
+    @T.macro
+    def block(acc_buf, w_data, w_indices, x_buf, tb, p, h):
+        k0 = T.bind(w_indices[p])
+        _in_pieces(block_piece, (acc_buf, w_data, x_buf, tb, k0, p, h), BR, L)
+
+    @T.macro
+    def store_piece(acc_buf, bias_buf, r_buf, y_buf, tb, row0, c, off, lanes):
+        for j in T.vectorized(lanes):
+            y_buf[tb, row0 + off + j, c] = _finish(
+                acc_buf[c, off + j] + bias_buf[row0 + off + j],
+                r_buf[tb, row0 + off + j, c],
+                epilogue,
+            )
+
+    XS, YS = _io_shapes(spec, K, N)
+
+    @T.prim_func(s_tir=True)
+    def bsr_matvec_columns(
+        X4: T.Buffer(XS, "float32"),
+        data: T.Buffer((NNZB, BR, 1), "float32"),
+        indices: T.Buffer((NNZB,), "int32"),
+        indptr: T.Buffer((NP,), "int32"),
+        bias: T.Buffer((N,), "float32"),
+        R4: T.Buffer(YS, "float32"),
+        Y4: T.Buffer(YS, "float32"),
+    ):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        X = T.decl_buffer((B, K, MC), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, MC), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, MC), "float32", data=R4.data)
+        for t in chunk_loop(n_chunks):
+            acc = T.alloc_buffer((CH * MC, BR), "float32", scope="local", annotations=_ON_STACK)
+            for w0 in range(per_chunk):
+                w = T.bind(t * per_chunk + w0)
+                if w < work:
+                    b = T.bind(_outer(w, NRB, B))
+                    rb = T.bind(_inner(w, NRB, B))
+                    p_lo = T.bind(indptr[rb])
+                    n_p = T.bind(indptr[rb + 1] - p_lo)
+                    for i in T.unroll(CH * MC):
+                        _in_pieces(_zero_piece, (acc, i), BR, L)
+                    for q in range(n_p // CH):
+                        for h in T.unroll(CH):
+                            block(acc, data, indices, X, b, p_lo + q * CH + h, h)
+                    for r in range(n_p % CH):
+                        block(acc, data, indices, X, b, p_lo + n_p // CH * CH + r, 0)
+                    _sum_copies(acc, MC, CH, BR, L)
+                    row0 = T.bind(rb * BR)
+                    if row0 + BR <= N:
+                        for c in T.unroll(MC):
+                            _in_pieces(store_piece, (acc, bias, R, Y, b, row0, c), BR, L)
+                    else:  # the last block row overhangs W's rows
+                        for i in T.unroll(BR):
+                            if row0 + i < N:
+                                for c in T.unroll(MC):
+                                    Y[b, row0 + i, c] = _finish(
+                                        acc[c, i] + bias[row0 + i], R[b, row0 + i, c], epilogue
+                                    )
+
+    return _drop_unused_inputs(bsr_matvec_columns, spec)
 
 
 @dataclass(frozen=True)
@@ -1295,7 +1408,8 @@ def matmul_kernel(
     avx512: bool = True,
 ) -> tirx.PrimFunc:
     """The scheduled matmul kernel for `spec`: sparse (BSR), dense (packed W), or, when M == 1,
-    the matrix-vector kernel (a dense W then comes as a BSR matrix with every block)."""
+    the matrix-vector kernel, and for M = 2-5 with tall enough r x 1 blocks its columns
+    variant (`takes_columns`); a dense W then comes as a BSR matrix with every block."""
     if family not in FAMILIES:
         raise KeyError(family)
     if spec.activation not in ACTIVATIONS:
@@ -1307,6 +1421,8 @@ def matmul_kernel(
     tiling = choose_tiling(family, spec, num_cores, avx512, dense and spec.m > 1)
     if spec.m == 1:
         return bsr_matvec_cpu(spec, tiling, vector_unit(family, avx512).lanes)
+    if takes_columns(spec, family, avx512):
+        return bsr_matvec_columns_cpu(spec, tiling, vector_unit(family, avx512))
     if dense:
         return dense_matmul_cpu(spec, tiling)
     return bsr_matmul_cpu(spec, tiling)

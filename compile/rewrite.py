@@ -17,6 +17,7 @@ from tvm.ir import Op
 from compile.bsr import BsrWeight, bsr_to_dense, choose_block, full_bsr, pack_dense, to_bsr
 from compile.choose import KernelCandidate, KernelChooser
 from compile.kernels import (
+    MAX_COLUMNS,
     ConvGeometry,
     Kernel,
     KernelSpec,
@@ -523,12 +524,15 @@ def _dense_candidate(
     avx512: bool,
     maps: tuple = (None, None, False),
 ) -> KernelCandidate:
-    """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1. `maps`:
-    the spec's `in_hw`, `out_hw` (a conv's 4-D input and output) and `residual`."""
+    """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1 (on a CPU
+    also when M <= MAX_COLUMNS). `maps`: the spec's `in_hw`, `out_hw` (a conv's 4-D input and
+    output) and `residual`."""
     rows, cols = matrix.shape
     num_cores = _cores(num_cores, batch * rows * cols * m)
-    if m == 1:  # the matrix-vector kernel; on a GPU a warp per row, four columns per lane
-        block = (1, 4) if family == "cuda" else (dense_matvec_rows(rows, family, avx512), 1)
+    # M == 1: the matrix-vector kernel (on a GPU a warp per row, four columns per lane); on a
+    # CPU up to MAX_COLUMNS too (its columns variant).
+    if m == 1 or family != "cuda" and m <= MAX_COLUMNS:
+        block = (1, 4) if family == "cuda" else (dense_matvec_rows(rows, family, avx512, m), 1)
         bsr = full_bsr(matrix, block)
         consts = [bsr.data, bsr.indices, bsr.indptr, bias]
         spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
@@ -546,11 +550,11 @@ def _kept_rows_candidate(
     """A channel-pruned W (whole rows zero, the others nearly full) rebuilt as a smaller dense
     layer: `dense`, the layer's dense kernel, on the kept rows only, writing them to their rows
     of Y (see `KernelSpec.kept_rows`). None when W is not channel-pruned, or on a GPU or at
-    M == 1 (where `dense` is not the packed dense kernel)."""
+    M <= MAX_COLUMNS (where `dense` is not the packed dense kernel)."""
     rows, cols = matrix.shape
     row_nnz = np.count_nonzero(matrix, axis=1)
     kept = np.flatnonzero(row_nnz).astype(np.int32)
-    if dense.kernel.family == "cuda" or dense.spec.m == 1 or not 0 < kept.size < rows:
+    if dense.kernel.family == "cuda" or dense.spec.m <= MAX_COLUMNS or not 0 < kept.size < rows:
         return None
     if row_nnz.sum() < KEPT_ROWS_FILL * kept.size * cols:
         return None

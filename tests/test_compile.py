@@ -27,6 +27,7 @@ from compile.kernels import (
     KernelSpec,
     choose_tiling,
     sparse_matmul_kernel,
+    takes_columns,
 )
 from compile.objects import load_kernel, prune
 from compile.rewrite import RewritePlan, _dense_candidate, deploy_copy, fold_batchnorm
@@ -115,11 +116,11 @@ def test_choose_block_prefers_declared_then_a_fitting_default():
 # ---------------------------------------------------------------- kernels alone
 
 
-def _run_kernel(w, x, bias, block, activation):
+def _run_kernel(w, x, bias, block, activation, avx512=True):
     bsr = to_bsr(w, block)
     batch, k, m = x.shape
     spec = KernelSpec(batch, w.shape[0], k, m, bsr.block, bsr.block_rows, activation)
-    kernel = sparse_matmul_kernel(spec, "x86", num_cores=2)  # bsr_matvec when m == 1
+    kernel = sparse_matmul_kernel(spec, "x86", num_cores=2, avx512=avx512)  # bsr_matvec: m == 1
     lib = tvm.compile(kernel, target=HOST.target)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (x, bsr.data, bsr.indices, bsr.indptr, bias)]
@@ -175,6 +176,32 @@ def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
     want = np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None]
     want = {"none": want, "relu": np.maximum(want, 0), "relu6": np.clip(want, 0, 6)}[activation]
     got = _run_kernel(w, x, bias, block, activation)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    ("block", "sparsity", "batch", "m", "avx512"),
+    [
+        ((16, 1), 0.7, 2, 2, False),  # 53 rows: the last block row overhangs
+        ((8, 1), 0.9, 1, 5, False),
+        ((16, 1), 0.0, 1, 3, False),  # two copies of each column's sums, a block left over
+        ((32, 1), 0.5, 3, 2, False),
+        ((16, 1), 0.8, 1, 4, True),
+    ],
+)
+def test_columns_kernel_matches_numpy(block, sparsity, batch, m, avx512):
+    """A few columns with r x 1 blocks at least a vector tall: `bsr_matvec_columns_cpu`."""
+    spec = KernelSpec(batch, 53, 37, m, block, -(-53 // block[0]))
+    assert takes_columns(spec, "x86", avx512)
+    rng = np.random.default_rng(6)
+    gen = torch.Generator().manual_seed(7)
+    w = rng.standard_normal((53, 37)).astype(np.float32)
+    w *= _mask(w.shape, sparsity, block, gen).numpy()
+    w[16:32] = 0
+    x = rng.standard_normal((batch, 37, m)).astype(np.float32)
+    bias = rng.standard_normal(53).astype(np.float32)
+    want = np.clip(np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None], 0, 6)
+    got = _run_kernel(w, x, bias, block, "relu6", avx512)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
@@ -375,6 +402,10 @@ def test_kernel_cache_is_pruned_oldest_first_sparing_recent_files(tmp_path):
         # M == 1: W as an all-blocks BSR matrix, 32-row blocks on AVX-512 (53 rows: one
         # block padded), 8-row ones on AVX2 (taller would pad more than 1/8)
         (1, 2, False),
+        # M = 2-5: the same, through the matrix-vector kernel's columns variant
+        (2, 2, False),
+        (3, 1, True),
+        (5, 1, False),
     ],
 )
 def test_dense_kernel_matches_numpy(m, batch, avx512):

@@ -74,7 +74,8 @@ def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path, emulated_board):
 def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_board):
     """The matrix-vector kernel takes blocks narrower than a NEON register several to a vector
     (unstructured 1x1: four; 2x1: two); their shuffles are NEON code only the board runs. The
-    dense layers' matrix-vector kernel takes blocks of up to four registers."""
+    dense layers' matrix-vector kernel and its columns variant take blocks of up to four
+    registers."""
     torch.manual_seed(5)
     model = nn.Sequential(
         SparseLinear(37, 64, sparsity=0.7, pattern="unstructured"),
@@ -86,9 +87,11 @@ def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_
     model.eval()
     profile = load_profile("arm/qemu-aarch64")
     remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
-    # Dense: W as an all-blocks BSR matrix, in 16 x 1 blocks (64 rows) and 4 x 1 (10 rows).
-    for choice, sparse_layers in (("sparse", ["0", "2"]), ("dense", [])):
-        compiled = hw_compile.build(model, torch.randn(1, 37), profile, kernel_choice=choice)
-        assert compiled.sparse_layers == sparse_layers
-        lib = compiled.export_library(tmp_path / f"{choice}.so")
+    # Dense: W as an all-blocks BSR matrix, in 16 x 1 blocks (64 rows) and 4 x 1 (10 rows); at
+    # batch 3 through the matrix-vector kernel's columns variant.
+    for choice, batch in (("sparse", 1), ("dense", 1), ("dense", 3)):
+        x = torch.randn(batch, 37)
+        compiled = hw_compile.build(model, x, profile, kernel_choice=choice)
+        assert compiled.sparse_layers == (["0", "2"] if choice == "sparse" else [])
+        lib = compiled.export_library(tmp_path / f"{choice}{batch}.so")
         compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
