@@ -166,6 +166,11 @@ def _run_kernel(w, x, bias, block, activation, avx512=True):
     ],
 )
 def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
+    _check_kernel(block, sparsity, batch, m, activation)
+
+
+def _check_kernel(block, sparsity, batch, m, activation, avx512=True):
+    """Our sparse kernel on a 53 x 37 W (block rows 16..31 empty) against numpy."""
     rng = np.random.default_rng(2)
     gen = torch.Generator().manual_seed(3)
     w = rng.standard_normal((53, 37)).astype(np.float32)
@@ -175,7 +180,7 @@ def test_kernel_matches_numpy(block, sparsity, batch, m, activation):
     bias = rng.standard_normal(53).astype(np.float32)
     want = np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None]
     want = {"none": want, "relu": np.maximum(want, 0), "relu6": np.clip(want, 0, 6)}[activation]
-    got = _run_kernel(w, x, bias, block, activation)
+    got = _run_kernel(w, x, bias, block, activation, avx512)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
@@ -193,16 +198,7 @@ def test_columns_kernel_matches_numpy(block, sparsity, batch, m, avx512):
     """A few columns with r x 1 blocks at least a vector tall: `bsr_matvec_columns_cpu`."""
     spec = KernelSpec(batch, 53, 37, m, block, -(-53 // block[0]))
     assert takes_columns(spec, "x86", avx512)
-    rng = np.random.default_rng(6)
-    gen = torch.Generator().manual_seed(7)
-    w = rng.standard_normal((53, 37)).astype(np.float32)
-    w *= _mask(w.shape, sparsity, block, gen).numpy()
-    w[16:32] = 0
-    x = rng.standard_normal((batch, 37, m)).astype(np.float32)
-    bias = rng.standard_normal(53).astype(np.float32)
-    want = np.clip(np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None], 0, 6)
-    got = _run_kernel(w, x, bias, block, "relu6", avx512)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    _check_kernel(block, sparsity, batch, m, "relu6", avx512)
 
 
 # ---------------------------------------------------------------- whole builds
