@@ -29,7 +29,8 @@ demo: setup
 # The tests share a study in PostgreSQL too: scripts/test-postgres.sh starts Debian's server on
 # 127.0.0.1 and prints the URL. Most of the suite's time is single-threaded (starting Python
 # processes that import torch and TVM), so TEST_WORKERS pytest-xdist workers run its modules
-# side by side (each module on one worker: its fixtures are built once).
+# side by side (each module on one worker: its fixtures are built once). On 2 cores, 3 workers
+# were slower than 2 (fresh clone: 17m05s against 15m55s).
 TEST_WORKERS ?= 2
 test: setup system-deps
 	$(VENV)/bin/ruff check .
