@@ -533,6 +533,14 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     CH = _copies(BR, MT, L)
 
     @T.macro
+    def k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, k, h):
+        """Column k of the row block's W times row k of X, into copy h of the accumulators."""
+        for i in T.unroll(BR):
+            _in_pieces(
+                _fma_piece, (acc_buf, h * BR + i, w_data[trb, k, i], x_buf, tb, k, m0), width, L
+            )
+
+    @T.macro
     def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, kept_buf, tb, trb, m0, width, ch):
         # Python-level choices (a TVMScript var cannot hold None): the kept rows, or none.
         _init_tile(
@@ -540,45 +548,14 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         )
         if ch == 1:
             for k in range(K):
-                for i in T.unroll(BR):
-                    _in_pieces(
-                        _fma_piece, (acc_buf, i, w_data[trb, k, i], x_buf, tb, k, m0), width, L
-                    )
+                k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, k, 0)
         else:
             _zero_copies(acc_buf, BR, ch, width, L)
             for q in range(K // ch):
                 for h in T.unroll(ch):
-                    for i in T.unroll(BR):
-                        _in_pieces(
-                            _fma_piece,
-                            (
-                                acc_buf,
-                                h * BR + i,
-                                w_data[trb, q * ch + h, i],
-                                x_buf,
-                                tb,
-                                q * ch + h,
-                                m0,
-                            ),
-                            width,
-                            L,
-                        )
+                    k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, q * ch + h, h)
             for r in range(K % ch):
-                for i in T.unroll(BR):
-                    _in_pieces(
-                        _fma_piece,
-                        (
-                            acc_buf,
-                            i,
-                            w_data[trb, K // ch * ch + r, i],
-                            x_buf,
-                            tb,
-                            K // ch * ch + r,
-                            m0,
-                        ),
-                        width,
-                        L,
-                    )
+                k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, K // ch * ch + r, 0)
             _sum_copies(acc_buf, BR, ch, width, L)
         _store_tile(
             acc_buf,
