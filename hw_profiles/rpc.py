@@ -197,6 +197,14 @@ def _free_port(host: str) -> int:
 _NO_TORCH = Path(__file__).with_name("_no_torch")
 
 
+def tool_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) for running a TVM RPC tool under this interpreter:
+    with `_NO_TORCH` first on PYTHONPATH."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_NO_TORCH), env.get("PYTHONPATH")]))
+    return env
+
+
 def _spawn(
     args: list[str],
     log: IO[bytes],
@@ -210,8 +218,7 @@ def _spawn(
     this process's)."""
     guard = [sys.executable, "-m", "hw_profiles._guard", str(os.getpid())]
     if python is None:
-        env = dict(os.environ if env is None else env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_NO_TORCH), env.get("PYTHONPATH")]))
+        env = tool_env(env)
     else:
         # -I: the guard needs only the standard library, and ignores `env`'s PYTHON* variables.
         guard = [sys.executable, "-I", _guard.__file__, str(os.getpid()), "--exec", python, "-m"]
