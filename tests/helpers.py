@@ -20,10 +20,15 @@ import psutil
 EMULATED_KEY = "qemu-aarch64-shared-test"
 
 
-def hwnas(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`hwnas ARGS...` in a fresh process, its output captured."""
+def hwnas(*args: str, timeout: float = 900, env: dict[str, str] | None = None):
+    """`hwnas ARGS...` in a fresh process (in environment `env`, default this one's), its
+    output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "nas.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "nas.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 

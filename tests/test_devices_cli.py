@@ -8,7 +8,7 @@ import sys
 
 from helpers import free_port, hwnas, stop, wait_for
 
-from hw_profiles.rpc import Tracker, tracker_summary
+from hw_profiles.rpc import Tracker, tool_env, tracker_summary
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -52,6 +52,9 @@ def test_tracker_serve_list_and_check() -> None:
 
 
 def test_device_commands_with_bad_input_are_one_line_errors() -> None:
+    # Reporting bad input needs no torch (importing it, and TVM with it, took 3.5 s): here
+    # `import torch` fails, as on the RPC tools' path, so importing it on the way shows.
+    no_torch = tool_env()
     for args, word in [
         (["devices", "list", "--tracker", "127.0.0.1:1"], "127.0.0.1:1"),
         (["devices", "list", "--tracker", "nohost"], "nohost"),
@@ -59,7 +62,7 @@ def test_device_commands_with_bad_input_are_one_line_errors() -> None:
         (["devices", "serve", "--tracker", "127.0.0.1:1"], "--key"),
         (["profiles", "show", "nope"], "nope"),
     ]:
-        done = hwnas(*args)
+        done = hwnas(*args, env=no_torch)
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and word in lines[0], (args, done.stderr)
