@@ -26,10 +26,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
 from e2e import machine  # noqa: E402
+from tvm.script import tirx as T  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
 from compile.bsr import to_bsr  # noqa: E402
-from compile.kernels import BUILD_CONFIG, Kernel, KernelSpec, matmul_kernel  # noqa: E402
+from compile.kernels import (  # noqa: E402
+    _ON_STACK,
+    BUILD_CONFIG,
+    Kernel,
+    KernelSpec,
+    matmul_kernel,
+    vector_unit,
+)
 from compile.rewrite import _dense_candidate  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
@@ -199,6 +207,38 @@ def avx512() -> bool:
     return "avx512f" in set(codegen.llvm_get_cpu_features(tvm.target.Target(TARGET)))
 
 
+def peak_gflops(min_ms: float, repeats: int, steps: int = 100_000) -> float:
+    """This core's FMA peak, one thread, measured: a loop of vector FMAs on registers only
+    (as many independent chains as our kernels give accumulators, enough to cover the FMA
+    latency), built by the same LLVM for the same CPU. GFLOP/s = 2 x FMA lanes / time."""
+    unit = vector_unit("x86", avx512())
+    chains, lanes = unit.acc_registers, unit.lanes
+
+    @T.prim_func(s_tir=True)
+    def fma_peak(a: T.Buffer((2 * lanes,), "float32"), y: T.Buffer((chains * lanes,), "float32")):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        acc = T.alloc_buffer((chains, lanes), "float32", scope="local", annotations=_ON_STACK)
+        k = T.alloc_buffer((2, lanes), "float32", scope="local", annotations=_ON_STACK)
+        for i in T.unroll(2):
+            for j in T.vectorized(lanes):
+                k[i, j] = a[i * lanes + j]
+        for c in T.unroll(chains):
+            for j in T.vectorized(lanes):
+                acc[c, j] = k[0, j] + T.float32(c)
+        for _ in range(steps):
+            for c in T.unroll(chains):
+                for j in T.vectorized(lanes):
+                    acc[c, j] = acc[c, j] * k[0, j] + k[1, j]
+        for c in T.unroll(chains):
+            for j in T.vectorized(lanes):
+                y[c * lanes + j] = acc[c, j]
+
+    # acc -> acc * 0.999 + 0.001 stays near 1: no overflow, no denormals.
+    a = np.concatenate([np.full(lanes, 0.999), np.full(lanes, 0.001)]).astype(np.float32)
+    seconds = tvm_timer(fma_peak, [a], (chains * lanes,), min_ms, repeats)()
+    return 2 * steps * chains * lanes / seconds / 1e9
+
+
 def run_grid(shapes, sparsities, blocks, min_ms: float, repeats: int, passes: int = 2) -> list:
     """Every method on every (shape, sparsity, block). Our two kernels are timed in `passes`
     passes over a shape's grid and keep their best: on this VM a burst of load from elsewhere
@@ -244,18 +284,21 @@ def markdown(result: dict) -> str:
     """The grid as a table (effective GFLOP/s), then a summary of our sparse kernel's speedup."""
     head = " | ".join(METHODS)
     lines = [
-        f"| shape | sparsity | block | {head} | ours sparse speedup | best other sparse speedup |",
-        "| --- | ---: | --- |" + " ---: |" * (len(METHODS) + 2),
+        f"| shape | sparsity | block | {head} | ours sparse, of peak | ours sparse speedup "
+        "| best other sparse speedup |",
+        "| --- | ---: | --- |" + " ---: |" * (len(METHODS) + 3),
     ]
+    peak = result["peak_gflops"]
     for row in result["rows"]:
         rates = " | ".join(f"{row['gflops'][m]:.1f}" for m in METHODS)
         speed = row["speedup_vs_ours_dense"]
         other = max(speed["scipy csr"], speed["torch csr"])
         lines.append(
             f"| {row['shape']['name']} | {row['sparsity']:.0%} | {row['block']} | {rates} | "
-            f"{speed['ours sparse']:.2f}x | {other:.2f}x |"
+            f"{row['gflops']['ours sparse'] / peak:.0%} | {speed['ours sparse']:.2f}x | "
+            f"{other:.2f}x |"
         )
-    lines += ["", summary(result["rows"])]
+    lines += ["", summary(result["rows"]), "", dense_summary(result)]
     return "\n".join(lines)
 
 
@@ -282,6 +325,32 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dense_summary(result: dict) -> str:
+    """The dense methods' real rates (2 x all of W's MACs / time) per shape, against the peak."""
+    peak = result["peak_gflops"]
+    dense = ("ours dense", "torch dense", "ort dense")
+    lines = [
+        f"The dense methods' rates counting all of W's multiply-adds (GFLOP/s, and their share "
+        f"of this core's measured FMA peak, {peak:.1f} GFLOP/s):",
+        "",
+        "| shape | " + " | ".join(dense) + " |",
+        "| --- |" + " ---: |" * len(dense),
+    ]
+    seen = set()
+    for row in result["rows"]:
+        shape = row["shape"]
+        if shape["name"] in seen:
+            continue
+        seen.add(shape["name"])
+        macs = shape["rows"] * shape["cols"] * shape["m"]
+        cells = []
+        for method in dense:
+            rate = 2 * macs / (row["ms"][method] / 1e3) / 1e9
+            cells.append(f"{rate:.1f} ({rate / peak:.0%})")
+        lines.append(f"| {shape['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_results(table: str, result: dict) -> None:
     """Replace the `## Kernels` section of RESULTS.md (to the next `## ` or the end)."""
     m = result["machine"]
@@ -296,7 +365,9 @@ def write_results(table: str, result: dict) -> None:
         "machine absolute rates are pessimistic and noisy; compare within a row. Rates are "
         "effective GFLOP/s (2 x nonzero "
         "MACs / time) for every method; speedups are our dense kernel's time over the "
-        "method's. scipy and torch.sparse get the same block-sparse matrix as CSR.\n\n"
+        "method's. scipy and torch.sparse get the same block-sparse matrix as CSR. This core's "
+        f"FMA peak, one thread, measured (`peak_gflops`): {result['peak_gflops']:.1f} GFLOP/s; "
+        "'of peak' is our sparse kernel's effective rate over it.\n\n"
         f"{table}\n"
     )
     replace_section(SECTION, section)
@@ -334,8 +405,11 @@ def main() -> None:
         shapes, sparsities = SHAPES, SPARSITIES
         min_ms, repeats = args.min_ms, args.repeats
     load_avg = os.getloadavg()[0]
+    peak = peak_gflops(min_ms, repeats)
     rows = run_grid(shapes, sparsities, BLOCKS, min_ms, repeats, args.passes)
+    peak = max(peak, peak_gflops(min_ms, repeats))
     result = {
+        "peak_gflops": peak,
         "machine": machine(),
         "load_avg": load_avg,
         "repeats": repeats,
