@@ -4,6 +4,7 @@ and torch.sparse, per shape x sparsity x block, one thread each.
 Shapes: MobileNetV2 1x1 convs (Y = W X, K = C_in, M = H * W) and a 512x512 Linear at batch 1
 and 64. Every rate is *effective* GFLOP/s: 2 x nonzero MACs / time, whatever the method
 computes, so rates compare directly; "speedup" is our dense kernel's time / the method's time.
+The core's one-thread FMA peak is measured too (`peak_gflops`), and rates are set against it.
 Writes benchmarks/out/kernels.json and the table into benchmarks/RESULTS.md (## Kernels).
 Run alone on a quiet machine: ``python benchmarks/kernels.py [--quick]``.
 """
