@@ -20,7 +20,9 @@ import psutil
 EMULATED_KEY = "qemu-aarch64-shared-test"
 
 
-def hwnas(*args: str, timeout: float = 900, env: dict[str, str] | None = None):
+def hwnas(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`hwnas ARGS...` in a fresh process (in environment `env`, default this one's), its
     output captured."""
     return subprocess.run(
