@@ -35,11 +35,9 @@ from compile.kernels import (  # noqa: E402
     _ON_STACK,
     BUILD_CONFIG,
     Kernel,
-    KernelSpec,
-    matmul_kernel,
     vector_unit,
 )
-from compile.rewrite import _dense_candidate  # noqa: E402
+from compile.rewrite import _dense_candidate, _sparse_candidate  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -185,15 +183,15 @@ def dense_baselines(
 def sparse_times(
     shape: Shape, w: np.ndarray, block, min_ms: float, repeats: int, rng
 ) -> tuple[dict[str, float], Callable[[], float]]:
-    """Seconds per call of the sparse methods on W, and a timer of our sparse kernel."""
+    """Seconds per call of the sparse methods on W, and a timer of our sparse kernel (the one
+    a build gives the layer: `compile.rewrite._sparse_candidate`)."""
     import scipy.sparse
 
     x = rng.standard_normal((1, shape.cols, shape.m)).astype(np.float32)
-    bsr = to_bsr(w, block)
-    spec = KernelSpec(1, shape.rows, shape.cols, shape.m, bsr.block, bsr.block_rows)
-    kernel = matmul_kernel(spec, "x86", dense=False, num_cores=1, avx512=avx512())
-    inputs = [x, bsr.data, bsr.indices, bsr.indptr, np.zeros(shape.rows, np.float32)]
-    ours_timer = tvm_timer(kernel, inputs, (1, shape.rows, shape.m), min_ms, repeats)
+    bias = np.zeros(shape.rows, np.float32)
+    ours = _sparse_candidate(w, to_bsr(w, block), bias, 1, shape.m, "none", "x86", 1, avx512())
+    inputs = [x, *ours.constants]
+    ours_timer = tvm_timer(ours.kernel, inputs, (1, shape.rows, shape.m), min_ms, repeats)
     times = {"ours sparse": ours_timer()}
     csr = scipy.sparse.csr_matrix(w)
     x2 = np.ascontiguousarray(x[0])

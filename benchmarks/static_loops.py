@@ -29,8 +29,8 @@ from e2e import machine
 from kernels import BLOCKS, OUT, SHAPES, Shape, block_sparse_weight, replace_section
 
 from compile.bsr import to_bsr
-from compile.kernels import BUILD_CONFIG, KernelSpec, matmul_kernel
-from compile.rewrite import _dense_candidate
+from compile.kernels import BUILD_CONFIG, matmul_kernel
+from compile.rewrite import _dense_candidate, _sparse_candidate
 
 SECTION = "## Inner loops, estimated"
 
@@ -148,10 +148,10 @@ def one_shape(shape: Shape, core: Core) -> list[dict]:
     dense_cpl, _ = cycles_per_lane(dense_kernel, core)
     rows = []
     for block in BLOCKS:
-        bsr = to_bsr(block_sparse_weight(shape, 0.9, block, rng), block)
-        spec = KernelSpec(1, shape.rows, shape.cols, shape.m, block, bsr.block_rows)
-        kernel = matmul_kernel(spec, core.family, dense=False, num_cores=1, avx512=core.avx512)
-        cpl, size = cycles_per_lane(kernel, core)
+        w = block_sparse_weight(shape, 0.9, block, rng)
+        args = (1, shape.m, "none", core.family, 1, core.avx512)
+        sparse = _sparse_candidate(w, to_bsr(w, block), bias, *args)  # the kernel a build uses
+        cpl, size = cycles_per_lane(sparse.kernel.func(), core)
         rows.append(
             {
                 "shape": shape.name,

@@ -479,6 +479,8 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         info["unfused_ms"] = layer.fusion_ms["unfused"]
     if layer.spec is not None and layer.spec.kept_rows:  # channel-pruned, rebuilt smaller
         info["kept_rows"] = int(layer.constants[1].size)
+    if layer.spec is not None and layer.spec.by_column:  # 1 x c blocks walked by column
+        info["by_column"] = True
     if layer.bsr is not None:
         rows, cols = layer.bsr.rows, layer.bsr.cols
         info["block"] = list(layer.bsr.block)

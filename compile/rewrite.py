@@ -23,6 +23,7 @@ from compile.kernels import (
     KernelSpec,
     dense_block_rows,
     dense_matvec_rows,
+    takes_by_column,
 )
 from compile.objects import kernel_object
 
@@ -367,7 +368,6 @@ def plan_rewrite(
             plans.append(plan)
             continue
         matrix = weight.reshape(rows, -1)
-        cols = matrix.shape[1]
         maps: tuple = (None, None, False)
         if kind == "conv":
             batch, m = geometry.batch, geometry.out_height * geometry.out_width
@@ -389,13 +389,9 @@ def plan_rewrite(
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
                 sparse_candidate = _kept_rows_candidate(matrix, dense, num_cores)
                 if sparse_candidate is None:
-                    spec = KernelSpec(
-                        batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps
+                    sparse_candidate = _sparse_candidate(
+                        matrix, bsr, bias, batch, m, activation, family, num_cores, avx512, maps
                     )
-                    cores = _cores(num_cores, batch * bsr.data.size * m)
-                    kernel = Kernel("sparse", family, spec, num_cores=cores, avx512=avx512)
-                    consts = [bsr.data, bsr.indices, bsr.indptr, bias]
-                    sparse_candidate = KernelCandidate(kernel, consts, spec)
                 density = float(np.count_nonzero(matrix)) / matrix.size
                 choice = chooser.choose(sparse_candidate, dense, density)
                 if choice.impl == "sparse":
@@ -447,7 +443,9 @@ def _fuse_expand_depthwise(
         ):
             continue
         csr = to_bsr(bsr_to_dense(ex.bsr), (1, 1))
-        spec = replace(ex.spec, block=(1, 1), block_rows=ex.spec.rows, kept_rows=False)
+        spec = replace(
+            ex.spec, block=(1, 1), block_rows=ex.spec.rows, kept_rows=False, by_column=False
+        )
         bias = ex.constants[-1]
         constants = [csr.data.reshape(-1), csr.indices, csr.indptr, bias, *dw.constants]
         macs = _depthwise_macs(dw.geometry) + spec.batch * csr.data.size * spec.m
@@ -541,6 +539,32 @@ def _dense_candidate(
         consts = [pack_dense(matrix, nr), bias]
         spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation, *maps)
     kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
+    return KernelCandidate(kernel, consts, spec)
+
+
+def _sparse_candidate(
+    matrix: np.ndarray,
+    bsr: BsrWeight,
+    bias: np.ndarray,
+    batch: int,
+    m: int,
+    activation: str,
+    family: str,
+    num_cores: int | None,
+    avx512: bool,
+    maps: tuple = (None, None, False),
+) -> KernelCandidate:
+    """The sparse kernel for W (rows x cols) in BSR form `bsr`, walked by block row, or by
+    column block (`takes_by_column`: then on W^T's BSR)."""
+    rows, cols = matrix.shape
+    spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
+    consts = [bsr.data, bsr.indices, bsr.indptr, bias]
+    if takes_by_column(spec, bsr.indices.size, family, avx512):
+        by_column = to_bsr(np.ascontiguousarray(matrix.T), bsr.block[::-1])
+        spec = replace(spec, block_rows=by_column.block_rows, by_column=True)
+        consts = [by_column.data, by_column.indices, by_column.indptr, bias]
+    cores = _cores(num_cores, batch * bsr.data.size * m)
+    kernel = Kernel("sparse", family, spec, num_cores=cores, avx512=avx512)
     return KernelCandidate(kernel, consts, spec)
 
 

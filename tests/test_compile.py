@@ -7,7 +7,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -27,10 +27,17 @@ from compile.kernels import (
     KernelSpec,
     choose_tiling,
     sparse_matmul_kernel,
+    takes_by_column,
     takes_columns,
 )
 from compile.objects import load_kernel, prune
-from compile.rewrite import RewritePlan, _dense_candidate, deploy_copy, fold_batchnorm
+from compile.rewrite import (
+    RewritePlan,
+    _dense_candidate,
+    _sparse_candidate,
+    deploy_copy,
+    fold_batchnorm,
+)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,59 @@ def test_columns_kernel_matches_numpy(block, sparsity, batch, m, avx512):
     _check_kernel(block, sparsity, batch, m, "relu6", avx512)
 
 
+@pytest.mark.parametrize(
+    ("block", "sparsity", "batch", "hw", "activation", "residual"),
+    [
+        ((1, 4), 0.3, 2, (7, 7), "relu6", False),  # K = 37: the last column block overhangs
+        ((1, 8), 0.0, 1, (5, 6), "none", False),  # M = 30: a 16-wide tile and a 14-wide rest
+        ((1, 4), 0.5, 1, (14, 14), "relu", True),  # 4-D tensors, a residual, two cores
+    ],
+)
+def test_by_column_kernel_matches_numpy(block, sparsity, batch, hw, activation, residual):
+    """1 x c blocks walked by column block (`bsc_matmul_cpu`) on a 53 x 37 W with empty rows
+    and an empty column block, the layer's conv tensors as they are."""
+    rng = np.random.default_rng(4)
+    gen = torch.Generator().manual_seed(5)
+    w = rng.standard_normal((53, 37)).astype(np.float32)
+    w *= _mask(w.shape, sparsity, block, gen).numpy()
+    w[16:32] = 0
+    w[:, 8:16] = 0
+    m = hw[0] * hw[1]
+    x = rng.standard_normal((batch, 37, *hw)).astype(np.float32)
+    r = rng.standard_normal((batch, 53, *hw)).astype(np.float32)
+    bias = rng.standard_normal(53).astype(np.float32)
+    cand = _sparse_candidate(
+        w, to_bsr(w, block), bias, batch, m, activation, "x86", 2, False, (hw, hw, residual)
+    )
+    assert cand.spec.by_column
+    func = cand.kernel.func()
+    lib = tvm.compile(func, target=HOST.target)
+    dev = tvm.cpu()
+    inputs = [x, *cand.constants] + ([r] if residual else [])
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    out = tvm.runtime.tensor(np.full((batch, 53, *hw), np.nan, np.float32), dev)
+    lib[str(func.attrs["global_symbol"])](*args, out)
+    want = np.einsum("nk,bkm->bnm", w, x.reshape(batch, 37, m)) + bias[None, :, None]
+    want = {"none": want, "relu": np.maximum(want, 0), "relu6": np.clip(want, 0, 6)}[activation]
+    if residual:
+        want = want + r.reshape(batch, 53, m)
+    got = out.numpy().reshape(batch, 53, m)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_by_column_rule():
+    """1 x 4 and 1 x 8 blocks at M > 1 with at least c blocks a column block on average."""
+    spec = KernelSpec(1, 64, 96, 196, (1, 4), 64)
+    assert takes_by_column(spec, 4 * 24, "x86", False)
+    assert not takes_by_column(spec, 4 * 24 - 1, "x86", False)  # too few blocks
+    assert not takes_by_column(replace(spec, m=4), 96, "x86", False)  # M under a vector
+    assert not takes_by_column(replace(spec, block=(1, 2)), 4 * 48, "x86", False)
+    assert not takes_by_column(replace(spec, block=(4, 1)), 4 * 24, "x86", False)
+    assert not takes_by_column(spec, 4 * 24, "cuda")
+    assert not takes_by_column(replace(spec, rows=4096), 4096 * 24, "x86", False)  # scratch
+    assert takes_by_column(replace(spec, block=(1, 8)), 8 * 12, "arm")
+
+
 # ---------------------------------------------------------------- whole builds
 
 
@@ -232,6 +292,8 @@ def test_sparse_1x1_conv_matches_torch(sparsity, batch, block):
         info = compiled.kernels["0"]
         assert info["activation"] == "relu" and info["fused_bias"]
         assert tuple(info["block"]) == block
+        # 1x4 at 90% on 53 rows: about 5 blocks a column block, walked by column block
+        assert info.get("by_column", False) == (block == (1, 4))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
