@@ -120,6 +120,7 @@ class KernelChooser:
         bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
         shape = f"{spec.batch}x{spec.rows}x{spec.cols}x{spec.m}"
         block = f"{spec.block[0]}x{spec.block[1]}" + ("-kept-rows" if spec.kept_rows else "")
+        block += "-by-column" if spec.by_column else ""
         return f"v{KERNEL_VERSION}|{target_key(self.target)}|{shape}|{block}|{bucket}"
 
     def _time(self, candidate: KernelCandidate) -> float:

@@ -559,7 +559,7 @@ def _sparse_candidate(
     rows, cols = matrix.shape
     spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
     consts = [bsr.data, bsr.indices, bsr.indptr, bias]
-    if takes_by_column(spec, bsr.indices.size, family, avx512):
+    if takes_by_column(spec, bsr.nnz_blocks, family, avx512):
         by_column = to_bsr(np.ascontiguousarray(matrix.T), bsr.block[::-1])
         spec = replace(spec, block_rows=by_column.block_rows, by_column=True)
         consts = [by_column.data, by_column.indices, by_column.indptr, bias]
