@@ -934,7 +934,7 @@ def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -
 # the c rows are loaded once into registers for all the column block's blocks. AVX2,
 # interleaved against the row walk on the kernel grid's M > 1 shapes (50-95%): 1x4 1.06-2.04x
 # from 4.8 blocks a column block on (at 1.2-3.2 blocks 0.25-1.04x), 1x8 1.13-1.83x from 7.2
-# on (0.88-0.99x at 4.8-6.4); 1x2 lost up to 0.76x at 4.8-25.6 blocks and is left out.
+# on (0.88-0.99x at 4.8-6.4). 1x2 is left out: 1.05-1.71x at 50-70% but 0.76-0.96x at 80-95%.
 BY_COLUMN_BLOCKS = (4, 8)
 # Its N x tile accumulators live on the stack, and in L1 up to 32 KB.
 BY_COLUMN_MAX_SCRATCH = 64 * 1024
