@@ -268,6 +268,17 @@ def _sum_copies(acc_buf, rows, copies, width, lanes):
 
 
 @T.macro
+def _over_copies(op, args, lo, count, copies):
+    """`op(*args, lo + e, h)` for e = 0 .. count - 1: consecutive terms into copies h = 0 ..
+    copies - 1 of the accumulators (independent FMA chains), the rest into copy 0."""
+    for q in range(count // copies):
+        for h in T.unroll(copies):
+            op(*args, lo + q * copies + h, h)
+    for r in range(count % copies):
+        op(*args, lo + count // copies * copies + r, 0)
+
+
+@T.macro
 def _store_piece(acc_buf, res_buf, y_buf, tb, r, i, m0, epilogue, off, lanes):
     for j in T.vectorized(lanes):
         y_buf[tb, r, m0 + off + j] = _finish(
@@ -352,9 +363,10 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     CH = _copies(SR, MT, L)
 
     @T.macro
-    def block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, ch, h):
-        """Block p's FMAs into copy h of the accumulators (its column c into copy c % ch
+    def block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, ch, index, h):
+        """Block `index`'s FMAs into copy h of the accumulators (its column c into copy c % ch
         when ch divides the block's columns)."""
+        p = T.bind(index)
         k0 = T.bind(w_indices[p])
         for c in T.unroll(BC):
             for i in T.unroll(SR):
@@ -398,22 +410,22 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             # A zero-based loop plus an offset: a non-zero range start inside a parallel body
             # miscompiled once (TVM_NOTES.md).
             for p0 in range(n_p):
-                p = T.bind(p_lo + p0)
-                block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, 1, 0)
+                block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, 1, p_lo + p0, 0)
         else:
             _zero_copies(acc_buf, SR, ch, width, L)
             if BC % ch == 0:
                 for p0 in range(n_p):
-                    p = T.bind(p_lo + p0)
-                    block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, ch, 0)
+                    block_fmas(
+                        acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, ch, p_lo + p0, 0
+                    )
             else:
-                for q in range(n_p // ch):
-                    for h in T.unroll(ch):
-                        p = T.bind(p_lo + q * ch + h)
-                        block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, ch, h)
-                for r in range(n_p % ch):
-                    p = T.bind(p_lo + n_p // ch * ch + r)
-                    block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, p, m0, width, ch, 0)
+                _over_copies(
+                    block_fmas,
+                    (acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, ch),
+                    p_lo,
+                    n_p,
+                    ch,
+                )
             _sum_copies(acc_buf, SR, ch, width, L)
         _store_tile(acc_buf, r_buf, y_buf, tb, row0, m0, SR, width, L, N, epilogue, guard, None)
 
@@ -554,11 +566,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, k, 0)
         else:
             _zero_copies(acc_buf, BR, ch, width, L)
-            for q in range(K // ch):
-                for h in T.unroll(ch):
-                    k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, q * ch + h, h)
-            for r in range(K % ch):
-                k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, K // ch * ch + r, 0)
+            _over_copies(k_fmas, (acc_buf, x_buf, w_data, tb, trb, m0, width), 0, K, ch)
             _sum_copies(acc_buf, BR, ch, width, L)
         _store_tile(
             acc_buf,
@@ -907,11 +915,7 @@ def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -
                     n_p = T.bind(indptr[rb + 1] - p_lo)
                     for i in T.unroll(CH * MC):
                         _in_pieces(_zero_piece, (acc, i), BR, L)
-                    for q in range(n_p // CH):
-                        for h in T.unroll(CH):
-                            block(acc, data, indices, X, b, p_lo + q * CH + h, h)
-                    for r in range(n_p % CH):
-                        block(acc, data, indices, X, b, p_lo + n_p // CH * CH + r, 0)
+                    _over_copies(block, (acc, data, indices, X, b), p_lo, n_p, CH)
                     _sum_copies(acc, MC, CH, BR, L)
                     row0 = T.bind(rb * BR)
                     if row0 + BR <= N:
@@ -984,11 +988,6 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
 
     @T.macro
-    def bias_piece(acc_buf, bias_buf, i, off, lanes):
-        for j in T.vectorized(lanes):
-            acc_buf[i, off + j] = bias_buf[i]
-
-    @T.macro
     def x_piece(xr_buf, x_buf, tb, k, c, m0, off, lanes):
         for j in T.vectorized(lanes):
             xr_buf[c, off + j] = x_buf[tb, k, m0 + off + j]
@@ -999,18 +998,11 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
             acc_buf[i, off + j] = acc_buf[i, off + j] + _column_sum(w_data, xr_buf, p, off + j, BC)
 
     @T.macro
-    def out_piece(acc_buf, r_buf, y_buf, tb, i, m0, off, lanes):
-        for j in T.vectorized(lanes):
-            y_buf[tb, i, m0 + off + j] = _finish(
-                acc_buf[i, off + j], r_buf[tb, i, m0 + off + j], epilogue
-            )
-
-    @T.macro
     def tile_fn(
         acc_buf, xr_buf, x_buf, w_data, w_indices, w_indptr, bias_buf, r_buf, y_buf, tb, m0, width
     ):
         for i in range(N):
-            _in_pieces(bias_piece, (acc_buf, bias_buf, i), width, L)
+            _in_pieces(_bias_piece, (acc_buf, bias_buf, i, i), width, L)
         for cb in range(NCB):
             for c in T.unroll(BC):
                 if cb * BC + c < K:  # the last column block may overhang K (zero weights)
@@ -1023,7 +1015,7 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
                 i = T.bind(w_indices[p])
                 _in_pieces(block_piece, (acc_buf, xr_buf, w_data, i, p), width, L)
         for i in range(N):
-            _in_pieces(out_piece, (acc_buf, r_buf, y_buf, tb, i, m0), width, L)
+            _in_pieces(_store_piece, (acc_buf, r_buf, y_buf, tb, i, i, m0, epilogue), width, L)
 
     XS, YS = _io_shapes(spec, K, N)
 

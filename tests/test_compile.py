@@ -128,11 +128,18 @@ def _run_kernel(w, x, bias, block, activation, avx512=True):
     batch, k, m = x.shape
     spec = KernelSpec(batch, w.shape[0], k, m, bsr.block, bsr.block_rows, activation)
     kernel = sparse_matmul_kernel(spec, "x86", num_cores=2, avx512=avx512)  # bsr_matvec: m == 1
-    lib = tvm.compile(kernel, target=HOST.target)
+    inputs = (x, bsr.data, bsr.indices, bsr.indptr, bias)
+    return _call_kernel(kernel, inputs, (batch, w.shape[0], m))
+
+
+def _call_kernel(func, inputs, out_shape) -> np.ndarray:
+    """Build kernel `func` for this host and run it on `inputs`; its output (NaN where it
+    wrote nothing)."""
+    lib = tvm.compile(func, target=HOST.target)
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (x, bsr.data, bsr.indices, bsr.indptr, bias)]
-    out = tvm.runtime.tensor(np.full((batch, w.shape[0], m), np.nan, np.float32), dev)
-    lib[str(kernel.attrs["global_symbol"])](*args, out)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    out = tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32), dev)
+    lib[str(func.attrs["global_symbol"])](*args, out)
     return out.numpy()
 
 
@@ -233,18 +240,13 @@ def test_by_column_kernel_matches_numpy(block, sparsity, batch, hw, activation, 
         w, to_bsr(w, block), bias, batch, m, activation, "x86", 2, False, (hw, hw, residual)
     )
     assert cand.spec.by_column
-    func = cand.kernel.func()
-    lib = tvm.compile(func, target=HOST.target)
-    dev = tvm.cpu()
     inputs = [x, *cand.constants] + ([r] if residual else [])
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
-    out = tvm.runtime.tensor(np.full((batch, 53, *hw), np.nan, np.float32), dev)
-    lib[str(func.attrs["global_symbol"])](*args, out)
+    out = _call_kernel(cand.kernel.func(), inputs, (batch, 53, *hw))
     want = np.einsum("nk,bkm->bnm", w, x.reshape(batch, 37, m)) + bias[None, :, None]
     want = {"none": want, "relu": np.maximum(want, 0), "relu6": np.clip(want, 0, 6)}[activation]
     if residual:
         want = want + r.reshape(batch, 53, m)
-    got = out.numpy().reshape(batch, 53, m)
+    got = out.reshape(batch, 53, m)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
