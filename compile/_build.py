@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -22,7 +23,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm.support import cc
 from tvm.target import codegen
 
-from compile.choose import KernelChooser
+from compile.choose import DeviceTimingFailed, KernelChooser, TimingJob
 from compile.errors import CompileError, OutputMismatch
 from compile.kernels import BUILD_CONFIG
 from compile.layers import layer_calls, layer_output, run_layer_calls
@@ -42,6 +43,8 @@ RTOL = 1e-4
 # Absolute tolerance as a share of the largest expected magnitude (summation order differs).
 ATOL_SCALE = 1e-4
 SPARSE_FAMILIES = ("x86", "arm", "cuda")
+# Rounds of timing on the device per build (see `build`).
+MAX_DEVICE_ROUNDS = 3
 
 
 @dataclass
@@ -56,8 +59,8 @@ class CompiledModel:
     dense_layers: list[str]
     dense_reasons: dict[str, str]
     # Per Conv2d/Linear: impl (sparse | dense | depthwise | tvm-default), kind, activation,
-    # fused_bias; sparse layers also block, nnz_blocks, density and, when timed on this host,
-    # sparse_ms / dense_ms (the per-layer choice between the two kernels).
+    # fused_bias; sparse layers also block, nnz_blocks, density and, when timed (on this host
+    # or on the device), sparse_ms / dense_ms (the per-layer choice between the two kernels).
     kernels: dict[str, dict[str, Any]]
     compile_seconds: float
     output_shape: tuple[int, ...]
@@ -162,16 +165,11 @@ class CompiledModel:
         if not self.layer_plans:
             raise CompileError("no layer of this model runs on our kernels: nothing to time")
         rng = np.random.default_rng(seed)
-        objects: dict[str, Path] = {}  # CPU: symbol -> object file
-        kernels: dict[Any, str] = {}  # CUDA: kernel -> symbol
+        kernels: dict[Any, str] = {}  # kernel -> symbol
 
         def symbol_of(kernel) -> str:
-            if self.family == "cuda":
-                kernels[kernel] = symbol_for(kernel, self.target)
-                return kernels[kernel]
-            obj = kernel_object(kernel, self.target)
-            objects[obj.symbol] = obj.path
-            return obj.symbol
+            kernels[kernel] = symbol_for(kernel, self.target)
+            return kernels[kernel]
 
         calls: dict[str, list[KernelCall]] = {}
         for plan in self.layer_plans:
@@ -187,18 +185,7 @@ class CompiledModel:
                     f"not the layer's {plan.input_shape}"
                 )
             calls[plan.name] = layer_calls(plan, x, symbol_of, rng)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fcompile = _cross_fcompile(self.cross_compiler)
-        try:
-            with _native_warnings_silenced():
-                if kernels:
-                    built = build_kernels(kernels, self.target)
-                    built.export_library(str(path), fcompile=fcompile)
-                else:
-                    (fcompile or cc.create_shared)(str(path), [str(p) for p in objects.values()])
-        except Exception as exc:  # the system or cross compiler failed
-            raise CompileError(f"linking {path} failed: {str(exc).splitlines()[0]}") from exc
+        link_kernels(kernels, self.target, self.cross_compiler, path)
         return calls
 
     def _host_lib(self) -> str:
@@ -207,6 +194,48 @@ class CompiledModel:
             path = self.export_library(Path(self._workdir.name) / "model.so")
             self._library = path
         return str(self._library)
+
+
+def link_kernels(kernels: Mapping[Any, str], target, cross_compiler: str | None, path) -> Path:
+    """Write `kernels` ({Kernel: symbol}, symbols from `symbol_for`) as one shared library for
+    `target`: on a CPU their cached object files linked (cross-compiled when
+    `cross_compiler` says so), on CUDA built together into one module."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fcompile = _cross_fcompile(cross_compiler)
+    try:
+        with _native_warnings_silenced():
+            if target.kind.name == "cuda":
+                built = build_kernels(dict(kernels), target)
+                built.export_library(str(path), fcompile=fcompile)
+            else:
+                objects = [str(kernel_object(kernel, target).path) for kernel in kernels]
+                (fcompile or cc.create_shared)(str(path), objects)
+    except Exception as exc:  # the system or cross compiler failed
+        raise CompileError(f"linking {path} failed: {str(exc).splitlines()[0]}") from exc
+    return path
+
+
+def _time_on_device(jobs: dict[str, TimingJob], profile, tracker, target) -> dict[str, float]:
+    """ms per call of each job on `profile`'s device: the kernels linked into one library,
+    uploaded once and timed in one session (`hw_profiles.measure.measure_layers`)."""
+    from hw_profiles.measure import measure_layers
+
+    rng = np.random.default_rng(0)
+    symbols = {job[0]: symbol_for(job[0], target) for job in jobs.values()}
+    calls = {
+        name: [KernelCall(symbols[kernel], (rng.standard_normal(x).astype(np.float32), *c), y)]
+        for name, (kernel, c, x, y) in jobs.items()
+    }
+    with tempfile.TemporaryDirectory(prefix="hwnas-choose-") as tmp:
+        try:
+            lib = link_kernels(symbols, target, profile.cross_compiler, Path(tmp) / "kernels.so")
+        except CompileError as exc:
+            raise DeviceTimingFailed(str(exc)) from exc
+        times = measure_layers(lib, calls, profile, tracker)
+    if not times.ok:
+        raise DeviceTimingFailed(times.error)
+    return times.ms
 
 
 @contextlib.contextmanager
@@ -323,14 +352,17 @@ def build(
     *,
     check: bool = True,
     kernel_choice: str = "auto",
+    tracker=None,
 ):
     """Compile `model` for `profile`: every Conv2d/Linear through our scheduled kernels (sparse
     layers through the faster of their sparse and dense kernels), BatchNorm folded.
 
-    `kernel_choice` "auto" times both kernels of each sparse layer on host-runnable targets
-    (cached, see `compile.choose`); "sparse" or "dense" forces one. With `check`, the built
-    library is run on `example_input` and compared with torch (rtol 1e-4); `OutputMismatch`
-    names the worst element and sparse layer when they differ.
+    `kernel_choice` "auto" times both kernels of each sparse layer on host-runnable targets,
+    and on other targets on `profile`'s device through `tracker` (a `hw_profiles.rpc.Tracker`;
+    not on an emulated board, whose times are no figures), cached (see `compile.choose`);
+    "sparse" or "dense" forces one. With `check`, the built library is run on
+    `example_input` and compared with torch (rtol 1e-4); `OutputMismatch` names the worst
+    element and sparse layer when they differ.
     """
     start = time.perf_counter()
     family = profile.family
@@ -339,8 +371,14 @@ def build(
             f"profile family {family!r} has no kernels; use an x86, arm or cuda profile"
         )
     target = _make_target(profile)
+    runnable = local_device(target) is not None
+    on_device = None
+    if tracker is not None and not runnable and not profile.emulated:
+        on_device = functools.partial(
+            _time_on_device, profile=profile, tracker=tracker, target=target
+        )
     try:
-        chooser = KernelChooser(target, local_device(target) is not None, kernel_choice)
+        chooser = KernelChooser(target, runnable, kernel_choice, on_device=on_device)
     except ValueError as exc:
         raise CompileError(str(exc)) from exc
     avx512 = family == "x86" and "avx512f" in _llvm_features(target)
@@ -372,17 +410,15 @@ def build(
         for name, module in deploy.named_modules()
         if isinstance(module, (nn.Conv2d, nn.Linear))
     ]
-    plan = plan_rewrite(
-        mod["main"],
-        weight_vars,
-        tensors,
-        layer_names,
-        sparse,
-        family,
-        _num_cores(target),
-        avx512,
-        chooser,
-    )
+    plan_args = (mod["main"], weight_vars, tensors, layer_names, sparse, family)
+    plan = plan_rewrite(*plan_args, _num_cores(target), avx512, chooser)
+    # Kernels to be timed on the device are timed together, then the layers planned again
+    # with their times (which can ask for more: a 1x1 conv found dense may fuse) or, when
+    # the device failed, with the density rule.
+    for _ in range(MAX_DEVICE_ROUNDS):
+        if not chooser.time_pending():
+            break
+        plan = plan_rewrite(*plan_args, _num_cores(target), avx512, chooser)
     mod, objects = apply_rewrite(mod, plan, target)
     by_var = {weight_vars[name]: tvm.runtime.tensor(tensors[name]) for name in weight_vars}
     mod = relax.transform.BindParams("main", by_var)(mod)

@@ -2,9 +2,11 @@
 
 On a target this host runs (its CPU, or its GPU for a CUDA target of at most the GPU's
 architecture) both kernels are built and timed here (a few quick repeats) and the faster one is
-kept, so a compiled candidate is never slower than its dense twin layer by layer.
-Times are cached in a JSON table keyed by (target, shape, block, density bucket) under
-`$HWNAS_CACHE` or `~/.cache/hwnas/`. Other targets use a density rule until they can be timed.
+kept, so a compiled candidate is never slower than its dense twin layer by layer. On another
+target with a device to time on (`on_device`: a board reached through the RPC tracker), the
+kernels a model needs are timed there together (`time_pending`), all in one session. Times are
+cached in a JSON table keyed by (target, shape, block, density bucket) under `$HWNAS_CACHE` or
+`~/.cache/hwnas/`. Untimed, a layer goes sparse from `SPARSE_ABOVE` sparsity on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from compile.kernels import KERNEL_VERSION, Kernel, KernelSpec
 from compile.objects import cache_dir, load_kernel, target_key
 
 CHOICES = ("auto", "sparse", "dense")
-# Without timings (targets this host cannot run), a layer goes sparse at or above this sparsity.
+# Without timings (targets this host cannot run, and no device to time on), a layer goes sparse
+# at or above this sparsity.
 SPARSE_ABOVE = 0.7
 # Layers whose density falls in the same bucket of this width share a cached timing.
 DENSITY_BUCKET = 0.05
@@ -50,9 +54,18 @@ class Choice:
     reason: str = ""
 
 
+# One kernel call to time: (kernel, its constants after X, X's shape, Y's shape).
+TimingJob = tuple[Kernel, list[np.ndarray], tuple[int, ...], tuple[int, ...]]
+
+
+class DeviceTimingFailed(Exception):
+    """`KernelChooser.on_device` could not time the kernels (the message names the step)."""
+
+
 @dataclass
 class KernelChooser:
-    """Decides sparse vs dense per layer: forced, by timing on this host, or by density."""
+    """Decides sparse vs dense per layer: forced, by timing on this host or on the target's
+    device, or by density."""
 
     target: Any  # tvm.target.Target
     host_runnable: bool
@@ -60,6 +73,11 @@ class KernelChooser:
     repeats: int = 3
     min_repeat_ms: int = 2
     directory: Path | None = None
+    # Times jobs on the target's device: {name: job} -> {name: ms}, or DeviceTimingFailed.
+    on_device: Callable[[dict[str, TimingJob]], dict[str, float]] | None = None
+    # Table keys whose times `on_device` is to take, with their jobs by entry field.
+    pending: dict[str, dict[str, TimingJob]] = field(default_factory=dict, repr=False)
+    device_error: str | None = None
     _table: dict[str, dict[str, float]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,17 +92,11 @@ class KernelChooser:
         """The faster of the two kernels for one layer (see the module docstring)."""
         if self.mode != "auto":
             return Choice(self.mode, reason=f"kernel_choice={self.mode!r}")
-        if not self.host_runnable:
-            impl = "sparse" if 1.0 - density >= SPARSE_ABOVE - 1e-9 else "dense"
-            return Choice(impl, reason=f"density {density:.2f}, target not timed on this host")
-        key = self._key(sparse.spec, density)
-        entry = self._load().get(key)
+        jobs = {"sparse_ms": self._job(sparse), "dense_ms": self._job(dense)}
+        entry = self._entry(self._key(sparse.spec, density), jobs)
         if entry is None:
-            entry = {
-                "sparse_ms": self._time(sparse),
-                "dense_ms": self._time(dense),
-            }
-            self._save(key, entry)
+            impl = "sparse" if 1.0 - density >= SPARSE_ABOVE - 1e-9 else "dense"
+            return Choice(impl, reason=f"density {density:.2f}, {self._untimed()}")
         impl = "sparse" if entry["sparse_ms"] <= entry["dense_ms"] else "dense"
         return Choice(
             impl,
@@ -96,10 +108,11 @@ class KernelChooser:
     def time_fusion(self, fused: tuple, depthwise: tuple, shapes, density: float):
         """For a 1x1 conv that got its dense kernel and feeds only a depthwise conv: the times
         (ms) of the kernel that computes both (the 1x1 conv sparse, inside the depthwise conv)
-        and of the depthwise conv alone, as (fused, depthwise); None when not timed here.
+        and of the depthwise conv alone, as (fused, depthwise); None when not timed.
         `fused` and `depthwise`: (Kernel, constants); `shapes`: the 1x1 conv's input, the
-        depthwise conv's input and its output; `density`: the 1x1 conv's."""
-        if self.mode != "auto" or not self.host_runnable:
+        depthwise conv's input and its output; `density`: the 1x1 conv's. None also while the
+        times are pending for the device."""
+        if self.mode != "auto":
             return None
         x_shape, mid_shape, y_shape = shapes
         bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
@@ -107,14 +120,55 @@ class KernelChooser:
         # name the layer.
         sizes = "x".join(map(str, (*x_shape, *mid_shape[1:2])))
         key = f"v{KERNEL_VERSION}|{target_key(self.target)}|fused|{sizes}|{fused[0].key}|{bucket}"
-        entry = self._load().get(key)
-        if entry is None:
-            entry = {
-                "fused_ms": self._time_call(*fused, x_shape, y_shape),
-                "depthwise_ms": self._time_call(*depthwise, mid_shape, y_shape),
+        jobs = {
+            "fused_ms": (*fused, x_shape, y_shape),
+            "depthwise_ms": (*depthwise, mid_shape, y_shape),
+        }
+        entry = self._entry(key, jobs)
+        return None if entry is None else (entry["fused_ms"], entry["depthwise_ms"])
+
+    def time_pending(self) -> bool:
+        """Time the pending jobs on the device, all in one call of `on_device`, into the table.
+        True when there were any: plan again, to find their times or, when the device failed,
+        the density rule naming the failure (`device_error`)."""
+        if not self.pending:
+            return False
+        pending, self.pending = self.pending, {}
+        jobs = {
+            f"{i}:{name}": job
+            for i, key in enumerate(pending)
+            for name, job in pending[key].items()
+        }
+        try:
+            ms = self.on_device(jobs)
+        except DeviceTimingFailed as exc:
+            self.device_error = str(exc)
+            return True
+        self._save(
+            {
+                key: {name: ms[f"{i}:{name}"] for name in fields}
+                for i, (key, fields) in enumerate(pending.items())
             }
-            self._save(key, entry)
-        return entry["fused_ms"], entry["depthwise_ms"]
+        )
+        return True
+
+    def _entry(self, key: str, jobs: dict[str, TimingJob]) -> dict[str, float] | None:
+        """The table's times for `key`; else its jobs timed here now, or left pending for the
+        device (None until `time_pending`), or None when nothing can time them."""
+        entry = self._load().get(key)
+        if entry is None and self.host_runnable:
+            entry = {name: self._time_call(*job) for name, job in jobs.items()}
+            self._save({key: entry})
+        elif entry is None and self.on_device is not None and self.device_error is None:
+            self.pending[key] = jobs
+        return entry
+
+    def _untimed(self) -> str:
+        if self.device_error is not None:
+            return f"timing on the device failed ({self.device_error})"
+        if self.on_device is not None:
+            return "to be timed on the device"
+        return "target not timed on this host"
 
     def _key(self, spec: KernelSpec, density: float) -> str:
         bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
@@ -123,11 +177,11 @@ class KernelChooser:
         block += "-by-column" if spec.by_column else ""
         return f"v{KERNEL_VERSION}|{target_key(self.target)}|{shape}|{block}|{bucket}"
 
-    def _time(self, candidate: KernelCandidate) -> float:
+    @staticmethod
+    def _job(candidate: KernelCandidate) -> TimingJob:
         spec = candidate.spec
         residual = [np.zeros(spec.y_shape, np.float32)] if spec.residual else []
-        constants = [*candidate.constants, *residual]
-        return self._time_call(candidate.kernel, constants, spec.x_shape, spec.y_shape)
+        return candidate.kernel, [*candidate.constants, *residual], spec.x_shape, spec.y_shape
 
     def _time_call(self, kernel: Kernel, constants: list[np.ndarray], x_shape, y_shape) -> float:
         """ms per call of `kernel` on random X of `x_shape`, then `constants`, into Y."""
@@ -155,9 +209,9 @@ class KernelChooser:
                 self._table = {}
         return self._table
 
-    def _save(self, key: str, entry: dict[str, float]) -> None:
+    def _save(self, entries: dict[str, dict[str, float]]) -> None:
         table = self._load()
-        table[key] = entry
+        table.update(entries)
         try:  # merge with what other processes wrote meanwhile, then replace atomically
             table = {**json.loads(self.path.read_text()), **table}
         except (OSError, ValueError):

@@ -241,7 +241,7 @@ def _time_module(
     """Compiles `module` for the profile (checked against torch), measures it, returns ms."""
     module = module.eval()
     try:
-        compiled = hw_compile.build(module, example, profile, check=True)
+        compiled = hw_compile.build(module, example, profile, check=True, tracker=tracker)
     except hw_compile.CompileError as exc:
         raise UserError(f"cannot compile {what} for the latency table: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="hwnas-latency-") as tmp:

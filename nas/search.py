@@ -367,7 +367,7 @@ def evaluate_on_devices(model: torch.nn.Module, ctx: SearchContext, trial_dir: P
     for profile in ctx.profiles:
         out = trial_dir if len(ctx.profiles) == 1 else trial_dir / profile.name.replace("/", "-")
         started = time.perf_counter()
-        compiled = hw_compile.build(model, ctx.example, profile)
+        compiled = hw_compile.build(model, ctx.example, profile, tracker=ctx.tracker)
         lib = compiled.export_library(out / "model.so")
         compile_s = time.perf_counter() - started  # the dense twin is extra, not counted
         twin = None

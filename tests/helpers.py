@@ -144,3 +144,33 @@ def stop(*procs: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: fl
         except subprocess.TimeoutExpired:
             pass
         kill(proc)
+
+
+def small_sparse_net():
+    """A 3x3 conv (im2col + matmul), a depthwise conv, a sparse 1x1 conv fused into the
+    depthwise conv it feeds (75%, layer "4"), a sparse 1x1 conv alone (75%, "8") and a sparse
+    Linear (50%, "11"), in eval mode, for a (1, 3, 16, 16) input."""
+    import torch
+    from torch import nn
+
+    from search_spaces.ops import SparseConv2d, SparseLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU6(),
+        SparseConv2d(8, 16, 1, sparsity=0.75, pattern="block", block=(4, 1)),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16),
+        nn.ReLU(),
+        SparseConv2d(16, 12, 1, sparsity=0.75, pattern="block", block=(4, 1)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        SparseLinear(12, 10, sparsity=0.5, pattern="block", block=(1, 4)),
+    )
+    for module in model.modules():
+        if isinstance(module, (SparseConv2d, SparseLinear)):
+            module.update_mask()
+    return model.eval()

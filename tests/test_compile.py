@@ -20,7 +20,7 @@ from tvm.target import codegen
 import compile as hw_compile
 from compile._build import worst_layer
 from compile.bsr import block_fill, bsr_to_dense, choose_block, to_bsr
-from compile.choose import KernelChooser
+from compile.choose import KernelCandidate, KernelChooser
 from compile.kernels import (
     ConvGeometry,
     Kernel,
@@ -761,10 +761,15 @@ def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(tmp_
             assert compiled.sparse_layers == [] and "0" in compiled.dense_reasons
 
 
-def test_untimed_target_goes_sparse_above_the_threshold():
-    chooser = KernelChooser(tvm.target.Target(HOST.target), host_runnable=False)
-    assert chooser.choose(None, None, density=0.1).impl == "sparse"
-    assert chooser.choose(None, None, density=0.5).impl == "dense"
+def test_untimed_target_goes_sparse_above_the_threshold(tmp_path):
+    target = tvm.target.Target(HOST.target)
+    chooser = KernelChooser(target, host_runnable=False, directory=tmp_path)
+    spec = KernelSpec(1, 8, 8, 4, (4, 1), 2)
+    layer = KernelCandidate(Kernel("sparse", "x86", spec), [], spec)
+    assert chooser.choose(layer, layer, density=0.1).impl == "sparse"
+    chosen = chooser.choose(layer, layer, density=0.5)
+    assert chosen.impl == "dense" and "not timed on this host" in chosen.reason
+    assert not chooser.pending and not chooser.time_pending()
     with pytest.raises(ValueError, match="kernel_choice"):
         KernelChooser(tvm.target.Target(HOST.target), host_runnable=True, mode="fast")
 

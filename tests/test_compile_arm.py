@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import EMULATED_KEY
+from helpers import EMULATED_KEY, free_port, small_sparse_net
 from torch import nn
 
 import compile as hw_compile
 from compile.kernels import KernelSpec, choose_tiling
 from hw_profiles.profiles import load_profile
+from hw_profiles.rpc import Tracker
 from search_spaces.ops import SparseLinear
 from search_spaces.spaces import get_space
 
@@ -97,3 +100,57 @@ def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_
         assert compiled.sparse_layers == (["0", "2"] if choice == "sparse" else [])
         lib = compiled.export_library(tmp_path / f"{choice}{batch}.so")
         compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
+
+
+def _times(compiled) -> dict[str, tuple[float, float]]:
+    """Each sparse layer's (sparse_ms, dense_ms), for the layers whose kernels were timed."""
+    return {
+        name: (info["sparse_ms"], info["dense_ms"])
+        for name, info in compiled.kernels.items()
+        if "sparse_ms" in info
+    }
+
+
+@pytest.mark.arm
+def test_sparse_or_dense_is_timed_on_the_board(tmp_path, monkeypatch, emulated_board):
+    """On a board this machine cannot run, each sparse layer's sparse and dense kernels are
+    timed on the board (all in one session), kept in the table, and found there again without
+    the board. Without the board and the table, the density rule decides and says why."""
+    monkeypatch.setenv("HWNAS_CACHE", str(tmp_path / "cache"))
+    emulated = load_profile("arm/qemu-aarch64")
+    quick = dataclasses.replace(
+        emulated.protocol, warmup=1, min_repeat_ms=2.0, repeats=3, remeasure=0
+    )
+    # The emulated board served as a real one (an emulated board's times choose nothing).
+    board = dataclasses.replace(emulated, key=EMULATED_KEY, protocol=quick, emulated=False)
+    model, x = small_sparse_net(), torch.randn(1, 3, 16, 16)
+
+    compiled = hw_compile.build(model, x, board, tracker=emulated_board)
+    times = _times(compiled)
+    assert sorted(times) == ["11", "4", "8"]
+    assert all(sparse > 0 and dense > 0 for sparse, dense in times.values())
+    for name, (sparse, dense) in times.items():  # the faster kernel is kept
+        # (or the sparse one inside the depthwise conv it feeds, when that was timed faster)
+        fused = compiled.kernels.get(compiled.kernels[name].get("fused_into"), {})
+        assert (name in compiled.sparse_layers) == (sparse <= dense or "fused_ms" in fused)
+    table = json.loads((tmp_path / "cache" / "kernel_times.json").read_text())
+    assert sum('"aarch64-linux-gnu"' in key for key in table) >= 3
+    lib = compiled.export_library(tmp_path / "model.so")
+    compiled.check_remote(lib, board, emulated_board)
+
+    nobody = Tracker("127.0.0.1", free_port())  # no tracker listens there
+    again = hw_compile.build(model, x, board, tracker=nobody)
+    assert _times(again) == times and again.sparse_layers == compiled.sparse_layers
+
+    monkeypatch.setenv("HWNAS_CACHE", str(tmp_path / "empty-cache"))
+    started = time.perf_counter()
+    untimed = hw_compile.build(model, x, board, tracker=nobody)
+    assert time.perf_counter() - started < 60  # a refused connection is not waited on
+    assert _times(untimed) == {} and untimed.sparse_layers == ["4", "8"]  # 75%: sparse
+    assert "timing on the device failed" in untimed.dense_reasons["11"]
+    # An emulated board's times choose nothing: the density rule, and no session.
+    emulated_build = hw_compile.build(
+        model, x, dataclasses.replace(board, emulated=True), tracker=emulated_board
+    )
+    assert _times(emulated_build) == {}
+    assert "not timed on this host" in emulated_build.dense_reasons["11"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from helpers import EMULATED_KEY
+from helpers import EMULATED_KEY, small_sparse_net
 from torch import nn
 
 import compile as hw_compile
@@ -21,33 +21,8 @@ from compile.layers import layer_output, run_layer_calls
 from hw_profiles.measure import KernelCall, measure_layers
 from hw_profiles.profiles import Profile, load_profile
 from hw_profiles.rpc import Tracker, request_session, tracker_summary
-from search_spaces.ops import SparseConv2d, SparseLinear
 
 KEY = load_profile("x86-local").key  # conftest's `x86_device` serves it
-
-
-def _model() -> nn.Sequential:
-    """A 3x3 conv (im2col + matmul), a depthwise conv, a sparse 1x1 conv fused into the
-    depthwise conv it feeds, a sparse 1x1 conv alone and a sparse Linear."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8),
-        nn.ReLU6(),
-        SparseConv2d(8, 16, 1, sparsity=0.75, pattern="block", block=(4, 1)),
-        nn.ReLU6(),
-        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16),
-        nn.ReLU(),
-        SparseConv2d(16, 12, 1, sparsity=0.75, pattern="block", block=(4, 1)),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        SparseLinear(12, 10, sparsity=0.5, pattern="block", block=(1, 4)),
-    )
-    for module in model.modules():
-        if isinstance(module, (SparseConv2d, SparseLinear)):
-            module.update_mask()
-    return model.eval()
 
 
 def _quick(profile: Profile, key: str) -> Profile:
@@ -102,7 +77,7 @@ def _check_layers(compiled, model, x, calls, run) -> None:
 
 @pytest.fixture(scope="module")
 def built() -> tuple[nn.Module, torch.Tensor, hw_compile.CompiledModel]:
-    model = _model()
+    model = small_sparse_net()
     x = torch.randn(1, 3, 16, 16)
     compiled = hw_compile.build(model, x, load_profile("x86/local"), kernel_choice="sparse")
     return model, x, compiled
@@ -177,7 +152,7 @@ def test_cuda_layer_library_holds_every_layers_kernels(
     """On a CUDA target the layers' kernels are built into one library with their device
     code, for the profile's host (x86-64, or aarch64 on a Jetson); the calls are the same as
     on a CPU (run on a GPU: the `gpu` test below)."""
-    model, x = _model(), torch.randn(1, 3, 16, 16)
+    model, x = small_sparse_net(), torch.randn(1, 3, 16, 16)
     compiled = hw_compile.build(model, x, load_profile(profile_name), kernel_choice="sparse")
     path = tmp_path / "layers.so"
     calls = compiled.export_layer_library(path)
@@ -206,7 +181,7 @@ def test_layers_are_timed_on_the_gpu(tracker: Tracker, tmp_path: Path) -> None:
     """The CUDA layer library gives each layer's torch output on the GPU, and the local
     rpc_server (which serves this machine's GPU too) times every layer on it."""
     profile = _local_gpu_profile(KEY)
-    model, x = _model(), torch.randn(1, 3, 16, 16)
+    model, x = small_sparse_net(), torch.randn(1, 3, 16, 16)
     compiled = hw_compile.build(model, x, profile, kernel_choice="sparse")
     path = tmp_path / "layers.so"
     inputs = _layer_inputs(model, x, [plan.name for plan in compiled.layer_plans])
@@ -228,7 +203,7 @@ def test_layers_are_timed_on_the_emulated_arm_board(
     and every layer gets a time there."""
     key = EMULATED_KEY
     profile = _quick(load_profile("arm/qemu-aarch64"), key)
-    model, x = _model(), torch.randn(1, 3, 16, 16)
+    model, x = small_sparse_net(), torch.randn(1, 3, 16, 16)
     compiled = hw_compile.build(model, x, profile, kernel_choice="sparse")
     path = tmp_path / "layers.so"
     inputs = _layer_inputs(model, x, [plan.name for plan in compiled.layer_plans])
