@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import numpy as np
 import pytest
@@ -143,12 +142,10 @@ def test_sparse_or_dense_is_timed_on_the_board(tmp_path, monkeypatch, emulated_b
     assert _times(again) == times and again.sparse_layers == compiled.sparse_layers
 
     monkeypatch.setenv("HWNAS_CACHE", str(tmp_path / "empty-cache"))
-    started = time.perf_counter()
     untimed = hw_compile.build(model, x, board, tracker=nobody)
-    assert time.perf_counter() - started < 60  # a refused connection is not waited on
     assert _times(untimed) == {} and untimed.sparse_layers == ["4", "8"]  # 75%: sparse
     assert "timing on the device failed" in untimed.dense_reasons["11"]
-    # An emulated board's times choose nothing: the density rule, and no session.
+    # An emulated board's times choose nothing: the density rule.
     emulated_build = hw_compile.build(
         model, x, dataclasses.replace(board, emulated=True), tracker=emulated_board
     )
