@@ -410,15 +410,25 @@ def build(
         for name, module in deploy.named_modules()
         if isinstance(module, (nn.Conv2d, nn.Linear))
     ]
-    plan_args = (mod["main"], weight_vars, tensors, layer_names, sparse, family)
-    plan = plan_rewrite(*plan_args, _num_cores(target), avx512, chooser)
+    plan_args = (
+        mod["main"],
+        weight_vars,
+        tensors,
+        layer_names,
+        sparse,
+        family,
+        _num_cores(target),
+        avx512,
+        chooser,
+    )
+    plan = plan_rewrite(*plan_args)
     # Kernels to be timed on the device are timed together, then the layers planned again
     # with their times (which can ask for more: a 1x1 conv found dense may fuse) or, when
     # the device failed, with the density rule.
     for _ in range(MAX_DEVICE_ROUNDS):
         if not chooser.time_pending():
             break
-        plan = plan_rewrite(*plan_args, _num_cores(target), avx512, chooser)
+        plan = plan_rewrite(*plan_args)
     mod, objects = apply_rewrite(mod, plan, target)
     by_var = {weight_vars[name]: tvm.runtime.tensor(tensors[name]) for name in weight_vars}
     mod = relax.transform.BindParams("main", by_var)(mod)
