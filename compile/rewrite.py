@@ -24,6 +24,7 @@ from compile.kernels import (
     dense_block_rows,
     dense_matvec_rows,
     takes_by_column,
+    takes_narrow_indices,
 )
 from compile.objects import kernel_object
 
@@ -532,14 +533,25 @@ def _dense_candidate(
     if m == 1 or family != "cuda" and m <= MAX_COLUMNS:
         block = (1, 4) if family == "cuda" else (dense_matvec_rows(rows, family, avx512, m), 1)
         bsr = full_bsr(matrix, block)
-        consts = [bsr.data, bsr.indices, bsr.indptr, bias]
         spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
+        spec, consts = _bsr_arguments(spec, bsr, bias, family)
     else:
         nr = min(dense_block_rows(family, avx512), rows)
         consts = [pack_dense(matrix, nr), bias]
         spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation, *maps)
     kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
     return KernelCandidate(kernel, consts, spec)
+
+
+def _bsr_arguments(
+    spec: KernelSpec, bsr: BsrWeight, bias: np.ndarray, family: str
+) -> tuple[KernelSpec, list[np.ndarray]]:
+    """The spec and constants of a kernel walking `bsr` by block row: its indices as uint16
+    where the kernel takes them so (`takes_narrow_indices`)."""
+    if takes_narrow_indices(spec, family):
+        spec = replace(spec, narrow_indices=True)
+        return spec, [bsr.data, bsr.indices.astype(np.uint16), bsr.indptr, bias]
+    return spec, [bsr.data, bsr.indices, bsr.indptr, bias]
 
 
 def _sparse_candidate(
@@ -558,11 +570,12 @@ def _sparse_candidate(
     column block (`takes_by_column`: then on W^T's BSR)."""
     rows, cols = matrix.shape
     spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
-    consts = [bsr.data, bsr.indices, bsr.indptr, bias]
     if takes_by_column(spec, bsr.nnz_blocks, family, avx512):
         by_column = to_bsr(np.ascontiguousarray(matrix.T), bsr.block[::-1])
         spec = replace(spec, block_rows=by_column.block_rows, by_column=True)
         consts = [by_column.data, by_column.indices, by_column.indptr, bias]
+    else:
+        spec, consts = _bsr_arguments(spec, bsr, bias, family)
     cores = _cores(num_cores, batch * bsr.data.size * m)
     kernel = Kernel("sparse", family, spec, num_cores=cores, avx512=avx512)
     return KernelCandidate(kernel, consts, spec)

@@ -29,6 +29,7 @@ from compile.kernels import (
     sparse_matmul_kernel,
     takes_by_column,
     takes_columns,
+    takes_narrow_indices,
 )
 from compile.objects import load_kernel, prune
 from compile.rewrite import (
@@ -127,8 +128,11 @@ def _run_kernel(w, x, bias, block, activation, avx512=True):
     bsr = to_bsr(w, block)
     batch, k, m = x.shape
     spec = KernelSpec(batch, w.shape[0], k, m, bsr.block, bsr.block_rows, activation)
-    kernel = sparse_matmul_kernel(spec, "x86", num_cores=2, avx512=avx512)  # bsr_matvec: m == 1
-    inputs = (x, bsr.data, bsr.indices, bsr.indptr, bias)
+    indices = bsr.indices
+    if takes_narrow_indices(spec, "x86"):  # bsr_matvec (m == 1) reads them as uint16
+        spec, indices = replace(spec, narrow_indices=True), indices.astype(np.uint16)
+    kernel = sparse_matmul_kernel(spec, "x86", num_cores=2, avx512=avx512)
+    inputs = (x, bsr.data, indices, bsr.indptr, bias)
     return _call_kernel(kernel, inputs, (batch, w.shape[0], m))
 
 
@@ -196,6 +200,27 @@ def _check_kernel(block, sparsity, batch, m, activation, avx512=True):
     want = {"none": want, "relu": np.maximum(want, 0), "relu6": np.clip(want, 0, 6)}[activation]
     got = _run_kernel(w, x, bias, block, activation, avx512)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(("cols", "narrow"), [(65536, True), (65537, False)])
+def test_matvec_block_indices_as_uint16_while_they_fit(cols, narrow):
+    """At M == 1 the kernel reads its block indices as uint16 as long as every column start
+    fits one; a Linear with more inputs keeps int32 indices. Blocks at the last columns and
+    at the first, two to an AVX2 vector."""
+    rng = np.random.default_rng(5)
+    w = np.zeros((6, cols), np.float32)
+    for c in (0, 3, 1000, 40000, cols - 2, cols - 1):
+        w[:4, c] = rng.standard_normal(4)
+        w[4:, cols - 1 - c] = rng.standard_normal(2)
+    x = rng.standard_normal((1, cols, 1)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    cand = _sparse_candidate(w, to_bsr(w, (4, 1)), bias, 1, 1, "none", "x86", 2, False)
+    assert cand.spec.narrow_indices is narrow
+    assert cand.constants[1].dtype == (np.uint16 if narrow else np.int32)
+    assert int(cand.constants[1].max()) == cols - 1
+    got = _call_kernel(cand.kernel.func(), (x, *cand.constants), (1, 6, 1))
+    want = (w.astype(np.float64) @ x[0].astype(np.float64))[:, 0] + bias
+    np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize(
