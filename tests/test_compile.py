@@ -29,11 +29,11 @@ from compile.kernels import (
     sparse_matmul_kernel,
     takes_by_column,
     takes_columns,
-    takes_narrow_indices,
 )
 from compile.objects import load_kernel, prune
 from compile.rewrite import (
     RewritePlan,
+    _bsr_arguments,
     _dense_candidate,
     _sparse_candidate,
     deploy_copy,
@@ -128,12 +128,10 @@ def _run_kernel(w, x, bias, block, activation, avx512=True):
     bsr = to_bsr(w, block)
     batch, k, m = x.shape
     spec = KernelSpec(batch, w.shape[0], k, m, bsr.block, bsr.block_rows, activation)
-    indices = bsr.indices
-    if takes_narrow_indices(spec, "x86"):  # bsr_matvec (m == 1) reads them as uint16
-        spec, indices = replace(spec, narrow_indices=True), indices.astype(np.uint16)
+    # The arrays as a build passes them (uint16 indices for bsr_matvec, m == 1).
+    spec, consts = _bsr_arguments(spec, bsr, bias, "x86")
     kernel = sparse_matmul_kernel(spec, "x86", num_cores=2, avx512=avx512)
-    inputs = (x, bsr.data, indices, bsr.indptr, bias)
-    return _call_kernel(kernel, inputs, (batch, w.shape[0], m))
+    return _call_kernel(kernel, (x, *consts), (batch, w.shape[0], m))
 
 
 def _call_kernel(func, inputs, out_shape) -> np.ndarray:
