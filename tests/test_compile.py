@@ -163,6 +163,8 @@ def _call_kernel(func, inputs, out_shape) -> np.ndarray:
         # 1 x c blocks at M == 1: c rows' sums as one vector, 53 rows end in a partial group
         ((1, 4), 0.7, 3, 1, "relu6"),
         ((1, 8), 0.9, 2, 1, "none"),
+        ((1, 2), 0.5, 1, 1, "relu"),
+        ((1, 16), 0.6, 2, 1, "none"),  # 16 rows of 16 lanes summed (`_row_sums`), 3 + 5 rows
         # blocks smaller than a vector at M == 1: several to a vector, then the rest alone
         ((4, 1), 0.5, 1, 1, "none"),
         ((1, 1), 0.7, 2, 1, "relu"),

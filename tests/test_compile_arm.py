@@ -77,26 +77,28 @@ def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path, emulated_board):
 @pytest.mark.arm
 def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_board):
     """The matrix-vector kernel takes blocks narrower than a NEON register several to a vector
-    (unstructured 1x1: four; 2x1: two); their shuffles are NEON code only the board runs. The
-    dense layers' matrix-vector kernel and its columns variant take blocks of up to four
-    registers."""
+    (unstructured 1x1: four; 2x1: two), and sums 1x4 rows four at a time (`_row_sums`); their
+    shuffles are NEON code only the board runs. The dense layers' matrix-vector kernel and its
+    columns variant take blocks of up to four registers."""
     torch.manual_seed(5)
     model = nn.Sequential(
         SparseLinear(37, 64, sparsity=0.7, pattern="unstructured"),
         nn.ReLU(),
-        SparseLinear(64, 10, sparsity=0.6, pattern="block", block=(2, 1)),
+        SparseLinear(64, 20, sparsity=0.6, pattern="block", block=(2, 1)),
+        nn.ReLU(),
+        SparseLinear(20, 10, sparsity=0.5, pattern="block", block=(1, 4)),  # 2 groups + 2 rows
     )
-    for layer in (model[0], model[2]):
+    for layer in (model[0], model[2], model[4]):
         layer.update_mask()
     model.eval()
     profile = load_profile("arm/qemu-aarch64")
     remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
-    # Dense: W as an all-blocks BSR matrix, in 16 x 1 blocks (64 rows) and 4 x 1 (10 rows); at
-    # batch 3 through the matrix-vector kernel's columns variant.
+    # Dense: W as an all-blocks BSR matrix, in blocks one to four vectors tall; at batch 3
+    # through the matrix-vector kernel's columns variant.
     for choice, batch in (("sparse", 1), ("dense", 1), ("dense", 3)):
         x = torch.randn(batch, 37)
         compiled = hw_compile.build(model, x, profile, kernel_choice=choice)
-        assert compiled.sparse_layers == (["0", "2"] if choice == "sparse" else [])
+        assert compiled.sparse_layers == (["0", "2", "4"] if choice == "sparse" else [])
         lib = compiled.export_library(tmp_path / f"{choice}{batch}.so")
         compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
 
