@@ -36,7 +36,7 @@ from kernels import (
 import compile as hw_compile
 from compile.bsr import to_bsr
 from compile.kernels import Kernel, KernelSpec
-from compile.rewrite import _dense_candidate
+from compile.rewrite import LayerSite, _dense_candidate
 from hw_profiles.profiles import load_profile
 
 OUT = Path(__file__).parent / "out"
@@ -119,7 +119,7 @@ def dense_times(shape: Shape, batch: int, args, rng) -> dict[str, float]:
     w = rng.standard_normal((shape.rows, shape.cols)).astype(np.float32)
     x = rng.standard_normal((batch, shape.cols, shape.m)).astype(np.float32)
     bias = np.zeros(shape.rows, np.float32)
-    ours = _dense_candidate(w, bias, batch, shape.m, "none", "cuda", None, False)
+    ours = _dense_candidate(w, bias, LayerSite(batch, shape.m, "none", "cuda", None, False))
     y_shape = (batch, shape.rows, shape.m)
     times = {
         "ours dense": time_kernel(

@@ -37,7 +37,7 @@ from compile.kernels import (  # noqa: E402
     Kernel,
     vector_unit,
 )
-from compile.rewrite import _dense_candidate, _sparse_candidate  # noqa: E402
+from compile.rewrite import LayerSite, _dense_candidate, _sparse_candidate  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -156,7 +156,7 @@ def dense_baselines(
     w = rng.standard_normal((shape.rows, shape.cols)).astype(np.float32)
     x = rng.standard_normal((1, shape.cols, shape.m)).astype(np.float32)
     bias = np.zeros(shape.rows, np.float32)
-    ours = _dense_candidate(w, bias, 1, shape.m, "none", "x86", 1, avx512())
+    ours = _dense_candidate(w, bias, LayerSite(1, shape.m, "none", "x86", 1, avx512()))
     ours_timer = tvm_timer(
         ours.kernel, [x, *ours.constants], (1, shape.rows, shape.m), min_ms, repeats
     )
@@ -189,7 +189,8 @@ def sparse_times(
 
     x = rng.standard_normal((1, shape.cols, shape.m)).astype(np.float32)
     bias = np.zeros(shape.rows, np.float32)
-    ours = _sparse_candidate(w, to_bsr(w, block), bias, 1, shape.m, "none", "x86", 1, avx512())
+    site = LayerSite(1, shape.m, "none", "x86", 1, avx512())
+    ours = _sparse_candidate(w, to_bsr(w, block), bias, site)
     inputs = [x, *ours.constants]
     ours_timer = tvm_timer(ours.kernel, inputs, (1, shape.rows, shape.m), min_ms, repeats)
     times = {"ours sparse": ours_timer()}

@@ -30,7 +30,7 @@ from kernels import BLOCKS, OUT, SHAPES, Shape, block_sparse_weight, replace_sec
 
 from compile.bsr import to_bsr
 from compile.kernels import BUILD_CONFIG, matmul_kernel
-from compile.rewrite import _dense_candidate, _sparse_candidate
+from compile.rewrite import LayerSite, _dense_candidate, _sparse_candidate
 
 SECTION = "## Inner loops, estimated"
 
@@ -141,7 +141,8 @@ def one_shape(shape: Shape, core: Core) -> list[dict]:
     rng = np.random.default_rng(0)
     dense_w = rng.standard_normal((shape.rows, shape.cols)).astype(np.float32)
     bias = np.zeros(shape.rows, np.float32)
-    dense = _dense_candidate(dense_w, bias, 1, shape.m, "none", core.family, 1, core.avx512)
+    site = LayerSite(1, shape.m, "none", core.family, 1, core.avx512)
+    dense = _dense_candidate(dense_w, bias, site)
     dense_kernel = matmul_kernel(
         dense.spec, core.family, dense=True, num_cores=1, avx512=core.avx512
     )
@@ -149,8 +150,7 @@ def one_shape(shape: Shape, core: Core) -> list[dict]:
     rows = []
     for block in BLOCKS:
         w = block_sparse_weight(shape, 0.9, block, rng)
-        args = (1, shape.m, "none", core.family, 1, core.avx512)
-        sparse = _sparse_candidate(w, to_bsr(w, block), bias, *args)  # the kernel a build uses
+        sparse = _sparse_candidate(w, to_bsr(w, block), bias, site)  # the kernel a build uses
         cpl, size = cycles_per_lane(sparse.kernel.func(), core)
         rows.append(
             {

@@ -379,9 +379,8 @@ def plan_rewrite(
             batch, m = 1, math.prod(x_shape[:-1])
             if m == 1 and len(x_shape) == 2:  # (1, features): as it is
                 maps = ((), (), False)
-        dense = _dense_candidate(
-            matrix, bias, batch, m, activation, family, num_cores, avx512, maps
-        )
+        site = LayerSite(batch, m, activation, family, num_cores, avx512, maps)
+        dense = _dense_candidate(matrix, bias, site)
         impl, choice, bsr = "dense", None, None
         if name in sparse:
             if not np.any(matrix == 0):
@@ -390,9 +389,7 @@ def plan_rewrite(
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
                 sparse_candidate = _kept_rows_candidate(matrix, dense, num_cores)
                 if sparse_candidate is None:
-                    sparse_candidate = _sparse_candidate(
-                        matrix, bsr, bias, batch, m, activation, family, num_cores, avx512, maps
-                    )
+                    sparse_candidate = _sparse_candidate(matrix, bsr, bias, site)
                 density = float(np.count_nonzero(matrix)) / matrix.size
                 choice = chooser.choose(sparse_candidate, dense, density)
                 if choice.impl == "sparse":
@@ -512,34 +509,48 @@ def _is_plain_1x1(geometry: ConvGeometry) -> bool:
     return geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.pad == (0, 0)
 
 
-def _dense_candidate(
-    matrix: np.ndarray,
-    bias: np.ndarray,
-    batch: int,
-    m: int,
-    activation: str,
-    family: str,
-    num_cores: int | None,
-    avx512: bool,
-    maps: tuple = (None, None, False),
-) -> KernelCandidate:
+@dataclass(frozen=True)
+class LayerSite:
+    """What a layer's kernels are built for, besides its weights: the activations (batch,
+    M), the fused epilogue, the conv's maps (`KernelSpec.in_hw`, `out_hw` and `residual`) and
+    the target."""
+
+    batch: int
+    m: int
+    activation: str
+    family: str
+    num_cores: int | None
+    avx512: bool
+    maps: tuple = (None, None, False)
+
+    def spec(self, rows: int, cols: int, block: tuple[int, int], block_rows: int) -> KernelSpec:
+        return KernelSpec(
+            self.batch, rows, cols, self.m, block, block_rows, self.activation, *self.maps
+        )
+
+    def kernel(self, op: str, spec: KernelSpec, macs: int) -> Kernel:
+        """Kernel `op` for `spec`, built for one core when it has few multiply-adds."""
+        cores = _cores(self.num_cores, macs)
+        return Kernel(op, self.family, spec, num_cores=cores, avx512=self.avx512)
+
+
+def _dense_candidate(matrix: np.ndarray, bias: np.ndarray, site: LayerSite) -> KernelCandidate:
     """The dense kernel for W (rows x cols): packed W, or all-blocks BSR when M == 1 (on a CPU
-    also when M <= MAX_COLUMNS). `maps`: the spec's `in_hw`, `out_hw` (a conv's 4-D input and
-    output) and `residual`."""
+    also when M <= MAX_COLUMNS)."""
     rows, cols = matrix.shape
-    num_cores = _cores(num_cores, batch * rows * cols * m)
+    family, m, avx512 = site.family, site.m, site.avx512
     # M == 1: the matrix-vector kernel (on a GPU a warp per row, four columns per lane); on a
     # CPU up to MAX_COLUMNS too (its columns variant).
     if m == 1 or family != "cuda" and m <= MAX_COLUMNS:
         block = (1, 4) if family == "cuda" else (dense_matvec_rows(rows, family, avx512, m), 1)
         bsr = full_bsr(matrix, block)
-        spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
+        spec = site.spec(rows, cols, bsr.block, bsr.block_rows)
         spec, consts = _bsr_arguments(spec, bsr, bias, family)
     else:
         nr = min(dense_block_rows(family, avx512), rows)
         consts = [pack_dense(matrix, nr), bias]
-        spec = KernelSpec(batch, rows, cols, m, (nr, 1), -(-rows // nr), activation, *maps)
-    kernel = Kernel("dense", family, spec, num_cores=num_cores, avx512=avx512)
+        spec = site.spec(rows, cols, (nr, 1), -(-rows // nr))
+    kernel = site.kernel("dense", spec, site.batch * rows * cols * m)
     return KernelCandidate(kernel, consts, spec)
 
 
@@ -555,29 +566,19 @@ def _bsr_arguments(
 
 
 def _sparse_candidate(
-    matrix: np.ndarray,
-    bsr: BsrWeight,
-    bias: np.ndarray,
-    batch: int,
-    m: int,
-    activation: str,
-    family: str,
-    num_cores: int | None,
-    avx512: bool,
-    maps: tuple = (None, None, False),
+    matrix: np.ndarray, bsr: BsrWeight, bias: np.ndarray, site: LayerSite
 ) -> KernelCandidate:
     """The sparse kernel for W (rows x cols) in BSR form `bsr`, walked by block row, or by
     column block (`takes_by_column`: then on W^T's BSR)."""
     rows, cols = matrix.shape
-    spec = KernelSpec(batch, rows, cols, m, bsr.block, bsr.block_rows, activation, *maps)
-    if takes_by_column(spec, bsr.nnz_blocks, family, avx512):
+    spec = site.spec(rows, cols, bsr.block, bsr.block_rows)
+    if takes_by_column(spec, bsr.nnz_blocks, site.family, site.avx512):
         by_column = to_bsr(np.ascontiguousarray(matrix.T), bsr.block[::-1])
         spec = replace(spec, block_rows=by_column.block_rows, by_column=True)
         consts = [by_column.data, by_column.indices, by_column.indptr, bias]
     else:
-        spec, consts = _bsr_arguments(spec, bsr, bias, family)
-    cores = _cores(num_cores, batch * bsr.data.size * m)
-    kernel = Kernel("sparse", family, spec, num_cores=cores, avx512=avx512)
+        spec, consts = _bsr_arguments(spec, bsr, bias, site.family)
+    kernel = site.kernel("sparse", spec, site.batch * bsr.data.size * site.m)
     return KernelCandidate(kernel, consts, spec)
 
 

@@ -32,6 +32,7 @@ from compile.kernels import (
 )
 from compile.objects import load_kernel, prune
 from compile.rewrite import (
+    LayerSite,
     RewritePlan,
     _bsr_arguments,
     _dense_candidate,
@@ -214,7 +215,8 @@ def test_matvec_block_indices_as_uint16_while_they_fit(cols, narrow):
         w[4:, cols - 1 - c] = rng.standard_normal(2)
     x = rng.standard_normal((1, cols, 1)).astype(np.float32)
     bias = rng.standard_normal(6).astype(np.float32)
-    cand = _sparse_candidate(w, to_bsr(w, (4, 1)), bias, 1, 1, "none", "x86", 2, False)
+    site = LayerSite(1, 1, "none", "x86", 2, False)
+    cand = _sparse_candidate(w, to_bsr(w, (4, 1)), bias, site)
     assert cand.spec.narrow_indices is narrow
     assert cand.constants[1].dtype == (np.uint16 if narrow else np.int32)
     assert int(cand.constants[1].max()) == cols - 1
@@ -261,9 +263,8 @@ def test_by_column_kernel_matches_numpy(block, sparsity, batch, hw, activation, 
     x = rng.standard_normal((batch, 37, *hw)).astype(np.float32)
     r = rng.standard_normal((batch, 53, *hw)).astype(np.float32)
     bias = rng.standard_normal(53).astype(np.float32)
-    cand = _sparse_candidate(
-        w, to_bsr(w, block), bias, batch, m, activation, "x86", 2, False, (hw, hw, residual)
-    )
+    site = LayerSite(batch, m, activation, "x86", 2, False, (hw, hw, residual))
+    cand = _sparse_candidate(w, to_bsr(w, block), bias, site)
     assert cand.spec.by_column
     inputs = [x, *cand.constants] + ([r] if residual else [])
     out = _call_kernel(cand.kernel.func(), inputs, (batch, 53, *hw))
@@ -498,7 +499,7 @@ def test_dense_kernel_matches_numpy(m, batch, avx512):
     w = rng.standard_normal((53, 37)).astype(np.float32)
     x = rng.standard_normal((batch, 37, m)).astype(np.float32)
     bias = rng.standard_normal(53).astype(np.float32)
-    candidate = _dense_candidate(w, bias, batch, m, "relu6", "x86", 2, avx512)
+    candidate = _dense_candidate(w, bias, LayerSite(batch, m, "relu6", "x86", 2, avx512))
     lib, symbol = load_kernel(candidate.kernel, HOST.target)  # through the object cache
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.full((batch, 53, m), np.nan, np.float32), dev)
