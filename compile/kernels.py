@@ -639,6 +639,14 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     return _drop_unused_inputs(dense_matmul, spec)
 
 
+def _lane_sum(buf, base, lanes: int):
+    """buf[base] + ... + buf[base + lanes - 1], as one expression."""
+    total = buf[base]
+    for c in range(1, lanes):
+        total = total + buf[base + c]
+    return total
+
+
 def _row_sums(vectors: list):
     """R vectors of R lanes (R a power of two) -> one vector whose lane r is the sum of
     vectors[r]: a tree of shuffles and vector adds. Each level adds two vectors into one,
@@ -855,9 +863,13 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
                             row_block(
                                 acc, data, W, indices, indptr, X, XF, b, g * RG + r, r * SPAN
                             )
-                        sums[T.ramp(0, 1, RG)] = _row_sums(
-                            [acc[T.ramp(r * SPAN, 1, BC)] for r in range(RG)]
-                        )
+                        if RG & (RG - 1) == 0:
+                            sums[T.ramp(0, 1, RG)] = _row_sums(
+                                [acc[T.ramp(r * SPAN, 1, BC)] for r in range(RG)]
+                            )
+                        else:  # 1x3, 1x5, ...: one sum per lane
+                            for r in T.vectorized(RG):
+                                sums[r] = _lane_sum(acc, r * SPAN, BC)
                         if g * RG + RG <= N:
                             for r in T.vectorized(RG):
                                 put_row(sums[r], bias, R, Y, b, g * RG + r)

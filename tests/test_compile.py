@@ -166,6 +166,7 @@ def _call_kernel(func, inputs, out_shape) -> np.ndarray:
         ((1, 8), 0.9, 2, 1, "none"),
         ((1, 2), 0.5, 1, 1, "relu"),
         ((1, 16), 0.6, 2, 1, "none"),  # 16 rows of 16 lanes summed (`_row_sums`), 3 + 5 rows
+        ((1, 3), 0.5, 1, 1, "relu"),  # 3 rows: summed lane by lane
         # blocks smaller than a vector at M == 1: several to a vector, then the rest alone
         ((4, 1), 0.5, 1, 1, "none"),
         ((1, 1), 0.7, 2, 1, "relu"),
