@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 25
+KERNEL_VERSION = 26
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,23 @@ def _over_copies(op, args, lo, count, copies):
             op(*args, lo + q * copies + h, h)
     for r in range(count % copies):
         op(*args, lo + count // copies * copies + r, 0)
+
+
+@T.macro
+def _row_loop(op, args, lo, hi, step, short):
+    """`op(*args, i)` for i = lo, lo + step, ... below `hi`. Rows that may be `short` (a
+    sparse W's, a few blocks at high sparsity) get a `while` loop: TVM marks the back edge of
+    every `for` loop as all but certain, so LLVM unrolls it, with a set-up and a remainder
+    loop at each entry however few its trips. Long rows (a dense W's) keep the `for` loop."""
+    if short:
+        i = T.alloc_buffer((1,), "int32", scope="local", annotations=_ON_STACK)
+        i[0] = lo
+        while i[0] < hi:
+            op(*args, i[0])
+            i[0] = i[0] + step
+    else:
+        for q in range((hi - lo) // step):
+            op(*args, lo + q * step)
 
 
 @T.macro
@@ -705,7 +722,9 @@ def _column_start(indices, p, j: int, count: int, narrow: bool):
     return T.Cast("int32", T.shift_right(word, shift) & mask)
 
 
-def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.PrimFunc:
+def bsr_matvec_cpu(
+    spec: KernelSpec, tiling: Tiling, lanes: int = 8, short: bool = True
+) -> tirx.PrimFunc:
     """M == 1 (a Linear at batch 1, a 1x1 conv on a 1x1 map): vectorized over the block's
     bs_r x bs_c values instead of M; parallel over (batch x block row). With 1 x c blocks a
     work item is c rows, whose sums go out as one vector. Blocks smaller than a vector of
@@ -769,6 +788,18 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
         ] * x_vector(x_buf, w_indices, tb, p)
 
     @T.macro
+    def chain_blocks(acc_buf, w_data, w_indices, x_buf, tb, a0, p):
+        """Blocks p .. p + CH - 1, one to each of the CH chains."""
+        for ch in T.unroll(CH):
+            block(acc_buf, w_data, w_indices, x_buf, tb, a0 + ch * E, p + ch)
+
+    @T.macro
+    def chain_vectors(acc_buf, w_flat, w_indices, x_flat, tb, c0, p):
+        """CH vectors of P blocks from p on, one to each chain."""
+        for ch in T.unroll(CH):
+            blocks(acc_buf, w_flat, w_indices, x_flat, tb, c0 + ch * V, p + ch * P)
+
+    @T.macro
     def row_chains(acc_buf, w_data, w_indices, x_buf, tb, p_lo, n_p, a0):
         """P == 1: the row's blocks into CH chains from acc_buf[a0] on, summed into the first."""
         # One vector per chain: zeroing all CH * E at once made LLVM keep the chains packed
@@ -778,11 +809,12 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
                 acc_buf[a0 + ch * E + e] = T.float32(0)
         # The block's bs_r x bs_c values are contiguous: one vector per block, CH blocks at a
         # time into CH accumulators (independent FMA chains).
-        for q in range(n_p // CH):
-            for ch in T.unroll(CH):
-                block(acc_buf, w_data, w_indices, x_buf, tb, a0 + ch * E, p_lo + q * CH + ch)
+        p_mid = T.bind(p_lo + n_p // CH * CH)
+        _row_loop(
+            chain_blocks, (acc_buf, w_data, w_indices, x_buf, tb, a0), p_lo, p_mid, CH, short
+        )
         for r in range(n_p % CH):
-            block(acc_buf, w_data, w_indices, x_buf, tb, a0, p_lo + n_p // CH * CH + r)
+            block(acc_buf, w_data, w_indices, x_buf, tb, a0, p_mid + r)
         for ch in T.unroll(CH - 1):  # the chains' sum, a vector add each
             for e in T.vectorized(E):
                 acc_buf[a0 + e] = acc_buf[a0 + e] + acc_buf[a0 + (ch + 1) * E + e]
@@ -797,10 +829,14 @@ def bsr_matvec_cpu(spec: KernelSpec, tiling: Tiling, lanes: int = 8) -> tirx.Pri
         for ch in T.unroll(CH):
             for e in T.vectorized(V):
                 acc_buf[c0 + ch * V + e] = T.float32(0)
-        for q in range(n_p // (CH * P)):
-            for ch in T.unroll(CH):
-                p = T.bind(p_lo + (q * CH + ch) * P)
-                blocks(acc_buf, w_flat, w_indices, x_flat, tb, c0 + ch * V, p)
+        _row_loop(
+            chain_vectors,
+            (acc_buf, w_flat, w_indices, x_flat, tb, c0),
+            p_lo,
+            p_lo + n_p // (CH * P) * (CH * P),
+            CH * P,
+            short,
+        )
         rest = T.bind(n_p % (CH * P))
         p_rest = T.bind(p_lo + n_p - rest)
         for ch in T.unroll(CH - 1):  # fewer than CH whole vectors left: one to a chain
@@ -1606,7 +1642,7 @@ def matmul_kernel(
     if spec.by_column:
         return bsc_matmul_cpu(spec, tiling, by_column_tile(family, avx512))
     if spec.m == 1:
-        return bsr_matvec_cpu(spec, tiling, vector_unit(family, avx512).lanes)
+        return bsr_matvec_cpu(spec, tiling, vector_unit(family, avx512).lanes, short=not dense)
     if takes_columns(spec, family, avx512):
         return bsr_matvec_columns_cpu(spec, tiling, vector_unit(family, avx512))
     if dense:
