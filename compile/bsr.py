@@ -141,3 +141,9 @@ def full_bsr(matrix: np.ndarray, block: tuple[int, int]) -> BsrWeight:
         block=pattern.block,
         nnz_blocks=pattern.nnz_blocks,
     )
+
+
+def pad_indptr(indptr: np.ndarray, group: int) -> np.ndarray:
+    """`indptr` with its last entry repeated to whole groups of `group` rows (empty rows)."""
+    extra = -(len(indptr) - 1) % group
+    return np.concatenate([indptr, np.full(extra, indptr[-1], indptr.dtype)]) if extra else indptr

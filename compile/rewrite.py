@@ -14,7 +14,15 @@ from torch import nn
 from tvm import relax
 from tvm.ir import Op
 
-from compile.bsr import BsrWeight, bsr_to_dense, choose_block, full_bsr, pack_dense, to_bsr
+from compile.bsr import (
+    BsrWeight,
+    bsr_to_dense,
+    choose_block,
+    full_bsr,
+    pack_dense,
+    pad_indptr,
+    to_bsr,
+)
 from compile.choose import KernelCandidate, KernelChooser
 from compile.kernels import (
     MAX_COLUMNS,
@@ -23,6 +31,7 @@ from compile.kernels import (
     KernelSpec,
     dense_block_rows,
     dense_matvec_rows,
+    matvec_row_group,
     takes_by_column,
     takes_narrow_indices,
 )
@@ -558,11 +567,13 @@ def _bsr_arguments(
     spec: KernelSpec, bsr: BsrWeight, bias: np.ndarray, family: str
 ) -> tuple[KernelSpec, list[np.ndarray]]:
     """The spec and constants of a kernel walking `bsr` by block row: its indices as uint16
-    where the kernel takes them so (`takes_narrow_indices`)."""
+    where the kernel takes them so (`takes_narrow_indices`), its row starts padded to whole
+    groups of rows where it takes rows in groups (`matvec_row_group`)."""
+    indptr = pad_indptr(bsr.indptr, matvec_row_group(spec, family))
     if takes_narrow_indices(spec, family):
         spec = replace(spec, narrow_indices=True)
-        return spec, [bsr.data, bsr.indices.astype(np.uint16), bsr.indptr, bias]
-    return spec, [bsr.data, bsr.indices, bsr.indptr, bias]
+        return spec, [bsr.data, bsr.indices.astype(np.uint16), indptr, bias]
+    return spec, [bsr.data, bsr.indices, indptr, bias]
 
 
 def _sparse_candidate(

@@ -226,6 +226,27 @@ def test_matvec_block_indices_as_uint16_while_they_fit(cols, narrow):
     np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_matvec_groups_of_rows_take_padded_row_starts():
+    """1 x c rows at M == 1 go c to a work item, reading each group's row starts unchecked:
+    the build pads `indptr` to whole groups, and the kernel refuses one that is not."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((53, 37)).astype(np.float32)
+    w[:, 8:] *= rng.random((53, 29)) > 0.7
+    bsr = to_bsr(w, (1, 4))
+    cand = _sparse_candidate(
+        w, bsr, np.zeros(53, np.float32), LayerSite(1, 1, "none", "x86", 2, False)
+    )
+    indptr = cand.constants[2]
+    assert len(indptr) == 57 and np.all(indptr[53:] == indptr[53])  # 14 groups of 4 rows
+    np.testing.assert_array_equal(indptr[:54], bsr.indptr)
+    x = rng.standard_normal((1, 37, 1)).astype(np.float32)
+    got = _call_kernel(cand.kernel.func(), (x, *cand.constants), (1, 53, 1))
+    np.testing.assert_allclose(got[0], w @ x[0], rtol=1e-4, atol=1e-4)
+    unpadded = [*cand.constants[:2], bsr.indptr, *cand.constants[3:]]
+    with pytest.raises(Exception, match="whole groups of rows"):
+        _call_kernel(cand.kernel.func(), (x, *unpadded), (1, 53, 1))
+
+
 @pytest.mark.parametrize(
     ("block", "sparsity", "batch", "m", "avx512"),
     [
