@@ -698,6 +698,11 @@ def _row_sums(vectors: list):
 NARROW_INDEX_LIMIT = 1 << 16
 
 
+def _walks_matvec(spec: KernelSpec, family: str) -> bool:
+    """Whether the layer's kernel is the CPU matrix-vector kernel (`bsr_matvec_cpu`)."""
+    return family != "cuda" and spec.m == 1 and not spec.by_column
+
+
 def takes_narrow_indices(spec: KernelSpec, family: str) -> bool:
     """Whether the layer's kernel takes its block indices as uint16: the CPU matrix-vector
     kernel (M == 1), when every column start fits. At M == 1 a block's few multiply-adds come
@@ -705,21 +710,22 @@ def takes_narrow_indices(spec: KernelSpec, family: str) -> bool:
     Linear 512x512 at 80-95%: 4x1 blocks (two indices per load) 1.1-1.15x faster, 2x2 and
     1x1 (four per load) 1.03-1.13x, 1x4 1.04-1.06x, 16x1 unchanged. One word of four shared
     by two 4x1 vectors was no faster than two words of two."""
-    return (
-        family != "cuda" and spec.m == 1 and not spec.by_column and spec.cols <= NARROW_INDEX_LIMIT
-    )
+    return _walks_matvec(spec, family) and spec.cols <= NARROW_INDEX_LIMIT
+
+
+def _row_group(block: tuple[int, int]) -> int:
+    """Rows of W in one work item of the matrix-vector kernel: c for 1 x c blocks (their sums
+    go out as one vector), else 1."""
+    return block[1] if block[0] == 1 else 1
 
 
 def matvec_row_group(spec: KernelSpec, family: str) -> int:
-    """Rows of W in one work item of the CPU matrix-vector kernel (M == 1): c for 1 x c
-    blocks (their sums go out as one vector), else 1. With more than one, the kernel takes
-    `indptr` padded to whole groups (`compile.bsr.pad_indptr`) and reads every group's row
-    starts without a bound check (AVX2, 512x512 at 80-95%: 1x4 1.02-1.07x, 1x2 1.09x, 1x8
-    1.12x faster than with it)."""
-    br, bc = spec.block
-    if family == "cuda" or spec.m != 1 or spec.by_column or br != 1:
-        return 1
-    return bc
+    """Rows of W in one work item of the layer's kernel when it is the CPU matrix-vector
+    kernel (`_row_group`), else 1. With more than one, the kernel takes `indptr` padded to
+    whole groups (`compile.bsr.pad_indptr`) and reads every group's row starts without a
+    bound check (AVX2, 512x512 at 80-95%: 1x4 1.02-1.07x, 1x2 1.09x, 1x8 1.12x faster than
+    with it)."""
+    return _row_group(spec.block) if _walks_matvec(spec, family) else 1
 
 
 def _column_start(indices, p, j: int, count: int, narrow: bool):
@@ -751,7 +757,7 @@ def bsr_matvec_cpu(
     NNZB, NRB = stored_blocks(), NP - 1
     # 1 x c blocks: a row's sum is a horizontal add of its vector; RG rows' sums are made
     # together, as one transposed vector, instead of one shuffle chain and scalar store each.
-    RG = BC if BR == 1 and BC > 1 else 1  # `matvec_row_group`
+    RG = _row_group(spec.block)
     n_groups = (NRB + RG - 1) // RG
     work = B * n_groups
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
