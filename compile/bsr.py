@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -147,3 +147,20 @@ def pad_indptr(indptr: np.ndarray, group: int) -> np.ndarray:
     """`indptr` with its last entry repeated to whole groups of `group` rows (empty rows)."""
     extra = -(len(indptr) - 1) % group
     return np.concatenate([indptr, np.full(extra, indptr[-1], indptr.dtype)]) if extra else indptr
+
+
+def pad_rows(weight: BsrWeight, multiple: int) -> BsrWeight:
+    """`weight` with zero blocks after each block row's last, so that every block row holds a
+    whole multiple of `multiple` blocks. A zero block repeats its row's last column start, so
+    that it reads x values the row reads anyway."""
+    counts = np.diff(weight.indptr)
+    extra = -counts % multiple
+    if not extra.any():
+        return weight
+    at = np.repeat(weight.indptr[1:], extra)  # before the next row's first block
+    stored = slice(0, weight.nnz_blocks)
+    data = np.insert(weight.data[stored], at, 0.0, axis=0)
+    indices = np.insert(weight.indices[stored], at, weight.indices[at - 1])
+    indptr = np.zeros_like(weight.indptr)
+    np.cumsum(counts + extra, out=indptr[1:])
+    return replace(weight, data=data, indices=indices, indptr=indptr, nnz_blocks=len(data))

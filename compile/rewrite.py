@@ -21,6 +21,7 @@ from compile.bsr import (
     full_bsr,
     pack_dense,
     pad_indptr,
+    pad_rows,
     to_bsr,
 )
 from compile.choose import KernelCandidate, KernelChooser
@@ -31,6 +32,7 @@ from compile.kernels import (
     KernelSpec,
     dense_block_rows,
     dense_matvec_rows,
+    matvec_row_blocks,
     matvec_row_group,
     takes_by_column,
     takes_narrow_indices,
@@ -567,8 +569,12 @@ def _bsr_arguments(
     spec: KernelSpec, bsr: BsrWeight, bias: np.ndarray, family: str
 ) -> tuple[KernelSpec, list[np.ndarray]]:
     """The spec and constants of a kernel walking `bsr` by block row: its indices as uint16
-    where the kernel takes them so (`takes_narrow_indices`), its row starts padded to whole
-    groups of rows where it takes rows in groups (`matvec_row_group`)."""
+    where the kernel takes them so (`takes_narrow_indices`), its rows padded with zero blocks
+    to whole vectors (`matvec_row_blocks`) and its row starts to whole groups of rows
+    (`matvec_row_group`) where it takes them so."""
+    if matvec_row_blocks(spec, family) > 1:
+        bsr = pad_rows(bsr, matvec_row_blocks(spec, family))
+        spec = replace(spec, whole_vectors=True)
     indptr = pad_indptr(bsr.indptr, matvec_row_group(spec, family))
     if takes_narrow_indices(spec, family):
         spec = replace(spec, narrow_indices=True)

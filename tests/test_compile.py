@@ -19,7 +19,7 @@ from tvm.target import codegen
 
 import compile as hw_compile
 from compile._build import worst_layer
-from compile.bsr import block_fill, bsr_to_dense, choose_block, to_bsr
+from compile.bsr import BsrWeight, block_fill, bsr_to_dense, choose_block, pad_rows, to_bsr
 from compile.choose import KernelCandidate, KernelChooser
 from compile.kernels import (
     ConvGeometry,
@@ -110,6 +110,21 @@ def test_bsr_of_all_zero_matrix_has_no_blocks():
     bsr = to_bsr(np.zeros((5, 7), np.float32), (4, 1))
     assert bsr.nnz_blocks == 0 and not bsr.indptr.any()
     assert not bsr_to_dense(bsr).any()
+
+
+def test_pad_rows_adds_zero_blocks_to_whole_multiples():
+    w = np.zeros((12, 16), np.float32)
+    w[0, [1, 5, 9]] = 1.0  # three blocks of 4x1 in block row 0, none in row 1, one in row 2
+    w[8, 14] = 2.0
+    bsr = to_bsr(w, (4, 1))
+    padded = pad_rows(bsr, 2)
+    np.testing.assert_array_equal(padded.indptr, [0, 4, 4, 6])
+    np.testing.assert_array_equal(padded.indices, [1, 5, 9, 9, 14, 14])  # the last repeated
+    assert padded.nnz_blocks == 6 and not padded.data[[3, 5]].any()
+    np.testing.assert_array_equal(bsr_to_dense(padded), w)
+    assert pad_rows(padded, 2) is padded
+    empty = to_bsr(np.zeros((12, 16), np.float32), (4, 1))
+    assert pad_rows(empty, 4) is empty
 
 
 def test_choose_block_prefers_declared_then_a_fitting_default():
@@ -226,19 +241,25 @@ def test_matvec_block_indices_as_uint16_while_they_fit(cols, narrow):
     np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_matvec_groups_of_rows_take_padded_row_starts():
-    """1 x c rows at M == 1 go c to a work item, reading each group's row starts unchecked:
-    the build pads `indptr` to whole groups, and the kernel refuses one that is not."""
+def test_matvec_rows_come_padded_to_whole_vectors_and_groups():
+    """At M == 1 the kernel takes 1x4 blocks two to an AVX2 vector and rows four to a work
+    item. The build pads each row with zero blocks to whole vectors and `indptr` to whole
+    groups of rows; the kernel reads neither a single block nor a row start past W's rows,
+    and refuses an `indptr` that is not padded."""
     rng = np.random.default_rng(6)
     w = rng.standard_normal((53, 37)).astype(np.float32)
     w[:, 8:] *= rng.random((53, 29)) > 0.7
     bsr = to_bsr(w, (1, 4))
+    assert np.any(np.diff(bsr.indptr) % 2)  # rows with an odd number of blocks
     cand = _sparse_candidate(
         w, bsr, np.zeros(53, np.float32), LayerSite(1, 1, "none", "x86", 2, False)
     )
-    indptr = cand.constants[2]
+    assert cand.spec.whole_vectors
+    data, indices, indptr = cand.constants[:3]
     assert len(indptr) == 57 and np.all(indptr[53:] == indptr[53])  # 14 groups of 4 rows
-    np.testing.assert_array_equal(indptr[:54], bsr.indptr)
+    assert np.all(np.diff(indptr) % 2 == 0) and len(data) == indptr[-1]
+    padded = BsrWeight(data, indices.astype(np.int32), indptr[:54], 53, 37, (1, 4), len(data))
+    np.testing.assert_array_equal(bsr_to_dense(padded), w)
     x = rng.standard_normal((1, 37, 1)).astype(np.float32)
     got = _call_kernel(cand.kernel.func(), (x, *cand.constants), (1, 53, 1))
     np.testing.assert_allclose(got[0], w @ x[0], rtol=1e-4, atol=1e-4)
