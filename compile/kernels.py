@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 29
+KERNEL_VERSION = 30
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class KernelSpec:
     # Every block row holds whole vectors of the matrix-vector kernel's blocks, zero blocks
     # added (`matvec_row_blocks`, `compile.bsr.pad_rows`): no single blocks left over.
     whole_vectors: bool = False
+    # The matrix-vector kernel's FMA chains per row, chosen for W's row lengths
+    # (`matvec_chains`); 0: as many as rows of any length take.
+    chains: int = 0
 
     @property
     def x_shape(self) -> tuple[int, ...]:
@@ -740,6 +743,34 @@ def matvec_row_blocks(spec: KernelSpec, family: str) -> int:
     return _blocks_per_vector(spec.block, vector_unit(family).lanes)
 
 
+def matvec_chains(block: tuple[int, int], lanes: int, row_blocks: float | None = None) -> int:
+    """FMA chains per row in the matrix-vector kernel, for blocks of `block` on a vector unit
+    of `lanes`, when a block row holds `row_blocks` blocks on average (None: rows of any
+    length).
+
+    Small blocks: a lone FMA chain would wait on its latency, so a row's vectors go to up to 4
+    chains. The rows of a group of 1 x c rows (`_row_group`) are chains of their own; with
+    4 chains each as well, their accumulators left the registers (1x4 at 95%, 512x512 at
+    batch 1: 1.12-1.25x slower). A short row has fewer: its vectors go round the chains at
+    least twice, on average. Otherwise its blocks fell to the kernel's code for the last
+    vectors, one chain each (AVX2, 512x512 at 95%, against 4 chains: 2x2 1.07-1.08x, 2x1
+    1.09-1.11x, 1x1 (2 chains) 1.07x and (1 chain) 1.14x faster; at 50-70% 0.9-0.97x as
+    fast with 2 chains, which the rule keeps at 4 there)."""
+    per_vector = _blocks_per_vector(block, lanes)
+    chains = max(1, min(4, 32 // (per_vector * block[0] * block[1])) // _row_group(block))
+    while row_blocks is not None and chains > 1 and 2 * chains * per_vector > row_blocks:
+        chains //= 2
+    return chains
+
+
+def matvec_row_chains(spec: KernelSpec, family: str, row_blocks: float) -> int:
+    """`matvec_chains` for the layer's kernel when it is the CPU matrix-vector kernel, else 0
+    (`KernelSpec.chains`)."""
+    if not _walks_matvec(spec, family):
+        return 0
+    return matvec_chains(spec.block, vector_unit(family).lanes, row_blocks)
+
+
 def matvec_row_group(spec: KernelSpec, family: str) -> int:
     """Rows of W in one work item of the layer's kernel when it is the CPU matrix-vector
     kernel (`_row_group`), else 1. With more than one, the kernel takes `indptr` padded to
@@ -794,10 +825,7 @@ def bsr_matvec_cpu(
     WHOLE = spec.whole_vectors
     if WHOLE and P == 1:
         raise ValueError(f"{spec.block} blocks go one to a vector: no rows of whole vectors")
-    # Small blocks: a lone FMA chain would wait on its latency. The RG rows of 1 x c blocks
-    # are chains of their own; with CH chains each as well, their accumulators left the
-    # registers (1x4 at 95%, Linear 512x512 at batch 1: 1.12-1.25x slower with 4 chains).
-    CH = max(1, min(4, 32 // V) // RG)
+    CH = spec.chains or matvec_chains(spec.block, lanes)
     # Per row: CH chains of V, and with P > 1 an E-wide sum in front of them (the blocks
     # left over after whole vectors, and then the row's total).
     SPAN = CH * V + (E if P > 1 else 0)

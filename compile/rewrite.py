@@ -33,6 +33,7 @@ from compile.kernels import (
     dense_block_rows,
     dense_matvec_rows,
     matvec_row_blocks,
+    matvec_row_chains,
     matvec_row_group,
     takes_by_column,
     takes_narrow_indices,
@@ -571,10 +572,12 @@ def _bsr_arguments(
     """The spec and constants of a kernel walking `bsr` by block row: its indices as uint16
     where the kernel takes them so (`takes_narrow_indices`), its rows padded with zero blocks
     to whole vectors (`matvec_row_blocks`) and its row starts to whole groups of rows
-    (`matvec_row_group`) where it takes them so."""
+    (`matvec_row_group`) where it takes them so, and the FMA chains for its rows' lengths
+    (`matvec_row_chains`)."""
     if matvec_row_blocks(spec, family) > 1:
         bsr = pad_rows(bsr, matvec_row_blocks(spec, family))
         spec = replace(spec, whole_vectors=True)
+    spec = replace(spec, chains=matvec_row_chains(spec, family, bsr.nnz_blocks / bsr.block_rows))
     indptr = pad_indptr(bsr.indptr, matvec_row_group(spec, family))
     if takes_narrow_indices(spec, family):
         spec = replace(spec, narrow_indices=True)

@@ -241,6 +241,23 @@ def test_matvec_block_indices_as_uint16_while_they_fit(cols, narrow):
     np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize(("keep", "chains"), [(0.04, 1), (0.2, 2), (0.5, 4)])
+def test_matvec_rows_get_fma_chains_for_their_length(keep, chains):
+    """At M == 1 a row's vectors of 1x1 blocks (8 to an AVX2 vector) go to up to 4 FMA
+    chains, fewer when the rows are short: 200 columns with 8 nonzeros a row on average take
+    1 chain, 40 take 2, 100 take 4."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((29, 200)).astype(np.float32)
+    w *= rng.random(w.shape) < keep
+    bias = rng.standard_normal(29).astype(np.float32)
+    cand = _sparse_candidate(w, to_bsr(w, (1, 1)), bias, LayerSite(1, 1, "none", "x86", 2, False))
+    assert cand.spec.chains == chains
+    x = rng.standard_normal((1, 200, 1)).astype(np.float32)
+    got = _call_kernel(cand.kernel.func(), (x, *cand.constants), (1, 29, 1))
+    want = w @ x[0, :, 0] + bias
+    np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_matvec_rows_come_padded_to_whole_vectors_and_groups():
     """At M == 1 the kernel takes 1x4 blocks two to an AVX2 vector and rows four to a work
     item. The build pads each row with zero blocks to whole vectors and `indptr` to whole
