@@ -25,7 +25,7 @@ _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 30
+KERNEL_VERSION = 31
 
 
 @dataclass(frozen=True)
@@ -891,6 +891,11 @@ def bsr_matvec_cpu(
             for e in T.vectorized(E):
                 acc_buf[a0 + e] = acc_buf[a0 + e] + acc_buf[a0 + (ch + 1) * E + e]
 
+    def rounds_of_chains(n_p):
+        """A row's blocks in whole rounds of the CH chains: all of them in rows of whole
+        vectors into one chain."""
+        return n_p if WHOLE and CH == 1 else n_p // (CH * P) * (CH * P)
+
     @T.macro
     def row_vectors(acc_buf, w_data, w_flat, w_indices, x_buf, x_flat, tb, p_lo, n_p, a0):
         """P > 1: the row's blocks P to a vector into CH chains after acc_buf[a0 : a0 + E],
@@ -906,7 +911,7 @@ def bsr_matvec_cpu(
             chain_vectors,
             (acc_buf, w_flat, w_indices, x_flat, tb, c0),
             p_lo,
-            p_lo + n_p // (CH * P) * (CH * P),
+            p_lo + rounds_of_chains(n_p),
             CH * P,
             short,
         )
