@@ -736,8 +736,8 @@ def matvec_row_blocks(spec: KernelSpec, family: str) -> int:
     matrix-vector kernel and takes several blocks to a vector (`_blocks_per_vector`; AVX-512
     takes 8 lanes as AVX2 does), else 1. The build adds zero blocks (`compile.bsr.pad_rows`,
     `KernelSpec.whole_vectors`), and the kernel has no single blocks left over after a row's
-    vectors: AVX2, 512x512 at 80-95%, 1x4 1.00-1.05x, 4x1 1.02-1.03x, 2x2 1.02-1.03x, 1x2
-    1.03-1.05x, 1x1 1.02-1.05x faster, for 3-14% more blocks at 95%."""
+    vectors: AVX2, 512x512 at 90-95%, 1x4 1.00-1.05x, 4x1 1.00-1.07x, 2x2 1.01-1.02x, 1x2
+    1.02-1.04x, 1x1 1.01-1.04x faster, for 3-14% more blocks at 95%."""
     if not _walks_matvec(spec, family):
         return 1
     return _blocks_per_vector(spec.block, vector_unit(family).lanes)
@@ -893,7 +893,8 @@ def bsr_matvec_cpu(
 
     def rounds_of_chains(n_p):
         """A row's blocks in whole rounds of the CH chains: all of them in rows of whole
-        vectors into one chain."""
+        vectors into one chain (1x4 1.02-1.06x faster than rounding). A function, since an
+        assignment in a macro is a mutable scalar allocated on every pass (kernel notes)."""
         return n_p if WHOLE and CH == 1 else n_p // (CH * P) * (CH * P)
 
     @T.macro
