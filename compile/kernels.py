@@ -1225,10 +1225,10 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         for t in chunk_loop(n_chunks):
             # The scratch is sized by the layer's rows (kept in this kernel's key, see Kernel).
-            # It is allocated as whole vectors, so that LLVM aligns it to a vector: TVM gives
-            # a float32 buffer at most 16 bytes, and with the stack 16 bytes off a 32-byte
-            # boundary half of the AVX2 loads and stores of its rows straddled two cache
-            # lines. That depended on where the process's stack began: 1x4 at 95% on the
+            # It is allocated as whole vectors, so that LLVM aligns it to a vector: TVM aligns
+            # a float32 stack buffer to at most 16 bytes, and with the stack 16 bytes off a
+            # 32-byte boundary half of the AVX2 loads and stores of its rows straddled two
+            # cache lines. That depended on where the process's stack began: 1x4 at 95% on the
             # Linear at batch 64 took 25-27 or 30-32 us from process to process, now 26.
             vectors = T.alloc_buffer(
                 (-(-spec.rows * MT // L),), f"float32x{L}", scope="local", annotations=_ON_STACK
