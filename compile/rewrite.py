@@ -574,8 +574,9 @@ def _bsr_arguments(
     to whole vectors (`matvec_row_blocks`) and its row starts to whole groups of rows
     (`matvec_row_group`) where it takes them so, and the FMA chains for its rows' lengths
     (`matvec_row_chains`)."""
-    if matvec_row_blocks(spec, family) > 1:
-        bsr = pad_rows(bsr, matvec_row_blocks(spec, family))
+    row_blocks = matvec_row_blocks(spec, family)
+    if row_blocks > 1:
+        bsr = pad_rows(bsr, row_blocks)
         spec = replace(spec, whole_vectors=True)
     spec = replace(spec, chains=matvec_row_chains(spec, family, bsr.nnz_blocks / bsr.block_rows))
     indptr = pad_indptr(bsr.indptr, matvec_row_group(spec, family))
