@@ -34,6 +34,7 @@ from compile.bsr import to_bsr  # noqa: E402
 from compile.kernels import (  # noqa: E402
     _ON_STACK,
     BUILD_CONFIG,
+    KERNEL_ATTRS,
     Kernel,
     vector_unit,
 )
@@ -216,7 +217,7 @@ def peak_gflops(min_ms: float, repeats: int, steps: int = 100_000) -> float:
 
     @T.prim_func(s_tir=True)
     def fma_peak(a: T.Buffer((2 * lanes,), "float32"), y: T.Buffer((chains * lanes,), "float32")):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr(KERNEL_ATTRS)
         acc = T.alloc_buffer((chains, lanes), "float32", scope="local", annotations=_ON_STACK)
         k = T.alloc_buffer((2, lanes), "float32", scope="local", annotations=_ON_STACK)
         for i in T.unroll(2):

@@ -18,6 +18,7 @@ from tvm.script import tirx as T
 
 from compile.kernels import (
     ACTIVATIONS,
+    KERNEL_ATTRS,
     ConvGeometry,
     KernelSpec,
     _activate,
@@ -147,7 +148,7 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
         R4: T.Buffer(spec.y_shape, "float32"),
         Y4: T.Buffer(spec.y_shape, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
@@ -179,7 +180,7 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
         R4: T.Buffer(spec.y_shape, "float32"),
         Y4: T.Buffer(spec.y_shape, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
@@ -237,7 +238,7 @@ def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
         R4: T.Buffer(spec.y_shape, "float32"),
         Y4: T.Buffer(spec.y_shape, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
@@ -264,7 +265,7 @@ def depthwise_conv_cuda(geo: ConvGeometry, activation: str = "none") -> tirx.Pri
         bias: T.Buffer((C,), "float32"),
         Y: T.Buffer((B, C, OH, OW), "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
                 acc = T.alloc_buffer((1,), "float32", scope="local")
@@ -318,7 +319,7 @@ def expand_depthwise_cuda(
         bias: T.Buffer((C,), "float32"),
         Y: T.Buffer((B, C, OH, OW), "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for tx in T.thread_binding(n_threads, thread="threadIdx.x"):
                 acc = T.alloc_buffer((2,), "float32", scope="local")  # depthwise, expanded
@@ -362,7 +363,7 @@ def im2col_cuda(geo: ConvGeometry) -> tirx.PrimFunc:
         X: T.Buffer((B, C, H, W), "float32"),
         Y: T.Buffer((B, C * KH * KW, OH * OW), "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         # One input, one output: Relax checks such calls for a reshape pattern, which needs the
         # body to be a block.
         with T.sblock("root"):

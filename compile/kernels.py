@@ -23,9 +23,16 @@ ACTIVATIONS = ("none", "relu", "relu6")
 # survives when the build runs under `BUILD_CONFIG` (StorageRewrite drops annotations).
 _ON_STACK = {"disable_lower_builtin": True}
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
+# Every kernel's attributes: its buffers never overlap, so LLVM may keep values in registers
+# and move loads across stores (with it, TVM's LLVM codegen gives the kernel's body a function
+# of its own whose pointer parameters are `noalias`); it is scheduled, so nothing schedules it
+# again; and Relax fuses nothing into it (op_pattern 8, opaque). The names are TVM 0.27's: up
+# to KERNEL_VERSION 32 the kernels carried "tir.noalias" and "tir.is_scheduled", which TVM
+# 0.27 ignores.
+KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 32
+KERNEL_VERSION = 33
 
 
 @dataclass(frozen=True)
@@ -496,7 +503,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         R4: T.Buffer(YS, "float32"),
         Y4: T.Buffer(YS, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
@@ -632,7 +639,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         R4: T.Buffer(YS, "float32"),
         Y4: T.Buffer(YS, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
@@ -963,7 +970,7 @@ def bsr_matvec_cpu(
         R4: T.Buffer(YS, "float32"),
         Y4: T.Buffer(YS, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
@@ -1090,7 +1097,7 @@ def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -
         R4: T.Buffer(YS, "float32"),
         Y4: T.Buffer(YS, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, MC), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, MC), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, MC), "float32", data=R4.data)
@@ -1219,7 +1226,7 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
         R4: T.Buffer(YS, "float32"),
         Y4: T.Buffer(YS, "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
@@ -1512,7 +1519,7 @@ def depthwise_conv_cpu(
         bias: T.Buffer((C,), "float32"),
         Y: T.Buffer((B, C, OH, OW), "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
         for t in chunk_loop(n_chunks):
             buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
@@ -1620,7 +1627,7 @@ def expand_depthwise_cpu(
         bias: T.Buffer((C,), "float32"),
         Y: T.Buffer((B, C, OH, OW), "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         for t in chunk_loop(n_chunks):
             buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
@@ -1695,7 +1702,7 @@ def im2col_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) 
         X: T.Buffer((B, C, H, W), "float32"),
         Y: T.Buffer((B, C * KH * KW, OH * OW), "float32"),
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         # One input, one output: Relax checks such calls for a reshape pattern, which
         # needs the body to be a block.
         with T.sblock("root"):
