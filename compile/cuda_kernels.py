@@ -24,6 +24,7 @@ from compile.kernels import (
     _activate,
     _drop_unused_inputs,
     _finish,
+    bsr_func,
     stored_blocks,
 )
 
@@ -138,23 +139,12 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
                 for i in T.unroll(RT):
                     acc_buf[i] = acc_buf[i] + w_data[p, r0 + i, c] * x_buf[tb, k0 + c, m]
 
-    @T.prim_func(s_tir=True)
-    def bsr_matmul(
-        X4: T.Buffer(spec.x_shape, "float32"),
-        data: T.Buffer((NNZB, BR, BC), "float32"),
-        indices: T.Buffer((NNZB,), "int32"),
-        indptr: T.Buffer((NRB + 1,), "int32"),
-        bias: T.Buffer((N,), "float32"),
-        R4: T.Buffer(spec.y_shape, "float32"),
-        Y4: T.Buffer(spec.y_shape, "float32"),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
-        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
-        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
+    @T.macro
+    def body(X, data, indices, indptr, bias, R, Y):
         _per_thread(block_row, (X, data, indices, indptr), bias, R, Y, grid, epilogue)
 
-    return _drop_unused_inputs(bsr_matmul, spec)
+    io, dims = (spec.x_shape, spec.y_shape), (B, K, N, M)
+    return bsr_func("bsr_matmul", spec, io, dims, (NNZB, BR, BC), NRB + 1, body)
 
 
 def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
@@ -170,20 +160,8 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
     full = T.uint32(0xFFFFFFFF)
 
-    @T.prim_func(s_tir=True)
-    def bsr_matvec(
-        X4: T.Buffer(spec.x_shape, "float32"),
-        data: T.Buffer((NNZB, BR, BC), "float32"),
-        indices: T.Buffer((NNZB,), "int32"),
-        indptr: T.Buffer((NRB + 1,), "int32"),
-        bias: T.Buffer((N,), "float32"),
-        R4: T.Buffer(spec.y_shape, "float32"),
-        Y4: T.Buffer(spec.y_shape, "float32"),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
-        Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
-        R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
+    @T.macro
+    def body(X, data, indices, indptr, bias, R, Y):
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for lane in T.thread_binding(WARP, thread="threadIdx.x"):
@@ -210,7 +188,8 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
                         if lane == 0:
                             _store_rows(acc, bias, R, Y, b, rb * BR, 0, BR, N, epilogue)
 
-    return _drop_unused_inputs(bsr_matvec, spec)
+    io, dims = (spec.x_shape, spec.y_shape), (B, K, N, 1)
+    return bsr_func("bsr_matvec", spec, io, dims, (NNZB, BR, BC), NRB + 1, body)
 
 
 def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:

@@ -368,6 +368,35 @@ def _drop_unused_inputs(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
     return tirx.PrimFunc(params, tirx.SeqStmt(body), func.ret_type, func.attrs)
 
 
+def bsr_func(name, spec, io, dims, data_shape, n_pointers, body, index="int32") -> tirx.PrimFunc:
+    """BSR kernel `name` for `spec`: the parameters all our BSR kernels take (X; W's `data`,
+    `indices` and `indptr`; bias; the residual R; Y), less those `spec` does not use, around
+    `body`, a macro over (X, data, indices, indptr, bias, R, Y) with X, R and Y viewed as
+    (batch, rows, columns). `io`: X's and Y's shapes; `dims`: (batch, K, N, M);
+    `n_pointers`: indptr's length. TVMScript takes parameters only as written out, so the
+    kernels share this one signature."""
+    xs, ys = io
+    B, K, N, M = dims
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        X4: T.Buffer(xs, "float32"),
+        data: T.Buffer(data_shape, "float32"),
+        indices: T.Buffer((data_shape[0],), index),
+        indptr: T.Buffer((n_pointers,), "int32"),
+        bias: T.Buffer((N,), "float32"),
+        R4: T.Buffer(ys, "float32"),
+        Y4: T.Buffer(ys, "float32"),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
+        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
+        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
+        body(X, data, indices, indptr, bias, R, Y)
+
+    return _drop_unused_inputs(kernel.with_attr("global_symbol", name), spec)
+
+
 def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     """CPU schedule (x86 AVX2/AVX-512, ARM NEON): bs_r x tile_m accumulators in registers,
     parallel over (batch x block row x M tile), unrolled over the block, vectorized over M.
@@ -491,22 +520,8 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                             1,
                         )
 
-    XS, YS = _io_shapes(spec, K, N)
-
-    @T.prim_func(s_tir=True)
-    def bsr_matmul(
-        X4: T.Buffer(XS, "float32"),
-        data: T.Buffer((NNZB, BR, BC), "float32"),
-        indices: T.Buffer((NNZB,), "int32"),
-        indptr: T.Buffer((NP,), "int32"),
-        bias: T.Buffer((N,), "float32"),
-        R4: T.Buffer(YS, "float32"),
-        Y4: T.Buffer(YS, "float32"),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
-        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
-        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
+    @T.macro
+    def body(X, data, indices, indptr, bias, R, Y):
         # The parallel loop runs over chunks so that the accumulators are allocated once per
         # chunk, not once per work item (a local buffer in a parallel body is a heap alloc).
         # A chunk's work items, (batch, block row, M tile) in that order, are walked block row
@@ -530,7 +545,8 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         (acc, X, data, indices, bias, R, Y), acc_tail, indptr, b, rb, mt_lo, mt_hi
                     )
 
-    return _drop_unused_inputs(bsr_matmul, spec)
+    io, dims = _io_shapes(spec, K, N), (B, K, N, M)
+    return bsr_func("bsr_matmul", spec, io, dims, (NNZB, BR, BC), NP, body)
 
 
 def dense_block_rows(family: str, avx512: bool = True) -> int:
@@ -958,24 +974,10 @@ def bsr_matvec_cpu(
         """Y's `row`: its sum `value` plus its bias, finished."""
         y_buf[tb, row, 0] = _finish(value + bias_buf[row], r_buf[tb, row, 0], epilogue)
 
-    XS, YS = _io_shapes(spec, K, N)
-
-    @T.prim_func(s_tir=True)
-    def bsr_matvec(
-        X4: T.Buffer(XS, "float32"),
-        data: T.Buffer((NNZB, BR, BC), "float32"),
-        indices: T.Buffer((NNZB,), INDEX),
-        indptr: T.Buffer((NP,), "int32"),
-        bias: T.Buffer((N,), "float32"),
-        R4: T.Buffer(YS, "float32"),
-        Y4: T.Buffer(YS, "float32"),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, 1), "float32", data=X4.data)
-        Y = T.decl_buffer((B, N, 1), "float32", data=Y4.data)
-        R = T.decl_buffer((B, N, 1), "float32", data=R4.data)
+    @T.macro
+    def body(X, data, indices, indptr, bias, R, Y):
         W = T.decl_buffer((NNZB * E,), "float32", data=data.data)
-        XF = T.decl_buffer((B * K,), "float32", data=X4.data)
+        XF = T.decl_buffer((B * K,), "float32", data=X.data)
         if RG > 1:
             assert NRB % RG == 0, "indptr must cover whole groups of rows (pad_indptr)"
         for t in chunk_loop(n_chunks):
@@ -1020,7 +1022,8 @@ def bsr_matvec_cpu(
                                 red, R, Y, b, g * BR, 0, BR, 1, 1, N, epilogue, guard, None
                             )
 
-    return _drop_unused_inputs(bsr_matvec, spec)
+    io, dims = _io_shapes(spec, K, N), (B, K, N, 1)
+    return bsr_func("bsr_matvec", spec, io, dims, (NNZB, BR, BC), NP, body, INDEX)
 
 
 # The most columns `bsr_matvec_columns_cpu` takes. AVX2, 512x512, interleaved against the
@@ -1085,22 +1088,8 @@ def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -
                 epilogue,
             )
 
-    XS, YS = _io_shapes(spec, K, N)
-
-    @T.prim_func(s_tir=True)
-    def bsr_matvec_columns(
-        X4: T.Buffer(XS, "float32"),
-        data: T.Buffer((NNZB, BR, 1), "float32"),
-        indices: T.Buffer((NNZB,), "int32"),
-        indptr: T.Buffer((NP,), "int32"),
-        bias: T.Buffer((N,), "float32"),
-        R4: T.Buffer(YS, "float32"),
-        Y4: T.Buffer(YS, "float32"),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, MC), "float32", data=X4.data)
-        Y = T.decl_buffer((B, N, MC), "float32", data=Y4.data)
-        R = T.decl_buffer((B, N, MC), "float32", data=R4.data)
+    @T.macro
+    def body(X, data, indices, indptr, bias, R, Y):
         for t in chunk_loop(n_chunks):
             acc = T.alloc_buffer((CH * MC, BR), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
@@ -1126,7 +1115,8 @@ def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -
                                         acc[c, i] + bias[row0 + i], R[b, row0 + i, c], epilogue
                                     )
 
-    return _drop_unused_inputs(bsr_matvec_columns, spec)
+    io, dims = _io_shapes(spec, K, N), (B, K, N, MC)
+    return bsr_func("bsr_matvec_columns", spec, io, dims, (NNZB, BR, 1), NP, body)
 
 
 # 1 x c blocks at M > 1 (4 <= c <= 8) are walked by column block (`bsc_matmul_cpu`) when a
@@ -1214,22 +1204,8 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
         for i in range(N):
             _in_pieces(_store_piece, (acc_buf, r_buf, y_buf, tb, i, i, m0, epilogue), width, L)
 
-    XS, YS = _io_shapes(spec, K, N)
-
-    @T.prim_func(s_tir=True)
-    def bsc_matmul(
-        X4: T.Buffer(XS, "float32"),
-        data: T.Buffer((NNZB, BC, 1), "float32"),
-        indices: T.Buffer((NNZB,), "int32"),
-        indptr: T.Buffer((NP,), "int32"),
-        bias: T.Buffer((N,), "float32"),
-        R4: T.Buffer(YS, "float32"),
-        Y4: T.Buffer(YS, "float32"),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, M), "float32", data=X4.data)
-        Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
-        R = T.decl_buffer((B, N, M), "float32", data=R4.data)
+    @T.macro
+    def body(X, data, indices, indptr, bias, R, Y):
         for t in chunk_loop(n_chunks):
             # The scratch is sized by the layer's rows (kept in this kernel's key, see Kernel).
             # It is allocated as whole vectors, so that LLVM aligns it to a vector: TVM aligns
@@ -1255,7 +1231,8 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
                                 acc, xr, X, data, indices, indptr, bias, R, Y, b, n_full * MT, tail
                             )
 
-    return _drop_unused_inputs(bsc_matmul, spec)
+    io, dims = _io_shapes(spec, K, N), (B, K, N, M)
+    return bsr_func("bsc_matmul", spec, io, dims, (NNZB, BC, 1), NP, body)
 
 
 def _column_sum(w_data, xr_buf, p, col, columns: int):
