@@ -43,10 +43,9 @@ def layer_calls(
         if plan.im2col is None:
             x3 = x.reshape(spec.x_shape)
             return [KernelCall(symbol_of(plan.kernel), (x3, *consts), matmul_out)]
-        cols = (spec.batch, spec.cols, spec.m)
-        x3 = rng.standard_normal(cols).astype(np.float32)
+        x3 = rng.standard_normal(spec.x_shape).astype(np.float32)
         return [
-            KernelCall(symbol_of(plan.im2col), (x,), cols),
+            KernelCall(symbol_of(plan.im2col), (x,), spec.x_shape),
             KernelCall(symbol_of(plan.kernel), (x3, *consts), matmul_out),
         ]
     x3 = np.ascontiguousarray(x.reshape(spec.m, spec.cols).T.reshape(spec.x_shape))

@@ -32,6 +32,7 @@ from compile.kernels import (
     KernelSpec,
     dense_block_rows,
     dense_matvec_rows,
+    im2col_row,
     matvec_row_blocks,
     matvec_row_chains,
     matvec_row_group,
@@ -382,16 +383,20 @@ def plan_rewrite(
             continue
         matrix = weight.reshape(rows, -1)
         maps: tuple = (None, None, False)
+        x_row = 0
         if kind == "conv":
             batch, m = geometry.batch, geometry.out_height * geometry.out_width
             # the kernels take the conv's 4-D tensors: no reshape calls around them
             hw = (geometry.out_height, geometry.out_width)
             maps = (hw if _is_plain_1x1(geometry) else None, hw, residual_var is not None)
+            if not _is_plain_1x1(geometry):  # X is the im2col output, its rows maybe padded
+                x_row = im2col_row(m, family)
+                x_row = 0 if x_row == m else x_row
         else:
             batch, m = 1, math.prod(x_shape[:-1])
             if m == 1 and len(x_shape) == 2:  # (1, features): as it is
                 maps = ((), (), False)
-        site = LayerSite(batch, m, activation, family, num_cores, avx512, maps)
+        site = LayerSite(batch, m, activation, family, num_cores, avx512, maps, x_row)
         dense = _dense_candidate(matrix, bias, site)
         impl, choice, bsr = "dense", None, None
         if name in sparse:
@@ -534,10 +539,19 @@ class LayerSite:
     num_cores: int | None
     avx512: bool
     maps: tuple = (None, None, False)
+    x_row: int = 0  # `KernelSpec.x_row`
 
     def spec(self, rows: int, cols: int, block: tuple[int, int], block_rows: int) -> KernelSpec:
         return KernelSpec(
-            self.batch, rows, cols, self.m, block, block_rows, self.activation, *self.maps
+            self.batch,
+            rows,
+            cols,
+            self.m,
+            block,
+            block_rows,
+            self.activation,
+            *self.maps,
+            x_row=self.x_row,
         )
 
     def kernel(self, op: str, spec: KernelSpec, macs: int) -> Kernel:
@@ -712,8 +726,7 @@ class _LayerRewriter(relax.PyExprMutator):
         spec = plan.spec
         if plan.kind == "conv":
             if plan.im2col is not None:
-                cols = (spec.batch, spec.cols, spec.m)
-                x3 = self._call(plan.im2col, kernel_symbol(plan.name, "im2col"), [x], cols)
+                x3 = self._call(plan.im2col, kernel_symbol(plan.name, "im2col"), [x], spec.x_shape)
             elif spec.in_hw is None:
                 x3 = emit(relax.op.reshape(x, spec.x_shape))
             else:  # the kernel reads the conv's input as it is: no reshape call
