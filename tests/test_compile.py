@@ -23,6 +23,7 @@ from compile.bsr import BsrWeight, block_fill, bsr_to_dense, choose_block, pad_r
 from compile.choose import KernelCandidate, KernelChooser
 from compile.kernels import (
     BUILD_CONFIG,
+    TILE_MAJOR_X_BYTES,
     ConvGeometry,
     Kernel,
     KernelSpec,
@@ -549,19 +550,21 @@ def test_im2col_rows_are_padded_off_whole_pages():
 def test_kxk_convs_on_a_32x32_map_read_padded_im2col_rows(tmp_path):
     """A 3x3 conv with a 32x32 output: the im2col rows are 1040 floats, the matmul (sparse or
     dense) reads the first 1024 of each, and the network and its layers one by one (the
-    layer library, as a device times it) give torch's output."""
+    layer library, as a device times it) give torch's output. The dense conv's X (144 x 1040
+    floats) is over `TILE_MAJOR_X_BYTES`: its kernel walks it tile by tile."""
     torch.manual_seed(4)
     model = nn.Sequential(
-        MaskedConv2d(4, 8, 3, padding=1, sparsity=0.75, block=(4, 1)),
+        MaskedConv2d(4, 16, 3, padding=1, sparsity=0.75, block=(4, 1)),
         nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Conv2d(16, 8, 3, padding=1),
     ).eval()
     x = torch.randn(1, 4, 32, 32)
     compiled = _check_build(model, x, ["0"], ["2"])
     plans = {plan.name: plan for plan in compiled.layer_plans}
-    assert [plans[n].spec.x_shape for n in ("0", "2")] == [(1, 36, 1040), (1, 72, 1040)]
+    assert [plans[n].spec.x_shape for n in ("0", "2")] == [(1, 36, 1040), (1, 144, 1040)]
+    assert 144 * 1040 * 4 > TILE_MAJOR_X_BYTES
     calls = compiled.export_layer_library(tmp_path / "layers.so")
-    assert calls["2"][0].output_shape == (1, 72, 1040)  # the im2col call
+    assert calls["2"][0].output_shape == (1, 144, 1040)  # the im2col call
     lib = tvm.runtime.load_module(str(tmp_path / "layers.so"))
     x2 = torch.relu(model[0](x)).detach()
     got = layer_output(
