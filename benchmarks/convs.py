@@ -20,6 +20,7 @@ from kernels import replace_section
 from torch import nn
 
 import compile as hw_compile
+from compile.kernels import KERNEL_VERSION
 from search_spaces.ops import SparseConv2d
 
 # (name, in channels, out channels, map size)
@@ -85,7 +86,12 @@ def main() -> None:
     with torch.no_grad():
         for index, (median, best) in in_turns(timers, args.repeats).items():
             rows[index].update(ms=median, best_ms=best)
-    result = {"machine": machine(), "repeats": args.repeats, "rows": rows}
+    result = {
+        "machine": machine(),
+        "kernel_version": KERNEL_VERSION,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     OUT.mkdir(exist_ok=True)
     (OUT / "convs.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
@@ -98,7 +104,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"{HEADING} (`benchmarks/convs.py`)",
         "",
-        f"Taken on {m['cpu']} ({m['cores']} cores, {m['threads']} thread), {m['date']}: each "
+        f"Taken on {m['cpu']} ({m['cores']} cores, {m['threads']} thread), {m['date']}, "
+        f"KERNEL_VERSION {result['kernel_version']}: each "
         "conv (3x3, padding 1, then ReLU) a one-layer model, timed in turns "
         f"({result['repeats']} rounds; ms per call, median and best round). hwnas builds it "
         "as im2col and our matmul kernel (the sparse kernel forced for the sparse convs); "
