@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
 import torch
-from e2e import OUT, HostProfile, call_timer, in_turns, linked, machine, vm_timer
+from e2e import OUT, HostProfile, call_timer, in_turns, linked, machine, ort_timer, vm_timer
 from kernels import replace_section
 from torch import nn
 
@@ -43,23 +41,6 @@ def conv_model(cin: int, cout: int, block: tuple[int, int] | None) -> nn.Module:
     return nn.Sequential(conv, nn.ReLU()).eval()
 
 
-def ort_timer(model: nn.Module, x: torch.Tensor):
-    """A timer for the model in onnxruntime (one thread), or None without onnxruntime."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "conv.onnx"
-        torch.onnx.export(model, (x,), str(path), dynamo=True)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name, xn = session.get_inputs()[0].name, x.numpy()
-    return call_timer(lambda: session.run(None, {name: xn}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=10, help="rounds of timings in turns")
@@ -79,7 +60,10 @@ def main() -> None:
         with torch.no_grad():
             rows.append({"shape": shape, "conv": "dense", "runtime": "torch"})
             timers[len(rows) - 1] = call_timer(lambda m=dense, x=x: m(x))
-            ort = ort_timer(dense, x)
+            try:
+                ort = ort_timer(dense, x)
+            except ImportError:  # no onnxruntime: the row is left out
+                ort = None
         if ort is not None:
             rows.append({"shape": shape, "conv": "dense", "runtime": "onnxruntime"})
             timers[len(rows) - 1] = ort

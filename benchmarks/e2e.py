@@ -127,6 +127,22 @@ def vm_timer(executable, x: np.ndarray, number: int = 200):
     return lambda: float(timer(arg).results[0]) * 1e3
 
 
+def ort_timer(model: torch.nn.Module, x: torch.Tensor):
+    """A timer (`call_timer`) for `model` on `x` in onnxruntime, THREADS threads, exported
+    through torch's ONNX exporter. Raises ImportError without onnxruntime."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (x,), str(path), dynamo=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name, xn = session.get_inputs()[0].name, x.numpy()
+    return call_timer(lambda: session.run(None, {name: xn}))
+
+
 def in_turns(timers: dict, rounds: int) -> dict:
     """Every timer called once per round, in turns, so that the seconds-long bursts of outside
     load on a shared machine hit them alike (timed one after the other, the 32x32 sparse net
@@ -198,18 +214,9 @@ def main() -> None:
         timers[len(rows) - 1] = call_timer(lambda: dense(x))
         exported = torch.export.export(dense, (x,))
     try:
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "mbv2.onnx"
-            torch.onnx.export(dense, (x,), str(path), dynamo=True)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = THREADS
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            rows.append({"net": "dense twin", "runtime": "onnxruntime"})
-            timers[len(rows) - 1] = call_timer(lambda: session.run(None, {name: xn}))
+        timer = ort_timer(dense, x)
+        rows.append({"net": "dense twin", "runtime": "onnxruntime"})
+        timers[len(rows) - 1] = timer
     except Exception as exc:  # onnxruntime or the ONNX exporter missing
         rows.append({"net": "dense twin", "runtime": "onnxruntime", "error": str(exc)[:200]})
     with torch.no_grad():
