@@ -122,7 +122,7 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     accumulated in registers over the row's blocks. M == 1: `bsr_matvec_cuda`."""
     if spec.m == 1:
         return bsr_matvec_cuda(spec)
-    B, N, K, M = spec.batch, spec.rows, spec.cols, spec.m
+    N, K = spec.rows, spec.cols
     BR, BC = spec.block
     NNZB, NRB = stored_blocks(), spec.block_rows
     grid = _thread_grid(spec)
@@ -143,8 +143,7 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     def body(X, data, indices, indptr, bias, R, Y):
         _per_thread(block_row, (X, data, indices, indptr), bias, R, Y, grid, epilogue)
 
-    io, dims = (spec.x_shape, spec.y_shape), (B, K, N, M)
-    return bsr_func("bsr_matmul", spec, io, dims, (NNZB, BR, BC), NRB + 1, body)
+    return bsr_func("bsr_matmul", spec, K, N, (NNZB, BR, BC), NRB + 1, body)
 
 
 def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
@@ -188,8 +187,7 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
                         if lane == 0:
                             _store_rows(acc, bias, R, Y, b, rb * BR, 0, BR, N, epilogue)
 
-    io, dims = (spec.x_shape, spec.y_shape), (B, K, N, 1)
-    return bsr_func("bsr_matvec", spec, io, dims, (NNZB, BR, BC), NRB + 1, body)
+    return bsr_func("bsr_matvec", spec, K, N, (NNZB, BR, BC), NRB + 1, body)
 
 
 def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:

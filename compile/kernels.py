@@ -73,8 +73,13 @@ class KernelSpec:
     x_row: int = 0
 
     @property
+    def x_width(self) -> int:
+        """The length of X's rows as a matmul kernel views them (`x_row`, or m)."""
+        return self.x_row or self.m
+
+    @property
     def x_shape(self) -> tuple[int, ...]:
-        return (self.batch, self.cols, *_spatial(self.in_hw, self.x_row or self.m))
+        return (self.batch, self.cols, *_spatial(self.in_hw, self.x_width))
 
     @property
     def y_shape(self) -> tuple[int, ...]:
@@ -95,7 +100,7 @@ def _dim(name: str) -> tirx.Var:
 
 def _io_shapes(spec: KernelSpec, cols, rows) -> tuple[tuple, tuple]:
     """X's and Y's buffer shapes with the symbolic row and column counts."""
-    x = (spec.batch, cols, *_spatial(spec.in_hw, spec.x_row or spec.m))
+    x = (spec.batch, cols, *_spatial(spec.in_hw, spec.x_width))
     return x, (spec.batch, rows, *_spatial(spec.out_hw, spec.m))
 
 
@@ -388,15 +393,15 @@ def _drop_unused_inputs(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
     return tirx.PrimFunc(params, tirx.SeqStmt(body), func.ret_type, func.attrs)
 
 
-def bsr_func(name, spec, io, dims, data_shape, n_pointers, body, index="int32") -> tirx.PrimFunc:
+def bsr_func(name, spec, K, N, data_shape, n_pointers, body, index="int32") -> tirx.PrimFunc:
     """BSR kernel `name` for `spec`: the parameters all our BSR kernels take (X; W's `data`,
     `indices` and `indptr`; bias; the residual R; Y), less those `spec` does not use, around
     `body`, a macro over (X, data, indices, indptr, bias, R, Y) with X, R and Y viewed as
-    (batch, rows, columns), X's rows `spec.x_row` long when set. `io`: X's and Y's shapes;
-    `dims`: (batch, K, N, M); `n_pointers`: indptr's length. TVMScript takes parameters only
-    as written out, so the kernels share this one signature."""
-    xs, ys = io
-    B, K, N, M = dims
+    (batch, rows, columns), X's rows `spec.x_width` long. K, N: W's columns and rows (symbolic
+    on CPUs, read from the arrays); `n_pointers`: indptr's length. TVMScript takes parameters
+    only as written out, so the kernels share this one signature."""
+    B, M = spec.batch, spec.m
+    xs, ys = _io_shapes(spec, K, N)
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -409,7 +414,7 @@ def bsr_func(name, spec, io, dims, data_shape, n_pointers, body, index="int32") 
         Y4: T.Buffer(ys, "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, spec.x_row or M), "float32", data=X4.data)
+        X = T.decl_buffer((B, K, spec.x_width), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         body(X, data, indices, indptr, bias, R, Y)
@@ -565,8 +570,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         (acc, X, data, indices, bias, R, Y), acc_tail, indptr, b, rb, mt_lo, mt_hi
                     )
 
-    io, dims = _io_shapes(spec, K, N), (B, K, N, M)
-    return bsr_func("bsr_matmul", spec, io, dims, (NNZB, BR, BC), NP, body)
+    return bsr_func("bsr_matmul", spec, K, N, (NNZB, BR, BC), NP, body)
 
 
 def dense_block_rows(family: str, avx512: bool = True) -> int:
@@ -625,7 +629,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     # Work items go tile by tile (every row block of an M tile, then the next tile) when X
     # outgrows L2 and W is the smaller: each tile's panel of X is then read from memory once,
     # not once per row block, and W is read again for each tile (`TILE_MAJOR_X_BYTES`).
-    XM = spec.x_row or M
+    XM = spec.x_width
     tile_major = T.And(T.Cast("int64", K) * XM * 4 > TILE_MAJOR_X_BYTES, NRB * BR < XM)
 
     # Copies of a narrow tile's accumulators (`_copies`): consecutive k go to different copies
@@ -1056,8 +1060,7 @@ def bsr_matvec_cpu(
                                 red, R, Y, b, g * BR, 0, BR, 1, 1, N, epilogue, guard, None
                             )
 
-    io, dims = _io_shapes(spec, K, N), (B, K, N, 1)
-    return bsr_func("bsr_matvec", spec, io, dims, (NNZB, BR, BC), NP, body, INDEX)
+    return bsr_func("bsr_matvec", spec, K, N, (NNZB, BR, BC), NP, body, INDEX)
 
 
 # The most columns `bsr_matvec_columns_cpu` takes. AVX2, 512x512, interleaved against the
@@ -1149,8 +1152,7 @@ def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -
                                         acc[c, i] + bias[row0 + i], R[b, row0 + i, c], epilogue
                                     )
 
-    io, dims = _io_shapes(spec, K, N), (B, K, N, MC)
-    return bsr_func("bsr_matvec_columns", spec, io, dims, (NNZB, BR, 1), NP, body)
+    return bsr_func("bsr_matvec_columns", spec, K, N, (NNZB, BR, 1), NP, body)
 
 
 # 1 x c blocks at M > 1 (4 <= c <= 8) are walked by column block (`bsc_matmul_cpu`) when a
@@ -1265,8 +1267,7 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
                                 acc, xr, X, data, indices, indptr, bias, R, Y, b, n_full * MT, tail
                             )
 
-    io, dims = _io_shapes(spec, K, N), (B, K, N, M)
-    return bsr_func("bsc_matmul", spec, io, dims, (NNZB, BC, 1), NP, body)
+    return bsr_func("bsc_matmul", spec, K, N, (NNZB, BC, 1), NP, body)
 
 
 def _column_sum(w_data, xr_buf, p, col, columns: int):
