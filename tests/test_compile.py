@@ -340,6 +340,12 @@ def test_by_column_kernel_matches_numpy(block, sparsity, batch, hw, activation, 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def _llvm_ir(func) -> str:
+    """The LLVM IR of one kernel, compiled for this host as a build compiles it."""
+    with tvm.transform.PassContext(config=BUILD_CONFIG):
+        return tvm.compile(func, target=HOST.target).mod.inspect_source("ll")
+
+
 @pytest.mark.parametrize(
     ("avx512", "vector"), [(False, "<8 x float>], align 32"), (True, "<16 x float>], align 64")]
 )
@@ -353,10 +359,8 @@ def test_by_column_scratch_is_aligned_to_a_vector(avx512, vector):
     site = LayerSite(1, 64, "none", "x86", 1, avx512)
     cand = _sparse_candidate(w, to_bsr(w, (1, 4)), np.zeros(53, np.float32), site)
     assert cand.spec.by_column
-    with tvm.transform.PassContext(config=BUILD_CONFIG):  # as a build makes it
-        lib = tvm.compile(cand.kernel.func(), target=HOST.target)
     # 53 rows x 2 vectors of the M tile
-    assert f"alloca [106 x {vector}" in lib.mod.inspect_source("ll")
+    assert f"alloca [106 x {vector}" in _llvm_ir(cand.kernel.func())
 
 
 @pytest.mark.parametrize(
@@ -373,11 +377,9 @@ def test_kernel_buffers_reach_llvm_as_noalias(kernel):
     """Our kernels tell TVM that their buffers never overlap, in the attribute TVM 0.27 reads
     ("tirx.noalias"; up to KERNEL_VERSION 32 they said "tir.noalias", which it ignores): its
     LLVM codegen then gives the body a function of its own with `noalias` pointers."""
-    with tvm.transform.PassContext(config=BUILD_CONFIG):  # as a build makes it
-        lib = tvm.compile(kernel.func(), target=HOST.target)
     body = [
         line
-        for line in lib.mod.inspect_source("ll").splitlines()
+        for line in _llvm_ir(kernel.func()).splitlines()
         if line.startswith("define") and "_compute_(" in line
     ]
     assert len(body) == 1 and "ptr noalias" in body[0]
