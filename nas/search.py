@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import torch
 
 import compile as hw_compile
@@ -58,6 +59,7 @@ DERIVED_POLL_S = 2.0
 # Worker 0 waits this long at most for the worker processes it starts to set up.
 WORKER_START_S = 120.0
 WORKER_POLL_S = 0.2
+STORAGE_OPEN_TRIES = 5
 # A worker writes its id on a trial milliseconds after creating it (see `_orphaned`).
 ASK_GRACE_S = 5.0
 
@@ -136,7 +138,7 @@ def open_study(
         raise UserError(f"{run_dir} exists and is not an hwnas run: choose another --out")
     directions, metric_names = objectives(profiles)
     if config.study_name in _study_names(config):
-        existing = optuna.load_study(study_name=config.study_name, storage=config.storage_url)
+        existing = optuna.load_study(study_name=config.study_name, storage=_storage(config))
         if existing.metric_names and existing.metric_names != metric_names:
             raise UserError(
                 f"the study {config.study_name!r} measures {', '.join(existing.metric_names)}, "
@@ -145,7 +147,7 @@ def open_study(
     _check_writable(run_dir)
     study = optuna.create_study(
         study_name=config.study_name,
-        storage=config.storage_url,
+        storage=_storage(config),
         directions=directions,
         load_if_exists=True,
     )
@@ -184,12 +186,27 @@ def _study_names(config: SearchConfig) -> list[str]:
     if not config.storage and not (config.run_dir / "study.db").exists():
         return []
     try:
-        return optuna.get_all_study_names(config.storage_url)
+        return optuna.get_all_study_names(_storage(config))
     except Exception as exc:
         raise UserError(
             f"cannot read the study storage {config.storage_url} ({type(exc).__name__}): "
             "repair or move it away, or choose another --out"
         ) from None
+
+
+def _storage(config: SearchConfig) -> optuna.storages.RDBStorage:
+    """The run's study storage. Whoever opens a new database first creates its tables; a
+    process opening it at the same moment (another worker, optuna-dashboard, a script polling
+    the run) can make that fail with 'table ... already exists'. The tables are then there, so
+    opening again succeeds."""
+    for _ in range(STORAGE_OPEN_TRIES - 1):
+        try:
+            return optuna.storages.RDBStorage(config.storage_url)
+        except sqlalchemy.exc.DatabaseError as exc:
+            if "already exists" not in str(exc):
+                raise
+            time.sleep(0.2)
+    return optuna.storages.RDBStorage(config.storage_url)
 
 
 def _worker_id() -> str:

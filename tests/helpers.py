@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -35,8 +36,19 @@ def hwnas(
 
 
 def load_run(run: Path) -> optuna.Study:
-    """The study a search wrote into run directory `run`."""
+    """The study a search wrote into run directory `run`. Not while a search may be creating it:
+    read `trial_states` then."""
     return optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
+
+
+def trial_states(db: Path) -> list[str]:
+    """The trials' states in number order, read without writing: opening the study through
+    Optuna while the search creates it races with the search's own schema set-up."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return [row[0] for row in conn.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.Error:  # not created yet, or mid-creation
+        return []
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:

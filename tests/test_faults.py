@@ -28,6 +28,7 @@ from helpers import (
     start_server,
     start_tracker,
     stop,
+    trial_states,
     wait_for,
 )
 from torch import nn
@@ -295,27 +296,28 @@ def test_the_search_survives_its_tracker_restarting(tmp_path: Path) -> None:
         wait_for(lambda: tracker_summary(tracker_at) is not None, "the tracker")
         server = start_server(port, "x86-local")
         wait_for(lambda: tracker_summary(tracker_at).get("x86-local"), "the server")
-        search_proc = subprocess.Popen(
-            [
-                sys.executable,
-                *("-m", "nas.cli", "search", "--space", "tiny-sparse", "--epochs", "1"),
-                *("--trials", "3", "--out", str(run), "--tracker", f"127.0.0.1:{port}"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-        def first_trial_done() -> bool:
-            return bool(load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
-
-        wait_for(first_trial_done, "the first trial", timeout_s=300)
+        err = tmp_path / "search.err"  # a file, not a pipe: a full pipe would stall the search
+        with err.open("w") as log:
+            search_proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    *("-m", "nas.cli", "search", "--space", "tiny-sparse", "--epochs", "1"),
+                    *("--trials", "3", "--out", str(run), "--tracker", f"127.0.0.1:{port}"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 300
+        while "COMPLETE" not in trial_states(run / "study.db"):
+            assert search_proc.poll() is None, f"the search ended early: {err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.3)
         kill(tracker)  # with the worker TVM serves from: nothing answers on the port now
         with pytest.raises(DeviceError):
             check_tracker(tracker_at)
         tracker = start_tracker(port)
-        _, err = search_proc.communicate(timeout=600)
-        assert search_proc.returncode == 0, err[-3000:]
+        search_proc.wait(timeout=600)
+        assert search_proc.returncode == 0, err.read_text()[-3000:]
     finally:
         if search_proc is not None and search_proc.poll() is None:
             search_proc.kill()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import load_run, processes_tagged
+from helpers import load_run, processes_tagged, trial_states
 
+from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker
-from nas.search import INTERRUPTED
+from nas.config import SearchConfig
+from nas.search import INTERRUPTED, open_study
 from nas.strategies import STRATEGIES, distributions, make_sampler
 from search_spaces.spaces import get_space
 
@@ -27,16 +29,6 @@ COMPLETE = (optuna.trial.TrialState.COMPLETE,)
 
 def hwnas_args(*args: str) -> list[str]:
     return [sys.executable, "-m", "nas.cli", *args]
-
-
-def trial_states(db: Path) -> list[str]:
-    """The trials' states in number order, read without writing: opening the study through
-    Optuna while the search creates it races with the search's own schema set-up."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            return [row[0] for row in conn.execute("SELECT state FROM trials ORDER BY number")]
-    except sqlite3.Error:  # not created yet, or mid-creation
-        return []
 
 
 def test_sigkilled_search_resumes_without_losing_or_repeating_a_trial(tmp_path: Path) -> None:
@@ -191,3 +183,31 @@ def test_a_trial_killed_before_it_named_its_worker_is_failed_on_resume(
     assert trials[unnamed.number].user_attrs["fail_reason"] == INTERRUPTED
     assert trials[live.number].state == optuna.trial.TrialState.RUNNING
     assert nas.search.counted_trials(study) == 1
+
+
+def _read_until(url: str, polling, stop) -> None:
+    """What optuna-dashboard, or a script showing a run's progress, does to the run's database
+    (and opening a database that does not exist yet creates it and its tables)."""
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            optuna.get_all_study_names(url)
+        polling.set()
+
+
+def test_a_new_study_opens_while_another_process_opens_its_database(tmp_path: Path) -> None:
+    space = get_space("tiny-sparse")
+    profiles = [load_profile("x86-local")]
+    context = multiprocessing.get_context("spawn")
+    for i in range(3):
+        config = SearchConfig(out=str(tmp_path / f"run{i}"), space="tiny-sparse")
+        polling, stop = context.Event(), context.Event()
+        reader = context.Process(target=_read_until, args=(config.storage_url, polling, stop))
+        reader.start()
+        try:
+            assert polling.wait(60)
+            study = open_study(config, space, profiles)  # creates the run's directory
+        finally:
+            stop.set()
+            reader.join(30)
+        assert study.study_name == f"run{i}"
+        assert optuna.get_all_study_names(config.storage_url) == [f"run{i}"]
