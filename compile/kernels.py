@@ -32,7 +32,7 @@ BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 35
+KERNEL_VERSION = 36
 
 
 @dataclass(frozen=True)
@@ -1308,18 +1308,52 @@ def _chunks(work, num_cores: int | None) -> tuple:
 
 
 @T.macro
-def _each_channel(t, per_chunk, batch, channels, buf, body, args):
-    """The (batch, channel) pairs of chunk `t` (see `_chunks`), `body(buf, *args, b, c)` for
-    each. The chunk's `buf` is zeroed first: its padding stays zero, as a channel rewrites only
-    the input positions."""
-    for e in T.vectorized(buf.shape[0]):
-        buf[e] = T.float32(0)
+def _each_channel(t, per_chunk, batch, channels, bufs, fill, fill_args, use, use_args, overlap):
+    """The (batch, channel) pairs of chunk `t` (see `_chunks`), each in two steps:
+    `fill(buf, *fill_args, b, c)` writes the pair's input into `buf`, `use(buf, *use_args, b,
+    c)` reads it. `bufs` is zeroed first: padding stays zero, as a fill rewrites only the input
+    positions. With `overlap`, `bufs` holds two buffers, and the next pair's fill goes to one
+    before this pair's use of the other. For a small plane that the use reads in straight-line
+    code, filled and used in one buffer, LLVM forwarded the fill's stores to the use's loads
+    as shuffles (74 a channel at 8x8, and spills: twice the FMAs' time)."""
+    size = bufs.shape[0] // 2 if overlap else bufs.shape[0]
+    for e in T.vectorized(bufs.shape[0]):
+        bufs[e] = T.float32(0)
+    first = T.bind(t * per_chunk)
+    if overlap and first < batch * channels:
+        buf0 = T.decl_buffer((size,), "float32", data=bufs.data, scope="local")
+        fill(buf0, *fill_args, _outer(first, channels, batch), _inner(first, channels, batch))
     for w0 in range(per_chunk):
-        w = T.bind(t * per_chunk + w0)
+        w = T.bind(first + w0)
         if w < batch * channels:
             b = T.bind(_outer(w, channels, batch))
             c = T.bind(_inner(w, channels, batch))
-            body(buf, *args, b, c)
+            if not overlap:
+                fill(bufs, *fill_args, b, c)
+                use(bufs, *use_args, b, c)
+            else:
+                if w0 + 1 < per_chunk and w + 1 < batch * channels:
+                    after = T.decl_buffer(
+                        (size,),
+                        "float32",
+                        data=bufs.data,
+                        elem_offset=(1 - w0 % 2) * size,
+                        scope="local",
+                    )
+                    fill(
+                        after,
+                        *fill_args,
+                        _outer(w + 1, channels, batch),
+                        _inner(w + 1, channels, batch),
+                    )
+                this = T.decl_buffer(
+                    (size,),
+                    "float32",
+                    data=bufs.data,
+                    elem_offset=(w0 % 2) * size,
+                    scope="local",
+                )
+                use(this, *use_args, b, c)
 
 
 def _phase_interior(phase: int, pad: int, size: int, stride: int, count: int) -> tuple[int, int]:
@@ -1339,7 +1373,8 @@ class _DepthwiseParts:
     per stride phase of rows `phase_width` wide; `compute(acc, buf, weight, bias, y_buf, b, c)`
     writes output plane (b, c) from it, with `acc` an `acc_shape` register tile.
     `put_row(buf, src, s0, row)` stores one input row, held in src[s0 .. s0 + width), where
-    `load` would put it (None where it cannot)."""
+    `load` would put it (None where it cannot). `one_group`: `compute` is one register group
+    of rows, straight-line code (the channels then overlap, see `_each_channel`)."""
 
     load: object
     compute: object
@@ -1348,6 +1383,7 @@ class _DepthwiseParts:
     put_row: object | None
     phase_size: int
     phase_width: int
+    one_group: bool
 
 
 def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _DepthwiseParts:
@@ -1502,7 +1538,7 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
             load_phases(buf, x_buf, tb, tc)
 
     return _DepthwiseParts(
-        load, compute, SH * SW * PP, (RG, OW), put_row if fits else None, PP, PW
+        load, compute, SH * SW * PP, (RG, OW), put_row if fits else None, PP, PW, RG == OH
     )
 
 
@@ -1515,13 +1551,18 @@ def depthwise_conv_cpu(
     KH, KW = geo.kernel
     OH, OW = geo.out_height, geo.out_width
     parts = _depthwise_parts(geo, activation, lanes)
-    load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
+    load, compute, ACC = parts.load, parts.compute, parts.acc_shape
+    OVERLAP = parts.one_group
+    BUFS = parts.buf_size * (2 if OVERLAP else 1)
     n_chunks, per_chunk = _chunks(B * C, num_cores)
     chunk_loop = _chunk_loop(num_cores != 1)
 
     @T.macro
-    def channel(buf, acc, x_buf, x_flat, weight, bias, y_buf, b, c):
+    def fill(buf, x_buf, x_flat, b, c):
         load(buf, x_buf, x_flat, (b * C + c) * H * W, b, c)
+
+    @T.macro
+    def use(buf, acc, weight, bias, y_buf, b, c):
         compute(acc, buf, weight, bias, y_buf, b, c)
 
     @T.prim_func(s_tir=True)
@@ -1534,9 +1575,11 @@ def depthwise_conv_cpu(
         T.func_attr(KERNEL_ATTRS)
         Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
         for t in chunk_loop(n_chunks):
-            buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
+            bufs = T.alloc_buffer((BUFS,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
-            _each_channel(t, per_chunk, B, C, buf, channel, (acc, X, Xf, weight, bias, Y))
+            _each_channel(
+                t, per_chunk, B, C, bufs, fill, (X, Xf), use, (acc, weight, bias, Y), OVERLAP
+            )
 
     return depthwise_conv
 
@@ -1565,7 +1608,9 @@ def expand_depthwise_cpu(
     OH, OW = geo.out_height, geo.out_width
     expand_act = ACTIVATIONS.index(expand.activation)
     parts = _depthwise_parts(geo, activation, lanes)
-    load, compute, BUF, ACC = parts.load, parts.compute, parts.buf_size, parts.acc_shape
+    load, compute, ACC = parts.load, parts.compute, parts.acc_shape
+    OVERLAP = parts.one_group
+    BUFS = parts.buf_size * (2 if OVERLAP else 1)
     put_row = parts.put_row
     # Expanded positions per register tile: whole input rows when they can go straight into
     # the depthwise conv's buffer, else into a plane that `load` then copies. Only rows of
@@ -1615,9 +1660,8 @@ def expand_depthwise_cpu(
                 put_row(dest, eacc, r * W, m0 // W + r)
 
     @T.macro
-    def channel(buf, acc, eacc, plane, plane4, x_buf, csr, weight, bias, y_buf, b, c):
-        """Expand channel c into the depthwise buffer (or into the plane, then load that),
-        then the depthwise conv."""
+    def fill(buf, eacc, plane, plane4, x_buf, csr, b, c):
+        """Expand channel c into the depthwise buffer (or into the plane, then load that)."""
         # The expanded rows go straight into `buf` (put_row), or into `plane`.
         dest = plane if put_row is None else buf
         for mt in range(n_full):
@@ -1626,6 +1670,9 @@ def expand_depthwise_cpu(
             expand_tile(eacc, dest, x_buf, csr, b, c, M - tail, tail)
         if put_row is None:
             load(buf, plane4, plane, 0, 0, 0)
+
+    @T.macro
+    def use(buf, acc, weight, bias, y_buf, b, c):
         compute(acc, buf, weight, bias, y_buf, b, c)
 
     @T.prim_func(s_tir=True)
@@ -1642,7 +1689,7 @@ def expand_depthwise_cpu(
         T.func_attr(KERNEL_ATTRS)
         X = T.decl_buffer((B, K, M), "float32", data=X4.data)
         for t in chunk_loop(n_chunks):
-            buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
+            bufs = T.alloc_buffer((BUFS,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
             eacc = T.alloc_buffer((MT,), "float32", scope="local", annotations=_ON_STACK)
             plane = T.alloc_buffer((M,), "float32", scope="local", annotations=_ON_STACK)
@@ -1655,9 +1702,12 @@ def expand_depthwise_cpu(
                 per_chunk,
                 B,
                 C,
-                buf,
-                channel,
-                (acc, eacc, plane, plane4, X, csr, weight, bias, Y),
+                bufs,
+                fill,
+                (eacc, plane, plane4, X, csr),
+                use,
+                (acc, weight, bias, Y),
+                OVERLAP,
             )
 
     return expand_depthwise
@@ -1684,8 +1734,11 @@ def im2col_cpu(
         load, BUF, PP, PW = parts.load, parts.buf_size, parts.phase_size, parts.phase_width
 
         @T.macro
-        def unfold(buf, x_buf, x_flat, y_buf, tb, tc):
+        def fill(buf, x_buf, x_flat, tb, tc):
             load(buf, x_buf, x_flat, (tb * C + tc) * H * W, tb, tc)
+
+        @T.macro
+        def unfold(buf, y_buf, tb, tc):
             for kh in range(KH):
                 for kw in range(KW):
                     ph = T.bind(((kh % SH) * SW + kw % SW) * PP + kw // SW)
@@ -1700,10 +1753,13 @@ def im2col_cpu(
         rows, cols, BUF = min(H, HP - PT), min(W, WP - PL), HP * WP
 
         @T.macro
-        def unfold(buf, x_buf, x_flat, y_buf, tb, tc):
+        def fill(buf, x_buf, x_flat, tb, tc):
             for r in range(rows):
                 for q in T.vectorized(cols):
                     buf[(r + PT) * WP + q + PL] = x_buf[tb, tc, r, q]
+
+        @T.macro
+        def unfold(buf, y_buf, tb, tc):
             for kh in range(KH):
                 for kw in range(KW):
                     for oh in range(OH):
@@ -1726,7 +1782,7 @@ def im2col_cpu(
             Xf = T.decl_buffer((B * C * H * W,), "float32", data=X.data)
             for t in chunk_loop(n_chunks):
                 buf = T.alloc_buffer((BUF,), "float32", scope="local", annotations=_ON_STACK)
-                _each_channel(t, per_chunk, B, C, buf, unfold, (X, Xf, Y))
+                _each_channel(t, per_chunk, B, C, buf, fill, (X, Xf), unfold, (Y,), False)
 
     return im2col
 
