@@ -59,6 +59,7 @@ DERIVED_POLL_S = 2.0
 # Worker 0 waits this long at most for the worker processes it starts to set up.
 WORKER_START_S = 120.0
 WORKER_POLL_S = 0.2
+# Opens of a new study database that another process is setting up at the same moment.
 STORAGE_OPEN_TRIES = 5
 # A worker writes its id on a trial milliseconds after creating it (see `_orphaned`).
 ASK_GRACE_S = 5.0
