@@ -1370,7 +1370,7 @@ class _DepthwiseParts:
     `expand_depthwise_cpu` (and `im2col_cpu`): `load(buf, x_buf, x_flat, start, b, c)`
     copies input plane (b, c) of `x_buf` (which `x_flat` views flat, the plane at `start`)
     into the zero-bordered buffer `buf` (`buf_size` floats, zeroed once), a `phase_size` part
-    per stride phase of rows `phase_width` wide; `compute(acc, buf, weight, bias, y_buf, b, c)`
+    per stride phase of rows `phase_width` wide; `compute(buf, acc, weight, bias, y_buf, b, c)`
     writes output plane (b, c) from it, with `acc` an `acc_shape` register tile.
     `put_row(buf, src, s0, row)` stores one input row, held in src[s0 .. s0 + width), where
     `load` would put it (None where it cannot). `one_group`: `compute` is one register group
@@ -1384,6 +1384,12 @@ class _DepthwiseParts:
     phase_size: int
     phase_width: int
     one_group: bool
+
+    @property
+    def bufs_size(self) -> int:
+        """Floats a kernel allocates for `_each_channel`'s buffers: two buffers when the
+        channels overlap (`one_group`), else one."""
+        return self.buf_size * (2 if self.one_group else 1)
 
 
 def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _DepthwiseParts:
@@ -1489,7 +1495,7 @@ def _depthwise_parts(geo: ConvGeometry, activation: str, lanes: int) -> _Depthwi
             load_phase(buf, x_buf, tb, tc, P3)
 
     @T.macro
-    def compute(acc, buf, weight, bias, y_buf, tb, tc):
+    def compute(buf, acc, weight, bias, y_buf, tb, tc):
         for g in range(n_groups):
             row_group(acc, buf, weight, bias, y_buf, tb, tc, g * RG, RG)
         if tail > 0:
@@ -1552,18 +1558,13 @@ def depthwise_conv_cpu(
     OH, OW = geo.out_height, geo.out_width
     parts = _depthwise_parts(geo, activation, lanes)
     load, compute, ACC = parts.load, parts.compute, parts.acc_shape
-    OVERLAP = parts.one_group
-    BUFS = parts.buf_size * (2 if OVERLAP else 1)
+    OVERLAP, BUFS = parts.one_group, parts.bufs_size
     n_chunks, per_chunk = _chunks(B * C, num_cores)
     chunk_loop = _chunk_loop(num_cores != 1)
 
     @T.macro
     def fill(buf, x_buf, x_flat, b, c):
         load(buf, x_buf, x_flat, (b * C + c) * H * W, b, c)
-
-    @T.macro
-    def use(buf, acc, weight, bias, y_buf, b, c):
-        compute(acc, buf, weight, bias, y_buf, b, c)
 
     @T.prim_func(s_tir=True)
     def depthwise_conv(
@@ -1578,7 +1579,7 @@ def depthwise_conv_cpu(
             bufs = T.alloc_buffer((BUFS,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
             _each_channel(
-                t, per_chunk, B, C, bufs, fill, (X, Xf), use, (acc, weight, bias, Y), OVERLAP
+                t, per_chunk, B, C, bufs, fill, (X, Xf), compute, (acc, weight, bias, Y), OVERLAP
             )
 
     return depthwise_conv
@@ -1609,8 +1610,7 @@ def expand_depthwise_cpu(
     expand_act = ACTIVATIONS.index(expand.activation)
     parts = _depthwise_parts(geo, activation, lanes)
     load, compute, ACC = parts.load, parts.compute, parts.acc_shape
-    OVERLAP = parts.one_group
-    BUFS = parts.buf_size * (2 if OVERLAP else 1)
+    OVERLAP, BUFS = parts.one_group, parts.bufs_size
     put_row = parts.put_row
     # Expanded positions per register tile: whole input rows when they can go straight into
     # the depthwise conv's buffer, else into a plane that `load` then copies. Only rows of
@@ -1671,10 +1671,6 @@ def expand_depthwise_cpu(
         if put_row is None:
             load(buf, plane4, plane, 0, 0, 0)
 
-    @T.macro
-    def use(buf, acc, weight, bias, y_buf, b, c):
-        compute(acc, buf, weight, bias, y_buf, b, c)
-
     @T.prim_func(s_tir=True)
     def expand_depthwise(
         X4: T.Buffer((B, K, H, W), "float32"),
@@ -1705,7 +1701,7 @@ def expand_depthwise_cpu(
                 bufs,
                 fill,
                 (eacc, plane, plane4, X, csr),
-                use,
+                compute,
                 (acc, weight, bias, Y),
                 OVERLAP,
             )

@@ -388,8 +388,9 @@ def plan_rewrite(
             batch, m = geometry.batch, geometry.out_height * geometry.out_width
             # the kernels take the conv's 4-D tensors: no reshape calls around them
             hw = (geometry.out_height, geometry.out_width)
-            maps = (hw if _is_plain_1x1(geometry) else None, hw, residual_var is not None)
-            if not _is_plain_1x1(geometry):  # X is the im2col output, its rows maybe padded
+            plain = _is_plain_1x1(geometry)
+            maps = (hw if plain else None, hw, residual_var is not None)
+            if not plain:  # X is the im2col output, its rows maybe padded
                 x_row = im2col_row(m, family)
                 x_row = 0 if x_row == m else x_row
         else:
