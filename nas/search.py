@@ -196,15 +196,17 @@ def _study_names(config: SearchConfig) -> list[str]:
 
 
 def _storage(config: SearchConfig) -> optuna.storages.RDBStorage:
-    """The run's study storage. Whoever opens a new database first creates its tables; a
-    process opening it at the same moment (another worker, optuna-dashboard, a script polling
-    the run) can make that fail with 'table ... already exists'. The tables are then there, so
+    """The run's study storage. Whoever opens a new database first sets up its schema: tables,
+    then a version row. A process opening it at the same moment (another worker,
+    optuna-dashboard, a script polling the run) can make that fail, with 'table ... already
+    exists' or a duplicate version row (an integrity error). The schema is then there, so
     opening again succeeds."""
     for _ in range(STORAGE_OPEN_TRIES - 1):
         try:
             return optuna.storages.RDBStorage(config.storage_url)
         except sqlalchemy.exc.DatabaseError as exc:
-            if "already exists" not in str(exc):
+            racing = isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in str(exc)
+            if not racing:
                 raise
             time.sleep(0.2)
     return optuna.storages.RDBStorage(config.storage_url)
