@@ -32,7 +32,7 @@ BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 36
+KERNEL_VERSION = 37
 
 
 @dataclass(frozen=True)
@@ -274,6 +274,17 @@ def _fma_piece(acc_buf, i, weight, x_buf, tb, k, m0, off, lanes):
         acc_buf[i, off + j] = acc_buf[i, off + j] + weight * x_buf[tb, k, m0 + off + j]
 
 
+def _x_row(k, first):
+    """The row of an X buffer that holds X's row k: k, or k - first in a packed block."""
+    return k if first is None else k - first
+
+
+@T.macro
+def _copy_piece(xp, x_buf, tb, k, k0, m0, off, lanes):
+    for j in T.vectorized(lanes):
+        xp[0, k, off + j] = x_buf[tb, k0 + k, m0 + off + j]
+
+
 @T.macro
 def _zero_piece(acc_buf, i, off, lanes):
     for j in T.vectorized(lanes):
@@ -358,6 +369,21 @@ def _init_tile(acc_buf, bias_buf, row0, rows, width, lanes, n_rows, row_map):
             width,
             lanes,
         )
+
+
+@T.macro
+def _load_piece(acc_buf, y_buf, tb, r, i, m0, off, lanes):
+    for j in T.vectorized(lanes):
+        acc_buf[i, off + j] = y_buf[tb, r, m0 + off + j]
+
+
+@T.macro
+def _load_tile(acc_buf, y_buf, tb, row0, m0, rows, width, lanes, n_rows, row_map):
+    """Start `rows` x `width` accumulators at the partial sums a tile stored in Y (a row past
+    the last, never stored, reads the last row)."""
+    for i in T.unroll(rows):
+        r = T.bind(_out_row(row_map, T.min(row0 + i, n_rows - 1)))
+        _in_pieces(_load_piece, (acc_buf, y_buf, tb, r, i, m0), width, lanes)
 
 
 @T.macro
@@ -595,12 +621,20 @@ def dense_matvec_rows(rows: int, family: str, avx512: bool = True, columns: int 
     return max(fits)
 
 
-# X larger than this (bytes) is walked tile by tile by our dense kernel (`dense_matmul_cpu`),
-# if W is smaller. AVX2, our dense kernel on a 3x3 conv's im2col output (64 x 576 W, 1040
-# columns, 2.4 MB): 1.25-1.30x faster; 128 x 1152 on 256 columns (1.2 MB, W 0.6 MB)
-# 1.01-1.14x. Where X fits in L2 its row-block-major order was as fast or faster (Linear
-# 512x512 at batch 64, X 128 KB: tile by tile re-reads W's 1 MB, 0.89-0.93x).
+# X larger than this (bytes) is walked by our dense kernel (`dense_matmul_cpu`) tile by tile,
+# K in blocks (`K_BLOCK`). Where X fits in L2 its row-block-major order was as fast or faster
+# (Linear 512x512 at batch 64, X 128 KB: tile by tile re-reads W's 1 MB, 0.89-0.93x).
 TILE_MAJOR_X_BYTES = 512 * 1024
+# Rows of K per block where X is walked tile by tile: for one block of K, every work item of
+# a chunk, the partial sums kept in Y; then the next block. A tile's rows of X for the block
+# are packed (K_BLOCK x tile_m floats, 24 KB on AVX2) when its first row block comes, and
+# every row block reads them from L1; W's rows for the block (N x K_BLOCK) stay in L2 while
+# the tiles go by. X's own rows are 1 KB or more apart, so unpacked they fall in a few L1
+# sets. AVX2, one thread, our dense kernel on 3x3 convs' im2col outputs: 128->128 at 16x16 (K
+# = 1152) 62 -> 87 GFLOP/s, 256->256 and 512->512 at 8x8 1.2x, 64->64 at 32x32 (K = 576)
+# unchanged. Blocks without packing: 1.2x on 128->128. Blocks of 192 or 384 rows were as fast
+# as 256, 128 a little slower.
+K_BLOCK = 256
 
 
 def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
@@ -626,52 +660,139 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     guard = BR > 1 or spec.kept_rows
     epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
     n_rows = NK if spec.kept_rows else N
-    # Work items go tile by tile (every row block of an M tile, then the next tile) when X
-    # outgrows L2 and W is the smaller: each tile's panel of X is then read from memory once,
-    # not once per row block, and W is read again for each tile (`TILE_MAJOR_X_BYTES`).
+    # Work items go tile by tile (every row block of an M tile, then the next tile), K in
+    # blocks, when X outgrows L2 (`TILE_MAJOR_X_BYTES`, `K_BLOCK`).
     XM = spec.x_width
-    tile_major = T.And(T.Cast("int64", K) * XM * 4 > TILE_MAJOR_X_BYTES, NRB * BR < XM)
+    tile_major = T.Cast("int64", K) * XM * 4 > TILE_MAJOR_X_BYTES
 
     # Copies of a narrow tile's accumulators (`_copies`): consecutive k go to different copies
     # (512x512 on AVX2, M = 2, 4 and 8: 1.5x faster; M = 7: 1.1x).
     CH = _copies(BR, MT, L)
 
     @T.macro
-    def k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, k, h):
-        """Column k of the row block's W times row k of X, into copy h of the accumulators."""
+    def k_fmas(acc_buf, xs, w_data, trb, width, k, h):
+        """Column k of the row block's W times row k of X, into copy h of the accumulators.
+        xs = (buffer, batch, first column, first row): X (first row None), or a block of X's
+        rows packed (`pack`; its row 0 is X's row `first row`)."""
         for i in T.unroll(BR):
             _in_pieces(
-                _fma_piece, (acc_buf, h * BR + i, w_data[trb, k, i], x_buf, tb, k, m0), width, L
+                _fma_piece,
+                (acc_buf, h * BR + i, w_data[trb, k, i], xs[0], xs[1], _x_row(k, xs[3]), xs[2]),
+                width,
+                L,
             )
 
     @T.macro
-    def tile(acc_buf, x_buf, w_data, bias_buf, r_buf, y_buf, kept_buf, tb, trb, m0, width, ch):
-        # Python-level choices (a TVMScript var cannot hold None): the kept rows, or none.
-        _init_tile(
-            acc_buf, bias_buf, trb * BR, BR, width, L, n_rows, kept_buf if spec.kept_rows else None
-        )
-        if ch == 1:
-            for k in range(K):
-                k_fmas(acc_buf, x_buf, w_data, tb, trb, m0, width, k, 0)
-        else:
-            _zero_copies(acc_buf, BR, ch, width, L)
-            _over_copies(k_fmas, (acc_buf, x_buf, w_data, tb, trb, m0, width), 0, K, ch)
-            _sum_copies(acc_buf, BR, ch, width, L)
+    def pack(xp, x_buf, tb, m0, width, ks):
+        """X's rows ks[0] .. ks[1] - 1, columns m0 .. m0 + width - 1, into xp's first rows."""
+        for k in range(ks[1] - ks[0]):
+            _in_pieces(_copy_piece, (xp, x_buf, tb, k, ks[0], m0), width, L)
+
+    def row_map(kept_buf):
+        """Y's row for each accumulator row (`_out_row`): the kept rows, or None (the same
+        row). A Python-level choice: a TVMScript var cannot hold None."""
+        return kept_buf if spec.kept_rows else None
+
+    @T.macro
+    def store(acc_buf, r_buf, y_buf, kept_buf, tb, row0, m0, width, how):
+        """The tile to Y through `how`: the epilogue, or (0, False) for partial sums."""
         _store_tile(
             acc_buf,
             r_buf,
             y_buf,
             tb,
-            trb * BR,
+            row0,
             m0,
             BR,
             width,
             L,
             n_rows,
-            epilogue,
+            how,
             guard,
-            kept_buf if spec.kept_rows else None,
+            row_map(kept_buf),
         )
+
+    @T.macro
+    def tile(acc_buf, xs, io, tb, trb, m0, width, ch, ks):
+        """The tile's sums over k0 <= k < k1, ks = (k0, k1, first, last): X's rows read from
+        `xs` (see `k_fmas`), io = (W's data, bias, R, Y, kept rows). Started at the bias if
+        `first`, else at the partial sums in Y; through the epilogue if `last`, else stored as
+        they are (Python bools for `first` and `last` decide when the kernel is written)."""
+        if ks[2]:
+            _init_tile(acc_buf, io[1], trb * BR, BR, width, L, n_rows, row_map(io[4]))
+        else:
+            _load_tile(acc_buf, io[3], tb, trb * BR, m0, BR, width, L, n_rows, row_map(io[4]))
+        if ch == 1:
+            for k in range(ks[0], ks[1]):
+                k_fmas(acc_buf, xs, io[0], trb, width, k, 0)
+        else:
+            _zero_copies(acc_buf, BR, ch, width, L)
+            _over_copies(k_fmas, (acc_buf, xs, io[0], trb, width), ks[0], ks[1] - ks[0], ch)
+            _sum_copies(acc_buf, BR, ch, width, L)
+        if ks[3]:
+            store(acc_buf, io[2], io[3], io[4], tb, trb * BR, m0, width, epilogue)
+        else:
+            store(acc_buf, io[2], io[3], io[4], tb, trb * BR, m0, width, (0, False))
+
+    @T.macro
+    def by_rows(acc, acc_tail, x_buf, io, t, ks):
+        """Chunk t's work items, row block by row block, over all of K (`ks`, see `tile`)."""
+        for w0 in range(per_chunk):
+            w = T.bind(t * per_chunk + w0)
+            if w < work:
+                b = T.bind(_outer(w // n_mt, NRB, B))
+                rb = T.bind(_inner(w // n_mt, NRB, B))
+                mt = T.bind(w % n_mt)
+                if has_tail:
+                    if mt < n_full:
+                        tile(acc, (x_buf, b, mt * MT, None), io, b, rb, mt * MT, MT, CH, ks)
+                    else:
+                        tile(acc_tail, (x_buf, b, mt * MT, None), io, b, rb, mt * MT, tail, 1, ks)
+                else:
+                    tile(acc, (x_buf, b, mt * MT, None), io, b, rb, mt * MT, MT, CH, ks)
+
+    @T.macro
+    def by_tiles(acc, acc_tail, xp, x_buf, io, t, ks):
+        """Chunk t's work items over K's rows `ks` (see `tile`), tile by tile; a tile's rows
+        of X are packed into xp (`K_BLOCK` x `MT`) before its first row block."""
+        for w0 in range(per_chunk):
+            w = T.bind(t * per_chunk + w0)
+            if w < work:
+                b = T.bind(_outer(w % (B * NRB), NRB, B))
+                rb = T.bind(_inner(w % (B * NRB), NRB, B))
+                mt = T.bind(w // (B * NRB))
+                if has_tail:
+                    if mt < n_full:
+                        if T.Or(rb == 0, w0 == 0):
+                            pack(xp, x_buf, b, mt * MT, MT, ks)
+                        tile(acc, (xp, 0, 0, ks[0]), io, b, rb, mt * MT, MT, CH, ks)
+                    else:
+                        if T.Or(rb == 0, w0 == 0):
+                            pack(xp, x_buf, b, mt * MT, tail, ks)
+                        tile(acc_tail, (xp, 0, 0, ks[0]), io, b, rb, mt * MT, tail, 1, ks)
+                else:
+                    if T.Or(rb == 0, w0 == 0):
+                        pack(xp, x_buf, b, mt * MT, MT, ks)
+                    tile(acc, (xp, 0, 0, ks[0]), io, b, rb, mt * MT, MT, CH, ks)
+
+    @T.macro
+    def chunk(x_buf, io, t, by_tile):
+        """Chunk t's work items: row block by row block, or (`by_tile`) tile by tile with K in
+        blocks of `K_BLOCK` rows."""
+        acc = T.alloc_buffer((BR * CH, MT), "float32", scope="local", annotations=_ON_STACK)
+        acc_tail = T.alloc_buffer(
+            (BR, max(tail, 1)), "float32", scope="local", annotations=_ON_STACK
+        )
+        if by_tile:
+            # Viewed as 3-D, as `_fma_piece` reads X; a 3-D stack array did not build.
+            panel = T.alloc_buffer((K_BLOCK, MT), "float32", scope="local", annotations=_ON_STACK)
+            xp = T.decl_buffer((1, K_BLOCK, MT), "float32", data=panel.data)
+            for q in range((K + K_BLOCK - 1) // K_BLOCK):
+                k0 = T.bind(q * K_BLOCK)
+                k1 = T.bind(T.min(K, k0 + K_BLOCK))
+                by_tiles(acc, acc_tail, xp, x_buf, io, t, (k0, k1, k0 == 0, k1 == K))
+        else:
+            by_rows(acc, acc_tail, x_buf, io, t, (0, K, True, True))
 
     @T.macro
     def fill_pruned(bias_buf, r_buf, y_buf, rows, q, width, m0):
@@ -696,26 +817,12 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         X = T.decl_buffer((B, K, XM), "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
-        by_tile = T.bind(tile_major)
-        for t in chunk_loop(n_chunks):
-            acc = T.alloc_buffer((BR * CH, MT), "float32", scope="local", annotations=_ON_STACK)
-            acc_tail = T.alloc_buffer(
-                (BR, max(tail, 1)), "float32", scope="local", annotations=_ON_STACK
-            )
-            for w0 in range(per_chunk):
-                w = T.bind(t * per_chunk + w0)
-                if w < work:
-                    rbb = T.bind(T.if_then_else(by_tile, w % (B * NRB), w // n_mt))
-                    b = T.bind(_outer(rbb, NRB, B))
-                    rb = T.bind(_inner(rbb, NRB, B))
-                    mt = T.bind(T.if_then_else(by_tile, w // (B * NRB), w % n_mt))
-                    if has_tail:
-                        if mt < n_full:
-                            tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, MT, CH)
-                        else:
-                            tile(acc_tail, X, data, bias, R, Y, kept, b, rb, mt * MT, tail, 1)
-                    else:
-                        tile(acc, X, data, bias, R, Y, kept, b, rb, mt * MT, MT, CH)
+        if tile_major:
+            for t in chunk_loop(n_chunks):
+                chunk(X, (data, bias, R, Y, kept), t, True)
+        else:
+            for t in chunk_loop(n_chunks):
+                chunk(X, (data, bias, R, Y, kept), t, False)
         if spec.kept_rows:
             for q in chunk_loop(B * NPR):
                 for mt in range(n_full):

@@ -19,10 +19,19 @@ from tvm.target import codegen
 
 import compile as hw_compile
 from compile._build import worst_layer
-from compile.bsr import BsrWeight, block_fill, bsr_to_dense, choose_block, pad_rows, to_bsr
+from compile.bsr import (
+    BsrWeight,
+    block_fill,
+    bsr_to_dense,
+    choose_block,
+    pack_dense,
+    pad_rows,
+    to_bsr,
+)
 from compile.choose import KernelCandidate, KernelChooser
 from compile.kernels import (
     BUILD_CONFIG,
+    K_BLOCK,
     TILE_MAJOR_X_BYTES,
     ConvGeometry,
     Kernel,
@@ -655,6 +664,37 @@ def test_dense_kernel_matches_numpy(m, batch, avx512):
     lib[symbol](*args, out)
     want = np.clip(np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None], 0, 6)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kept_rows", [False, True])
+def test_dense_kernel_sums_a_large_x_in_blocks_of_k(kept_rows):
+    """X over `TILE_MAJOR_X_BYTES`: the dense kernel takes K in blocks (two of `K_BLOCK` rows
+    and a short one here), its partial sums in Y, and applies the activation and the residual
+    once, after the last block. Batch 2, a narrow last M tile, a row block past the last row,
+    and a channel-pruned W (its kept rows only) as well."""
+    rng = np.random.default_rng(5)
+    batch, rows, k, m = 2, 13, 2 * K_BLOCK + 89, 500
+    assert k * m * 4 > TILE_MAJOR_X_BYTES
+    w = rng.standard_normal((rows, k)).astype(np.float32)
+    kept = np.array([0, 2, 3, 4, 7, 8, 9, 12], np.int32) if kept_rows else np.arange(rows)
+    w[np.setdiff1d(np.arange(rows), kept)] = 0
+    x = rng.standard_normal((batch, k, m)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    residual = rng.standard_normal((batch, rows, m)).astype(np.float32)
+    weights = [pack_dense(w[kept], 4)]
+    if kept_rows:
+        weights += [kept, np.setdiff1d(np.arange(rows), kept).astype(np.int32)]
+    spec = KernelSpec(
+        batch, rows, k, m, (4, 1), -(-len(kept) // 4), "relu6", residual=True, kept_rows=kept_rows
+    )
+    # Built as a compile builds it (`BUILD_CONFIG`, through the object cache).
+    lib, symbol = load_kernel(Kernel("dense", "x86", spec, num_cores=2), HOST.target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((batch, rows, m), np.nan, np.float32), dev)
+    lib[symbol](*[tvm.runtime.tensor(a, dev) for a in (x, *weights, bias, residual)], out)
+    got = out.numpy()
+    want = np.clip(np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None], 0, 6) + residual
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def _geometry(batch, channels, size, kernel, stride, pad) -> ConvGeometry:
