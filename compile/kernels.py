@@ -631,7 +631,7 @@ TILE_MAJOR_X_BYTES = 512 * 1024
 # every row block reads them from L1; W's rows for the block (N x K_BLOCK) stay in L2 while
 # the tiles go by. X's own rows are 1 KB or more apart, so unpacked they fall in a few L1
 # sets. AVX2, one thread, our dense kernel on 3x3 convs' im2col outputs: 128->128 at 16x16 (K
-# = 1152) 62 -> 87 GFLOP/s, 256->256 and 512->512 at 8x8 1.2x, 64->64 at 32x32 (K = 576)
+# = 1152) 62 -> 87 GFLOP/s, 256->256 and 512->512 at 8x8 1.1-1.2x, 64->64 at 32x32 (K = 576)
 # unchanged. Blocks without packing: 1.2x on 128->128. Blocks of 192 or 384 rows were as fast
 # as 256, 128 a little slower.
 K_BLOCK = 256

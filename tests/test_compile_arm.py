@@ -13,7 +13,7 @@ from helpers import EMULATED_KEY, free_port, small_sparse_net
 from torch import nn
 
 import compile as hw_compile
-from compile.kernels import KernelSpec, choose_tiling
+from compile.kernels import K_BLOCK, TILE_MAJOR_X_BYTES, KernelSpec, choose_tiling
 from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker
 from search_spaces.ops import SparseLinear
@@ -101,6 +101,24 @@ def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_
         assert compiled.sparse_layers == (["0", "2", "4"] if choice == "sparse" else [])
         lib = compiled.export_library(tmp_path / f"{choice}{batch}.so")
         compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
+
+
+@pytest.mark.arm
+def test_a_dense_conv_with_a_large_im2col_output_runs_on_the_emulated_board(
+    tmp_path, emulated_board
+):
+    """A 3x3 conv whose im2col output (288 x 1040 floats) is over `TILE_MAJOR_X_BYTES`: our
+    dense kernel goes over K in two blocks, each tile's rows of X packed first, in NEON
+    tiles."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1), nn.ReLU()).eval()
+    profile = load_profile("arm/qemu-aarch64")
+    compiled = hw_compile.build(model, torch.randn(1, 32, 32, 32), profile)
+    assert compiled.kernels["0"]["im2col"]
+    assert 288 * 1040 * 4 > TILE_MAJOR_X_BYTES and 288 > K_BLOCK
+    lib = compiled.export_library(tmp_path / "conv.so")
+    remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
+    compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
 
 
 def _times(compiled) -> dict[str, tuple[float, float]]:
