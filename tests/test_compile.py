@@ -407,6 +407,36 @@ def test_by_column_rule():
     assert takes_by_column(replace(spec, block=(1, 8)), 8 * 12, "arm")
 
 
+def test_kernel_macros_find_their_parser_without_reading_source_lines(monkeypatch):
+    """Our kernels' macros find the TVMScript parser by walking the frames alone
+    (`kernels._find_parser`), not through `inspect.getouterframes`, which reads the source
+    lines of the whole stack at every macro call (80-90% of the time to make a kernel; TVM's
+    `T.prim_func` still calls it, once per kernel)."""
+    import inspect
+
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    from compile import kernels
+
+    calls = {"getouterframes": 0, "macro": 0}
+
+    def counted(name, wrapped):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return wrapped(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(
+        inspect, "getouterframes", counted("getouterframes", inspect.getouterframes)
+    )
+    monkeypatch.setattr(ScriptMacro, "__call__", counted("macro", ScriptMacro.__call__))
+    spec = KernelSpec(1, 24, 40, 7, (4, 1), 6, "relu6")
+    func = kernels._make.__wrapped__(Kernel("sparse", "x86", spec))
+    assert "T.float32(6" in func.script()
+    assert calls["macro"] >= 10 and calls["getouterframes"] <= 2, calls
+
+
 # ---------------------------------------------------------------- whole builds
 
 
