@@ -24,8 +24,9 @@ def _find_parser(macro: ScriptMacro):
     TVM 0.27's own search (`ScriptMacro._find_parser_def`) builds `inspect.getouterframes`,
     which reads the source lines of every frame on the stack at every macro call; our macros
     nest up to seven deep, and that took 80-90% of the time to make a kernel (our dense
-    kernel 2.3-3.0 s, now 0.2-0.25 s; a sparse one 0.7-1.0 -> 0.1 s, a depthwise 0.4 ->
-    0.07 s). The same search, over the frames alone; the kernels' TVMScript is the same."""
+    kernel 1.2-3.0 s, now 0.2-0.25 s; a sparse one 0.7-1.0 -> 0.1 s, a depthwise 0.4 ->
+    0.07 s). The same search, over the frames alone; the kernels' TVMScript is the same. Set
+    on the class, for every TVMScript macro in the process (`cuda_kernels` included)."""
     frame = inspect.currentframe()
     while frame is not None:
         parser = frame.f_globals.get(ScriptMacro.parser_object_name)
