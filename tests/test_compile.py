@@ -745,10 +745,13 @@ def _geometry(batch, channels, size, kernel, stride, pad) -> ConvGeometry:
         ((2, 3), (3, 3), (1, 2), (2, 1)),
         ((1, 1), (3, 3), (2, 2), (1, 1)),
         ((14, 20), (3, 3), (1, 1), (1, 1)),  # output rows of 8 + 8 + 4 lanes
+        ((4, 4), (3, 3), (1, 1), (1, 1)),  # rows of half a vector: shifts by shuffle
+        ((4, 3), (5, 5), (1, 1), (2, 2)),
     ],
 )
 def test_depthwise_kernel_matches_torch(size, kernel, stride, pad):
-    """Stride phases, odd sizes, pads wider than the input, a 1x1 map."""
+    """Stride phases, odd sizes, pads wider than the input, a 1x1 map, rows of half a vector
+    (4x4, 4x3: each row one load, the column shifts shuffles)."""
     rng = np.random.default_rng(7)
     (h, w), (kh, kw) = size, kernel
     geo = _geometry(2, 5, size, kernel, stride, pad)
@@ -804,6 +807,8 @@ def test_im2col_kernel_matches_torch_unfold(size, kernel, stride, pad):
         (2, (3, 3), (3, 3), (2, 2), (1, 1), ("relu", "relu6")),
         # 14-wide rows: through the plane, its tiles in 8-lane pieces and a 4-lane tail
         (1, (14, 14), (3, 3), (2, 2), (1, 1), ("relu6", "none")),
+        (2, (4, 4), (3, 3), (1, 1), (1, 1), ("relu6", "relu6")),
+        (1, (2, 4), (5, 3), (1, 1), (2, 1), ("relu", "none")),
     ],
 )
 def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad, acts):

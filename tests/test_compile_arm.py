@@ -16,7 +16,7 @@ import compile as hw_compile
 from compile.kernels import K_BLOCK, TILE_MAJOR_X_BYTES, KernelSpec, choose_tiling
 from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker
-from search_spaces.ops import SparseLinear
+from search_spaces.ops import SparseConv2d, SparseLinear
 from search_spaces.spaces import get_space
 
 
@@ -119,6 +119,30 @@ def test_a_dense_conv_with_a_large_im2col_output_runs_on_the_emulated_board(
     lib = compiled.export_library(tmp_path / "conv.so")
     remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
     compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
+
+
+@pytest.mark.arm
+def test_depthwise_convs_on_small_maps_run_on_the_emulated_board(tmp_path, emulated_board):
+    """Depthwise convs whose rows are half a NEON register or less (2x2 maps: each row one
+    load, the column shifts shuffles with zeros), the first after a sparse 1x1 conv (fused
+    into it where that was timed faster), and on 4x4 maps (the padded buffer)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        SparseConv2d(8, 24, 1, sparsity=0.75, pattern="block", block=(4, 1)),
+        nn.ReLU6(),
+        nn.Conv2d(24, 24, 3, padding=1, groups=24),
+        nn.ReLU6(),
+        nn.Conv2d(24, 24, 5, padding=2, groups=24),
+    )
+    model[0].update_mask()
+    model.eval()
+    profile = load_profile("arm/qemu-aarch64")
+    remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
+    for size in (2, 4):
+        compiled = hw_compile.build(model, torch.randn(1, 8, size, size), profile)
+        assert compiled.kernels["2"]["impl"] == compiled.kernels["4"]["impl"] == "depthwise"
+        lib = compiled.export_library(tmp_path / f"dw{size}.so")
+        compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
 
 
 def _times(compiled) -> dict[str, tuple[float, float]]:
