@@ -774,6 +774,14 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     tile(acc, (x_buf, b, mt * MT, None), io, b, rb, mt * MT, MT, CH, ks)
 
     @T.macro
+    def packed_tile(acc_buf, xp, x_buf, io, b, rb, w0, m0, width, ch, ks):
+        """`tile` on X's rows packed into xp, packed first at the tile's first row block (or
+        the chunk's first work item)."""
+        if T.Or(rb == 0, w0 == 0):
+            pack(xp, x_buf, b, m0, width, ks)
+        tile(acc_buf, (xp, 0, 0, ks[0]), io, b, rb, m0, width, ch, ks)
+
+    @T.macro
     def by_tiles(acc, acc_tail, xp, x_buf, io, t, ks):
         """Chunk t's work items over K's rows `ks` (see `tile`), tile by tile; a tile's rows
         of X are packed into xp (`K_BLOCK` x `MT`) before its first row block."""
@@ -785,17 +793,11 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                 mt = T.bind(w // (B * NRB))
                 if has_tail:
                     if mt < n_full:
-                        if T.Or(rb == 0, w0 == 0):
-                            pack(xp, x_buf, b, mt * MT, MT, ks)
-                        tile(acc, (xp, 0, 0, ks[0]), io, b, rb, mt * MT, MT, CH, ks)
+                        packed_tile(acc, xp, x_buf, io, b, rb, w0, mt * MT, MT, CH, ks)
                     else:
-                        if T.Or(rb == 0, w0 == 0):
-                            pack(xp, x_buf, b, mt * MT, tail, ks)
-                        tile(acc_tail, (xp, 0, 0, ks[0]), io, b, rb, mt * MT, tail, 1, ks)
+                        packed_tile(acc_tail, xp, x_buf, io, b, rb, w0, mt * MT, tail, 1, ks)
                 else:
-                    if T.Or(rb == 0, w0 == 0):
-                        pack(xp, x_buf, b, mt * MT, MT, ks)
-                    tile(acc, (xp, 0, 0, ks[0]), io, b, rb, mt * MT, MT, CH, ks)
+                    packed_tile(acc, xp, x_buf, io, b, rb, w0, mt * MT, MT, CH, ks)
 
     @T.macro
     def chunk(x_buf, io, t, by_tile):
