@@ -520,6 +520,8 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         info["fused_into"] = layer.fused_into
     if layer.expand is not None:
         info["fused_expand"] = layer.expand.name
+        # channels the kernel expands together (1: one CSR row at a time)
+        info["expand_group"] = layer.kernel.expand.block[0]
     if layer.fusion_ms:  # its 1x1 conv was fused although its dense kernel was faster alone
         info["fused_ms"] = layer.fusion_ms["fused"]
         info["unfused_ms"] = layer.fusion_ms["unfused"]

@@ -1447,6 +1447,9 @@ def _each_channel(t, per_chunk, batch, channels, bufs, fill, fill_args, use, use
     before this pair's use of the other. For a small plane that the use reads in straight-line
     code, filled and used in one buffer, LLVM forwarded the fill's stores to the use's loads
     as shuffles (74 a channel at 8x8, and spills: twice the FMAs' time)."""
+    # An assignment in a macro declares a TIR variable: `size` lives in a 4-byte workspace
+    # (`TVMBackendAllocWorkspace` once a chunk). Written as a constant instead, the two halves
+    # were picked with cmovs and 8x8 and 16x16/2 maps ran 5% slower, 4x4 3% faster: left as is.
     size = bufs.shape[0] // 2 if overlap else bufs.shape[0]
     for e in T.vectorized(bufs.shape[0]):
         bufs[e] = T.float32(0)
@@ -1787,6 +1790,22 @@ def depthwise_conv_cpu(
     return depthwise_conv
 
 
+# Channels of a fused expand conv expanded together (`expand_depthwise_cpu`), see `expand_group`.
+EXPAND_GROUP = 4
+
+
+def expand_group(block: tuple[int, int], rows: int, m: int, family: str, avx512: bool) -> int:
+    """How many channels the fused kernel expands together for an expand conv with `block`s,
+    `rows` channels and m = H * W: EXPAND_GROUP where its blocks are r x 1 with whole groups in
+    r and the plane is at most two registers (4x4 maps on AVX2, 2x2 on NEON), else 1 (CSR rows).
+    A CSR nonzero on such a plane is four loads for two FMAs, and bound by them; a group's block
+    is 7 loads for 8. On larger planes a nonzero's X row is more registers and the CSR rows are
+    bound by their FMAs: groups were 0.8-1.03x there (8x8 to 32x32, AVX2), 1.22-1.34x at 4x4."""
+    if family == "cuda" or block[1] != 1 or block[0] % EXPAND_GROUP or rows % EXPAND_GROUP:
+        return 1
+    return EXPAND_GROUP if m <= 2 * vector_unit(family, avx512).lanes else 1
+
+
 def expand_depthwise_cpu(
     expand: KernelSpec,
     geo: ConvGeometry,
@@ -1800,11 +1819,18 @@ def expand_depthwise_cpu(
     goes to memory) and the depthwise conv runs on it as in `depthwise_conv_cpu`.
 
     Takes X (the expand conv's input), the expand weight in CSR form (values, column indices,
-    row pointers: a channel costs its own nonzeros, whatever the layer's blocks), the expand
+    row pointers: a channel costs its own nonzeros, whatever the layer's blocks) or, when
+    `expand.block` is (G, 1) with G > 1, in BSR form with G x 1 blocks (values flat), the expand
     bias, the depthwise weight and bias, then Y. Sizes other than the geometry are read from the
-    arrays."""
+    arrays.
+
+    With G x 1 blocks the G channels of a block row are expanded together, when the first of
+    them comes, into G planes: each block loads its X row once for G channels (a CSR nonzero
+    loads it for one), and each channel's plane is then copied into the depthwise buffer."""
     B, K, C = geo.batch, _dim("k"), _dim("c")
+    G = expand.block[0]
     NNZ, NP = _dim("nnz"), _dim("c_plus_one")
+    NI = NNZ if G == 1 else _dim("nnz_blocks")
     H, W = geo.height, geo.width
     M = H * W
     KH, KW = geo.kernel
@@ -1861,6 +1887,45 @@ def expand_depthwise_cpu(
             for r in T.unroll(width // W):
                 put_row(dest, eacc, r * W, m0 // W + r)
 
+    # G x 1 blocks: group tiles of GT positions, G x 2 registers of accumulators.
+    GT = min(M, 2 * lanes)
+    n_gfull, gtail = M // GT, M % GT
+
+    @T.macro
+    def plane_piece(planes, gacc, i, m0, off, n):
+        for j in T.vectorized(n):
+            planes[i * M + m0 + off + j] = _activate(gacc[i, off + j], expand_act)
+
+    @T.macro
+    def group_tile(acc, planes, x_buf, grp, tb, g0, m0, width):
+        """Expanded channels g0 .. g0 + G - 1 at positions m0 .. m0 + width - 1, into their
+        planes. `grp`: the expand conv's block values, column indices, block row pointers and
+        bias."""
+        w_data, w_indices, w_indptr, bias_buf = grp
+        gb = T.bind(g0 // G)
+        for i in T.unroll(G):
+            _in_pieces(_bias_piece, (acc, bias_buf, i, g0 + i), width, lanes)
+        for p0 in range(w_indptr[gb + 1] - w_indptr[gb]):
+            p = T.bind(w_indptr[gb] + p0)
+            k = T.bind(w_indices[p])
+            for i in T.unroll(G):
+                _in_pieces(_fma_piece, (acc, i, w_data[p * G + i], x_buf, tb, k, m0), width, lanes)
+        for i in T.unroll(G):
+            _in_pieces(plane_piece, (planes, acc, i, m0), width, lanes)
+
+    @T.macro
+    def group_fill(buf, gacc, planes, planes4, done, x_buf, grp, b, c):
+        """Channel c's plane into the depthwise buffer, its block row's planes first expanded
+        when they are not yet (`done` holds the (batch, first channel) expanded last)."""
+        g0 = T.bind(c - c % G)
+        if done[0] != b * C + g0:
+            for mt in range(n_gfull):
+                group_tile(gacc, planes, x_buf, grp, b, g0, mt * GT, GT)
+            if gtail > 0:
+                group_tile(gacc, planes, x_buf, grp, b, g0, M - gtail, gtail)
+            done[0] = b * C + g0
+        load(buf, planes4, planes, (c % G) * M, 0, c % G)
+
     @T.macro
     def fill(buf, eacc, plane, plane4, x_buf, csr, b, c):
         """Expand channel c into the depthwise buffer (or into the plane, then load that)."""
@@ -1873,11 +1938,15 @@ def expand_depthwise_cpu(
         if put_row is None:
             load(buf, plane4, plane, 0, 0, 0)
 
+    @T.macro
+    def channels(t, bufs, fill_fn, fill_args, use_args):
+        _each_channel(t, per_chunk, B, C, bufs, fill_fn, fill_args, compute, use_args, OVERLAP)
+
     @T.prim_func(s_tir=True)
     def expand_depthwise(
         X4: T.Buffer((B, K, H, W), "float32"),
         data: T.Buffer((NNZ,), "float32"),
-        indices: T.Buffer((NNZ,), "int32"),
+        indices: T.Buffer((NI,), "int32"),
         indptr: T.Buffer((NP,), "int32"),
         expand_bias: T.Buffer((C,), "float32"),
         weight: T.Buffer((C, KH, KW), "float32"),
@@ -1889,24 +1958,28 @@ def expand_depthwise_cpu(
         for t in chunk_loop(n_chunks):
             bufs = T.alloc_buffer((BUFS,), "float32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer(ACC, "float32", scope="local", annotations=_ON_STACK)
-            eacc = T.alloc_buffer((MT,), "float32", scope="local", annotations=_ON_STACK)
-            plane = T.alloc_buffer((M,), "float32", scope="local", annotations=_ON_STACK)
-            plane4 = T.decl_buffer((1, 1, H, W), "float32", data=plane.data)
-            csr = (data, indices, indptr, expand_bias)
-            # Inline: a tuple of buffers bound to a name renames the buffers in the printed TIR
-            # to the macro's parameter names (as `csr` does the expand conv's arrays).
-            _each_channel(
-                t,
-                per_chunk,
-                B,
-                C,
-                bufs,
-                fill,
-                (eacc, plane, plane4, X, csr),
-                compute,
-                (acc, weight, bias, Y),
-                OVERLAP,
-            )
+            if G > 1:
+                gacc = T.alloc_buffer((G, GT), "float32", scope="local", annotations=_ON_STACK)
+                planes = T.alloc_buffer((G * M,), "float32", scope="local", annotations=_ON_STACK)
+                planes4 = T.decl_buffer((1, G, H, W), "float32", data=planes.data)
+                done = T.alloc_buffer((1,), "int32", scope="local", annotations=_ON_STACK)
+                done[0] = -1
+                grp = (data, indices, indptr, expand_bias)
+                channels(
+                    t,
+                    bufs,
+                    group_fill,
+                    (gacc, planes, planes4, done, X, grp),
+                    (acc, weight, bias, Y),
+                )
+            else:
+                eacc = T.alloc_buffer((MT,), "float32", scope="local", annotations=_ON_STACK)
+                plane = T.alloc_buffer((M,), "float32", scope="local", annotations=_ON_STACK)
+                plane4 = T.decl_buffer((1, 1, H, W), "float32", data=plane.data)
+                csr = (data, indices, indptr, expand_bias)
+                # Inline: a tuple of buffers bound to a name renames the buffers in the printed
+                # TIR to the macro's parameter names (as `csr` does the expand conv's arrays).
+                channels(t, bufs, fill, (eacc, plane, plane4, X, csr), (acc, weight, bias, Y))
 
     return expand_depthwise
 

@@ -32,6 +32,7 @@ from compile.kernels import (
     KernelSpec,
     dense_block_rows,
     dense_matvec_rows,
+    expand_group,
     im2col_row,
     matvec_row_blocks,
     matvec_row_chains,
@@ -458,9 +459,15 @@ def _fuse_expand_depthwise(
             or len(graph.consumers.get(ex.output_var, [])) != 1
         ):
             continue
-        csr = to_bsr(bsr_to_dense(ex.bsr), (1, 1))
+        family, avx512 = dw.kernel.family, dw.kernel.avx512
+        group = expand_group(ex.bsr.block, ex.bsr.rows, ex.spec.m, family, avx512)
+        csr = to_bsr(bsr_to_dense(ex.bsr), (group, 1))  # CSR rows, or groups of channels
         spec = replace(
-            ex.spec, block=(1, 1), block_rows=ex.spec.rows, kept_rows=False, by_column=False
+            ex.spec,
+            block=(group, 1),
+            block_rows=csr.block_rows,
+            kept_rows=False,
+            by_column=False,
         )
         bias = ex.constants[-1]
         constants = [csr.data.reshape(-1), csr.indices, csr.indptr, bias, *dw.constants]

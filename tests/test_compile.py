@@ -37,6 +37,7 @@ from compile.kernels import (
     Kernel,
     KernelSpec,
     choose_tiling,
+    expand_group,
     im2col_row,
     sparse_matmul_kernel,
     takes_by_column,
@@ -841,6 +842,79 @@ def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad,
     mid = act(nn.functional.conv2d(t(x), t(ew)[:, :, None, None], t(eb)), acts[0])
     want = act(nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, groups=c), acts[1])
     np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("batch", "channels", "size", "kernel", "stride", "pad", "cores"),
+    [
+        (1, 20, (4, 4), (3, 3), (1, 1), (1, 1), 2),  # a chunk starts inside a group
+        (2, 20, (4, 4), (5, 3), (1, 1), (2, 1), 3),
+        (5, 4, (4, 4), (3, 3), (1, 1), (1, 1), 1),  # one group: again for the next batch
+        (2, 20, (3, 3), (3, 3), (2, 2), (1, 1), 2),  # a 9-wide tile: a register and a lane
+        (1, 20, (8, 7), (3, 3), (1, 1), (1, 1), 1),  # three tiles of 16 and a tail of 8
+    ],
+)
+def test_expand_depthwise_kernel_with_channels_expanded_in_groups(
+    batch, channels, size, kernel, stride, pad, cores
+):
+    """The fused kernel with the expand conv in 4 x 1 blocks (`expand_group`): the four channels
+    of a block row expanded together, when the first of them comes (also in the middle of a
+    group, where a chunk of channels starts there, and again for the next batch), an empty and
+    a full block row."""
+    rng = np.random.default_rng(12)
+    (h, w), (kh, kw), (k, c) = size, kernel, (11, channels)
+    geo = _geometry(batch, c, size, kernel, stride, pad)
+    oh, ow = geo.out_height, geo.out_width
+    mask = np.repeat(rng.random((c // 4, k)) < 0.3, 4, axis=0)
+    ew = rng.standard_normal((c, k)).astype(np.float32) * mask
+    if c > 4:
+        ew[4:8], ew[12:16] = 0, rng.standard_normal((4, k))
+    blocks = to_bsr(ew, (4, 1))
+    eb, dw, db = (rng.standard_normal(s).astype(np.float32) for s in (c, (c, kh, kw), c))
+    x = rng.standard_normal((batch, k, h, w)).astype(np.float32)
+    expand = KernelSpec(batch, c, k, h * w, (4, 1), c // 4, "relu", (h, w), (h, w))
+    kern = Kernel("depthwise", "x86", geo, "relu6", cores, expand=expand)
+    lib, symbol = load_kernel(kern, HOST.target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((batch, c, oh, ow), np.nan, np.float32), dev)
+    args = (x, blocks.data.reshape(-1), blocks.indices, blocks.indptr, eb, dw, db)
+    lib[symbol](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    t = torch.from_numpy
+    mid = nn.functional.conv2d(t(x), t(ew)[:, :, None, None], t(eb)).relu()
+    want = nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, groups=c).clamp(0, 6)
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_expand_conv_in_row_blocks_is_expanded_in_groups_on_small_maps():
+    """A 1x1 conv in 16 x 1 blocks fused into the depthwise conv it feeds: on a 4x4 map its
+    channels are expanded four at a time, on an 8x8 map one CSR row at a time; both match
+    torch."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        MaskedConv2d(16, 32, 1, sparsity=0.75, block=(16, 1), bias=False),
+        nn.ReLU6(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32),
+    )
+    for size, group in ((4, 4), (8, 1)):
+        compiled = _check_build(model, torch.randn(2, 16, size, size), ["0"], ["2"])
+        assert compiled.kernels["2"]["fused_expand"] == "0"
+        assert compiled.kernels["2"]["expand_group"] == group
+
+
+def test_expand_group_takes_row_blocks_of_whole_groups_on_planes_of_two_registers():
+    """Groups of 4 channels for r x 1 blocks with r a multiple of 4 and planes of at most two
+    registers (16 floats on AVX2, 8 on NEON, 32 on AVX-512); CSR rows (1) otherwise and on a
+    GPU."""
+    assert expand_group((16, 1), 32, 16, "x86", False) == 4
+    assert expand_group((4, 1), 32, 9, "x86", False) == 4
+    assert expand_group((16, 1), 32, 64, "x86", False) == 1  # 8x8
+    assert expand_group((16, 1), 32, 25, "x86", True) == 4  # 5x5 on AVX-512
+    assert expand_group((16, 1), 32, 16, "arm", False) == 1
+    assert expand_group((8, 1), 32, 4, "arm", False) == 4
+    for block in ((2, 1), (1, 4), (1, 1), (6, 1)):
+        assert expand_group(block, 36, 16, "x86", False) == 1
+    assert expand_group((16, 1), 30, 16, "x86", False) == 1  # a last group would run past C
+    assert expand_group((16, 1), 32, 16, "cuda", False) == 1
 
 
 class ExpandNet(nn.Module):

@@ -124,8 +124,9 @@ def test_a_dense_conv_with_a_large_im2col_output_runs_on_the_emulated_board(
 @pytest.mark.arm
 def test_depthwise_convs_on_small_maps_run_on_the_emulated_board(tmp_path, emulated_board):
     """Depthwise convs whose rows are half a NEON register or less (2x2 maps: each row one
-    load, the column shifts shuffles with zeros), the first after a sparse 1x1 conv (fused
-    into it where that was timed faster), and on 4x4 maps (the padded buffer)."""
+    load, the column shifts shuffles with zeros), the first after a sparse 1x1 conv in 4x1
+    blocks (fused into it, its channels expanded in groups of four at 2x2), and on 4x4 maps
+    (the padded buffer, the expand conv's CSR rows)."""
     torch.manual_seed(7)
     model = nn.Sequential(
         SparseConv2d(8, 24, 1, sparsity=0.75, pattern="block", block=(4, 1)),
@@ -141,6 +142,10 @@ def test_depthwise_convs_on_small_maps_run_on_the_emulated_board(tmp_path, emula
     for size in (2, 4):
         compiled = hw_compile.build(model, torch.randn(1, 8, size, size), profile)
         assert compiled.kernels["2"]["impl"] == compiled.kernels["4"]["impl"] == "depthwise"
+        # the 1x1 conv fused in, its channels expanded four at a time where a plane is at
+        # most two NEON registers (`expand_group`)
+        assert compiled.kernels["2"]["fused_expand"] == "0"
+        assert compiled.kernels["2"]["expand_group"] == (4 if size == 2 else 1)
         lib = compiled.export_library(tmp_path / f"dw{size}.so")
         compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
 
