@@ -1892,9 +1892,9 @@ def expand_depthwise_cpu(
     n_gfull, gtail = M // GT, M % GT
 
     @T.macro
-    def plane_piece(planes, gacc, i, m0, off, n):
+    def plane_piece(planes, acc, i, m0, off, n):
         for j in T.vectorized(n):
-            planes[i * M + m0 + off + j] = _activate(gacc[i, off + j], expand_act)
+            planes[i * M + m0 + off + j] = _activate(acc[i, off + j], expand_act)
 
     @T.macro
     def group_tile(acc, planes, x_buf, grp, tb, g0, m0, width):

@@ -461,17 +461,17 @@ def _fuse_expand_depthwise(
             continue
         family, avx512 = dw.kernel.family, dw.kernel.avx512
         group = expand_group(ex.bsr.block, ex.bsr.rows, ex.spec.m, family, avx512)
-        csr = to_bsr(bsr_to_dense(ex.bsr), (group, 1))  # CSR rows, or groups of channels
+        blocks = to_bsr(bsr_to_dense(ex.bsr), (group, 1))  # CSR rows or groups of channels
         spec = replace(
             ex.spec,
             block=(group, 1),
-            block_rows=csr.block_rows,
+            block_rows=blocks.block_rows,
             kept_rows=False,
             by_column=False,
         )
         bias = ex.constants[-1]
-        constants = [csr.data.reshape(-1), csr.indices, csr.indptr, bias, *dw.constants]
-        macs = _depthwise_macs(dw.geometry) + spec.batch * csr.data.size * spec.m
+        constants = [blocks.data.reshape(-1), blocks.indices, blocks.indptr, bias, *dw.constants]
+        macs = _depthwise_macs(dw.geometry) + spec.batch * blocks.data.size * spec.m
         kernel = replace(dw.kernel, expand=spec, num_cores=_cores(num_cores, macs))
         if ex.impl != "sparse":
             if not ex.times_ms:  # dense by a rule or by request, not by timing
@@ -479,7 +479,7 @@ def _fuse_expand_depthwise(
             geo = dw.geometry
             mid = (geo.batch, geo.channels, geo.height, geo.width)
             out = (geo.batch, geo.channels, geo.out_height, geo.out_width)
-            density = csr.data.size / (ex.bsr.rows * ex.bsr.cols)
+            density = blocks.data.size / (ex.bsr.rows * ex.bsr.cols)
             times = chooser.time_fusion(
                 (kernel, constants), (dw.kernel, dw.constants), (ex.input_shape, mid, out), density
             )
