@@ -829,10 +829,18 @@ def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad,
     x = rng.standard_normal((batch, k, h, w)).astype(np.float32)
     expand = KernelSpec(batch, c, k, h * w, (1, 1), c, acts[0], (h, w), (h, w))
     kern = Kernel("depthwise", "x86", geo, acts[1], 2, expand=expand)
+    _check_expand_depthwise(kern, (oh, ow), x, (ew, csr, eb), (dw, db), stride, pad, acts)
+
+
+def _check_expand_depthwise(kern, out_hw, x, expand, depthwise, stride, pad, acts):
+    """The fused kernel `kern` on x against torch: `expand` = (its dense weight, the same in the
+    kernel's BSR form, its bias), `depthwise` = (weight, bias), `acts` the two activations."""
+    ew, blocks, eb = expand
+    dw, db = depthwise
     lib, symbol = load_kernel(kern, HOST.target)
     dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.full((batch, c, oh, ow), np.nan, np.float32), dev)
-    args = (x, csr.data.reshape(-1), csr.indices, csr.indptr, eb, dw, db)
+    out = tvm.runtime.tensor(np.full((x.shape[0], len(ew), *out_hw), np.nan, np.float32), dev)
+    args = (x, blocks.data.reshape(-1), blocks.indices, blocks.indptr, eb, dw, db)
     lib[symbol](*[tvm.runtime.tensor(a, dev) for a in args], out)
 
     def act(y, name):
@@ -840,7 +848,9 @@ def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad,
 
     t = torch.from_numpy
     mid = act(nn.functional.conv2d(t(x), t(ew)[:, :, None, None], t(eb)), acts[0])
-    want = act(nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, groups=c), acts[1])
+    want = act(
+        nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, groups=len(ew)), acts[1]
+    )
     np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -874,15 +884,8 @@ def test_expand_depthwise_kernel_with_channels_expanded_in_groups(
     x = rng.standard_normal((batch, k, h, w)).astype(np.float32)
     expand = KernelSpec(batch, c, k, h * w, (4, 1), c // 4, "relu", (h, w), (h, w))
     kern = Kernel("depthwise", "x86", geo, "relu6", cores, expand=expand)
-    lib, symbol = load_kernel(kern, HOST.target)
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.full((batch, c, oh, ow), np.nan, np.float32), dev)
-    args = (x, blocks.data.reshape(-1), blocks.indices, blocks.indptr, eb, dw, db)
-    lib[symbol](*[tvm.runtime.tensor(a, dev) for a in args], out)
-    t = torch.from_numpy
-    mid = nn.functional.conv2d(t(x), t(ew)[:, :, None, None], t(eb)).relu()
-    want = nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, groups=c).clamp(0, 6)
-    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    acts = ("relu", "relu6")
+    _check_expand_depthwise(kern, (oh, ow), x, (ew, blocks, eb), (dw, db), stride, pad, acts)
 
 
 def test_expand_conv_in_row_blocks_is_expanded_in_groups_on_small_maps():
