@@ -1,18 +1,21 @@
 """compile.build on random nets: sparse and dense layers of every pattern, strides, paddings,
-odd sizes and batches in random combinations, each built for this host and run against torch.
-The default run builds a few; `-m slow` builds a hundred."""
+odd sizes and batches in random combinations, each built for this host (and for the emulated
+aarch64 board) and run against torch. The default run builds a few; `-m slow` a hundred."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 import torch
+from helpers import EMULATED_KEY
 from torch import nn
 from tvm.target import codegen
 
 import compile as hw_compile
+from hw_profiles.profiles import load_profile
 from search_spaces.ops import SparseConv2d, SparseLinear
 
 
@@ -156,3 +159,17 @@ def test_random_nets_build_like_torch(seed):
 @pytest.mark.parametrize("seed", range(2000, 2100))
 def test_many_random_nets_build_like_torch(seed):
     _check_random_net(seed)
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("seed", [2, 5])
+def test_random_nets_run_on_the_emulated_board_like_torch(seed, tmp_path, emulated_board):
+    """The NEON kernels (4-lane tiles and rows) on random nets, run on the board: seed 2 has
+    2x2 maps at batch 2, seed 5 a fused expand conv, an im2col conv and a channel-pruned
+    layer."""
+    model, x, choice = random_case(seed)
+    profile = load_profile("arm/qemu-aarch64")
+    compiled = hw_compile.build(model, x, profile, kernel_choice=choice)
+    lib = compiled.export_library(tmp_path / "model.so")
+    remote = dataclasses.replace(profile, key=EMULATED_KEY)  # conftest serves it
+    compiled.check_remote(lib, remote, emulated_board)  # OutputMismatch if it differs
