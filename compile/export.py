@@ -205,7 +205,7 @@ out = vm["main"](tvm.runtime.tensor(check["input"], dev)).numpy()
 np.testing.assert_allclose(out, check["output"], rtol=1e-4, atol=1e-4 * abs(check["output"]).max())
 ```
 
-The library was{"" if not compiled.cross_compiler else " cross-"}compiled for the device
+The library was {"cross-" if compiled.cross_compiler else ""}compiled for the device
 (`{profile.name}`); on a board reached through TVM RPC, `remote.upload("model.so")`, then
 `relax.VirtualMachine(remote.load_module("model.so"), {remote_device})`.
 """

@@ -86,6 +86,7 @@ def test_export_writes_a_library_the_tvm_runtime_alone_runs(run, tmp_path):
     readme = (out / "README.md").read_text()
     assert "tvm.runtime.load_module" in readme and "relax.VirtualMachine" in readme
     assert f"(1, 1, {IMAGE_SIZE}, {IMAGE_SIZE})" in readme
+    assert "The library was compiled for the device" in readme
 
     lib = tvm.runtime.load_module(str(out / "model.so"))
     vm = relax.VirtualMachine(lib, tvm.cpu())
