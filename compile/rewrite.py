@@ -385,11 +385,13 @@ def plan_rewrite(
         matrix = weight.reshape(rows, -1)
         maps: tuple = (None, None, False)
         x_row = 0
+        plain = kind == "conv" and _is_plain_1x1(geometry)
+        if plain and name not in sparse and _copies_off_pages(geometry, matrix.shape[1], family):
+            plain = False  # X through im2col: a copy with rows padded off 4 KB pages
         if kind == "conv":
             batch, m = geometry.batch, geometry.out_height * geometry.out_width
             # the kernels take the conv's 4-D tensors: no reshape calls around them
             hw = (geometry.out_height, geometry.out_width)
-            plain = _is_plain_1x1(geometry)
             maps = (hw if plain else None, hw, residual_var is not None)
             if not plain:  # X is the im2col output, its rows maybe padded
                 x_row = im2col_row(m, family)
@@ -425,7 +427,7 @@ def plan_rewrite(
         )
         if choice is not None and choice.sparse_ms is not None:
             plan.times_ms = {"sparse": choice.sparse_ms, "dense": choice.dense_ms}
-        if kind == "conv" and not _is_plain_1x1(geometry):
+        if kind == "conv" and not plain:
             cores = _cores(num_cores, 3 * _depthwise_macs(geometry))  # per copied element
             plan.im2col = Kernel("im2col", family, geometry, num_cores=cores, avx512=avx512)
         plans.append(plan)
@@ -532,6 +534,27 @@ def _depthwise_macs(geometry: ConvGeometry) -> int:
 
 def _is_plain_1x1(geometry: ConvGeometry) -> bool:
     return geometry.kernel == (1, 1) and geometry.stride == (1, 1) and geometry.pad == (0, 0)
+
+
+# Input channels from which a dense 1x1 conv on planes of whole 4 KB pages reads its input
+# through a padded copy (`_copies_off_pages`): L1 is 8-way, and a tile reads its K rows at one
+# offset of their pages.
+COPY_OFF_PAGES_MIN_COLS = 16
+
+
+def _copies_off_pages(geometry: ConvGeometry, cols: int, family: str) -> bool:
+    """Whether a plain 1x1 conv with `cols` input channels, not sparse, reads its input
+    through the im2col kernel: a copy whose rows are padded off 4 KB pages (`im2col_row`).
+    Rows that all start at the same offset in their pages share a few cache sets, and our
+    dense kernel read them at 1.2-1.65x the time (the CIFAR MobileNetV2's 1x1 convs at 32x32,
+    AVX2). With the copy that network's dense twin ran 1.04-1.05x faster: its expand convs
+    alone 1.17-1.50x, its convs to 16 or 24 channels 0.98-1.15x (docs/kernel-notes.md,
+    session 21). Sparse layers read X as it is: their kernels read few of its rows, and the
+    copy would cost more than it saves."""
+    m = geometry.out_height * geometry.out_width
+    return (
+        _is_plain_1x1(geometry) and cols >= COPY_OFF_PAGES_MIN_COLS and im2col_row(m, family) != m
+    )
 
 
 @dataclass(frozen=True)

@@ -618,6 +618,39 @@ def test_kxk_convs_on_a_32x32_map_read_padded_im2col_rows(tmp_path):
     np.testing.assert_allclose(got, model[2](x2).detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
+class PageRowsNet(nn.Module):
+    """1x1 convs on a 32x32 map (planes of exactly one 4 KB page): dense from 8 channels,
+    from 16, from 64 with a residual, and sparse."""
+
+    def __init__(self):
+        super().__init__()
+        self.few = nn.Conv2d(8, 16, 1)
+        self.wide = nn.Conv2d(16, 64, 1)
+        self.same = nn.Conv2d(64, 64, 1, bias=False)
+        self.sparse = MaskedConv2d(64, 16, 1, sparsity=0.8, block=(4, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.wide(self.few(x)))
+        y = y + self.same(y)
+        return self.sparse(y)
+
+
+@pytest.mark.parametrize(("size", "copied"), [(32, {"wide", "same"}), (16, set())])
+def test_dense_1x1_convs_read_page_rows_through_a_padded_copy(size, copied):
+    """A dense 1x1 conv from 16 or more channels whose input planes are whole 4 KB pages
+    reads them through im2col (a copy, rows of 1040 floats); from fewer channels, sparse, or
+    on other maps it reads them as they are. Its residual and ReLU stay fused."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 8, size, size)
+    compiled = _check_build(PageRowsNet(), x, ["sparse"], ["few", "wide", "same"])
+    assert {name for name, info in compiled.kernels.items() if info["im2col"]} == copied
+    plans = {plan.name: plan for plan in compiled.layer_plans}
+    m = size * size
+    assert plans["same"].spec.x_shape == ((2, 64, m + 16) if copied else (2, 64, size, size))
+    assert compiled.kernels["same"]["fused_residual"]
+    assert compiled.kernels["wide"]["activation"] == "relu"
+
+
 # ---------------------------------------------------------------- dense, depthwise, im2col
 
 
