@@ -552,9 +552,7 @@ def _copies_off_pages(geometry: ConvGeometry, cols: int, family: str) -> bool:
     session 21). Sparse layers read X as it is: their kernels read few of its rows, and the
     copy would cost more than it saves."""
     m = geometry.out_height * geometry.out_width
-    return (
-        _is_plain_1x1(geometry) and cols >= COPY_OFF_PAGES_MIN_COLS and im2col_row(m, family) != m
-    )
+    return cols >= COPY_OFF_PAGES_MIN_COLS and im2col_row(m, family) != m
 
 
 @dataclass(frozen=True)
