@@ -1,5 +1,5 @@
 """What the tests share: the CLI as a user runs it, TVM's own tracker and server as a user
-starts them, and a run's study."""
+starts them, a run's study, and a device profile for this host's CPU."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -19,6 +20,24 @@ import psutil
 
 # The key under which conftest's `emulated_board` serves the emulated aarch64 board.
 EMULATED_KEY = "qemu-aarch64-shared-test"
+
+
+@dataclass(frozen=True)
+class LocalProfile:
+    """The fields of hw_profiles.profiles.Profile that compile reads."""
+
+    target: dict
+    family: str = "x86"
+    host: dict | None = None
+    cross_compiler: str | None = None
+    name: str = "test/host"
+
+
+def host_profile() -> LocalProfile:
+    """A profile for this machine's CPU, as LLVM names it."""
+    from tvm.target import codegen
+
+    return LocalProfile(target={"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
 
 
 def hwnas(

@@ -7,15 +7,15 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import tvm
+from helpers import LocalProfile, host_profile
 from torch import nn
 from tvm import relax
-from tvm.target import codegen
 
 import compile as hw_compile
 from compile._build import worst_layer
@@ -55,19 +55,7 @@ from compile.rewrite import (
     fold_batchnorm,
 )
 
-
-@dataclass(frozen=True)
-class LocalProfile:
-    """The fields of hw_profiles.profiles.Profile that compile reads."""
-
-    target: dict
-    family: str = "x86"
-    host: dict | None = None
-    cross_compiler: str | None = None
-    name: str = "test/host"
-
-
-HOST = LocalProfile(target={"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+HOST = host_profile()
 
 
 def _mask(shape, sparsity: float, block: tuple[int, int], gen: torch.Generator) -> torch.Tensor:

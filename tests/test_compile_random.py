@@ -10,25 +10,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import EMULATED_KEY
+from helpers import EMULATED_KEY, host_profile
 from torch import nn
-from tvm.target import codegen
 
 import compile as hw_compile
 from hw_profiles.profiles import load_profile
 from search_spaces.ops import SparseConv2d, SparseLinear
-
-
-class _Host:
-    """The fields of hw_profiles.profiles.Profile that compile reads, for this machine."""
-
-    target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
-    family = "x86"
-    host = None
-    cross_compiler = None
-    name = "test/host"
-    emulated = False
-
 
 BLOCKS = [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (1, 2), (1, 4), (1, 8), (2, 2), (4, 4)]
 
@@ -143,7 +130,7 @@ def random_case(seed: int) -> tuple[nn.Module, torch.Tensor, str]:
 
 def _check_random_net(seed: int) -> None:
     model, x, choice = random_case(seed)
-    compiled = hw_compile.build(model, x, _Host(), kernel_choice=choice)  # checks, too
+    compiled = hw_compile.build(model, x, host_profile(), kernel_choice=choice)  # checks, too
     with torch.no_grad():
         want = model(x).numpy()
     got = compiled.run(x.numpy())
