@@ -88,22 +88,33 @@ class KernelChooser:
     def path(self) -> Path:
         return (self.directory or cache_dir()) / CACHE_FILE
 
-    def choose(self, sparse: KernelCandidate, dense: KernelCandidate, density: float) -> Choice:
-        """The faster of the two kernels for one layer (see the module docstring)."""
+    def choose(
+        self,
+        sparse: KernelCandidate,
+        dense: KernelCandidate,
+        density: float,
+        copy: TimingJob | None = None,
+    ) -> Choice:
+        """The faster of the two kernels for one layer (see the module docstring). `copy`: a
+        call the dense kernel reads its input from (a 1x1 conv's input copied with padded rows,
+        `compile.rewrite._copies_off_pages`), timed with it."""
         if self.mode != "auto":
             return Choice(self.mode, reason=f"kernel_choice={self.mode!r}")
         jobs = {"sparse_ms": self._job(sparse), "dense_ms": self._job(dense)}
-        entry = self._entry(self._key(sparse.spec, density), jobs)
+        key = self._key(sparse.spec, density)
+        if copy is not None:
+            jobs["copy_ms"] = copy
+            key += "|copied"
+        entry = self._entry(key, jobs)
         if entry is None:
             impl = "sparse" if 1.0 - density >= SPARSE_ABOVE - 1e-9 else "dense"
             return Choice(impl, reason=f"density {density:.2f}, {self._untimed()}")
-        impl = "sparse" if entry["sparse_ms"] <= entry["dense_ms"] else "dense"
-        return Choice(
-            impl,
-            entry["sparse_ms"],
-            entry["dense_ms"],
-            f"sparse {entry['sparse_ms']:.4g} ms vs dense {entry['dense_ms']:.4g} ms",
-        )
+        sparse_ms, dense_ms = entry["sparse_ms"], entry["dense_ms"] + entry.get("copy_ms", 0.0)
+        impl = "sparse" if sparse_ms <= dense_ms else "dense"
+        reason = f"sparse {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms"
+        if copy is not None:
+            reason += " (its input copied)"
+        return Choice(impl, sparse_ms, dense_ms, reason)
 
     def time_fusion(self, fused: tuple, depthwise: tuple, shapes, density: float):
         """For a 1x1 conv that got its dense kernel and feeds only a depthwise conv: the times

@@ -383,38 +383,35 @@ def plan_rewrite(
             plans.append(plan)
             continue
         matrix = weight.reshape(rows, -1)
-        maps: tuple = (None, None, False)
-        x_row = 0
         plain = kind == "conv" and _is_plain_1x1(geometry)
-        if plain and name not in sparse and _copies_off_pages(geometry, matrix.shape[1], family):
-            plain = False  # X through im2col: a copy with rows padded off 4 KB pages
-        if kind == "conv":
-            batch, m = geometry.batch, geometry.out_height * geometry.out_width
-            # the kernels take the conv's 4-D tensors: no reshape calls around them
-            hw = (geometry.out_height, geometry.out_width)
-            maps = (hw if plain else None, hw, residual_var is not None)
-            if not plain:  # X is the im2col output, its rows maybe padded
-                x_row = im2col_row(m, family)
-                x_row = 0 if x_row == m else x_row
-        else:
-            batch, m = 1, math.prod(x_shape[:-1])
-            if m == 1 and len(x_shape) == 2:  # (1, features): as it is
-                maps = ((), (), False)
-        site = LayerSite(batch, m, activation, family, num_cores, avx512, maps, x_row)
+        # its dense kernel reads X through a padded copy; a sparse kernel reads it as it is
+        copies = plain and _copies_off_pages(geometry, matrix.shape[1], family)
+        args = (kind, geometry, x_shape, activation, residual_var is not None)
+        site = _layer_site(*args, plain and not copies, family, num_cores, avx512)
         dense = _dense_candidate(matrix, bias, site)
+        im2col = None
+        if (kind == "conv" and not plain) or copies:
+            cores = _cores(num_cores, 3 * _depthwise_macs(geometry))  # per copied element
+            im2col = Kernel("im2col", family, geometry, num_cores=cores, avx512=avx512)
         impl, choice, bsr = "dense", None, None
         if name in sparse:
             if not np.any(matrix == 0):
                 dense_reasons[name] = "mask is all ones"
             else:
                 bsr = to_bsr(matrix, choose_block(matrix != 0, sparse[name]))
-                sparse_candidate = _kept_rows_candidate(matrix, dense, num_cores)
+                as_is, dense_as_is = site, dense  # the sparse kernels read X as it is
+                if copies:
+                    as_is = _layer_site(*args, True, family, num_cores, avx512)
+                    dense_as_is = _dense_candidate(matrix, bias, as_is)
+                sparse_candidate = _kept_rows_candidate(matrix, dense_as_is, num_cores)
                 if sparse_candidate is None:
-                    sparse_candidate = _sparse_candidate(matrix, bsr, bias, site)
+                    sparse_candidate = _sparse_candidate(matrix, bsr, bias, as_is)
                 density = float(np.count_nonzero(matrix)) / matrix.size
-                choice = chooser.choose(sparse_candidate, dense, density)
+                copy_job = (im2col, [], x_shape, dense.spec.x_shape) if copies else None
+                choice = chooser.choose(sparse_candidate, dense, density, copy_job)
                 if choice.impl == "sparse":
                     impl, dense = "sparse", sparse_candidate
+                    im2col = None if copies else im2col
                 else:
                     dense_reasons[name] = f"dense kernel chosen: {choice.reason}"
         plan = LayerPlan(
@@ -423,13 +420,11 @@ def plan_rewrite(
             constants=dense.constants,
             bsr=bsr,
             kernel=dense.kernel,
+            im2col=im2col,
             **common,
         )
         if choice is not None and choice.sparse_ms is not None:
             plan.times_ms = {"sparse": choice.sparse_ms, "dense": choice.dense_ms}
-        if kind == "conv" and not plain:
-            cores = _cores(num_cores, 3 * _depthwise_macs(geometry))  # per copied element
-            plan.im2col = Kernel("im2col", family, geometry, num_cores=cores, avx512=avx512)
         plans.append(plan)
     _fuse_expand_depthwise(plans, graph, num_cores, chooser, dense_reasons)
     return RewritePlan(layers=plans, dense_reasons=dense_reasons, untuned=untuned)
@@ -456,7 +451,8 @@ def _fuse_expand_depthwise(
             dw.kind != "depthwise"
             or ex is None
             or ex.bsr is None  # a dense layer
-            or ex.spec.in_hw is None  # im2col
+            or ex.kind != "conv"
+            or not _is_plain_1x1(ex.geometry)  # im2col
             or ex.residual_var is not None
             or len(graph.consumers.get(ex.output_var, [])) != 1
         ):
@@ -466,6 +462,8 @@ def _fuse_expand_depthwise(
         blocks = to_bsr(bsr_to_dense(ex.bsr), (group, 1))  # CSR rows or groups of channels
         spec = replace(
             ex.spec,
+            in_hw=ex.spec.out_hw,  # X as it is (where the dense kernel read a copy too)
+            x_row=0,
             block=(group, 1),
             block_rows=blocks.block_rows,
             kept_rows=False,
@@ -495,7 +493,7 @@ def _fuse_expand_depthwise(
             dw.fusion_ms = {"fused": fused_ms, "unfused": unfused_ms}
         dw.constants, dw.kernel = constants, kernel
         dw.input_var, dw.input_shape = ex.input_var, ex.input_shape
-        dw.expand, ex.fused_into = ex, dw.name
+        dw.expand, ex.fused_into, ex.im2col = ex, dw.name, None
 
 
 def _residual(graph: _Graph, out_var: str, shape: tuple[int, ...]) -> tuple[str, str] | None:
@@ -543,14 +541,14 @@ COPY_OFF_PAGES_MIN_COLS = 16
 
 
 def _copies_off_pages(geometry: ConvGeometry, cols: int, family: str) -> bool:
-    """Whether a plain 1x1 conv with `cols` input channels, not sparse, reads its input
-    through the im2col kernel: a copy whose rows are padded off 4 KB pages (`im2col_row`).
+    """Whether a plain 1x1 conv with `cols` input channels, on its dense kernel, reads its
+    input through the im2col kernel: a copy whose rows are padded off 4 KB pages (`im2col_row`).
     Rows that all start at the same offset in their pages share a few cache sets, and our
     dense kernel read them at 1.2-1.65x the time (the CIFAR MobileNetV2's 1x1 convs at 32x32,
     AVX2). With the copy that network's dense twin ran 1.04-1.05x faster: its expand convs
     alone 1.17-1.50x, its convs to 16 or 24 channels 0.98-1.15x (docs/kernel-notes.md,
-    session 21). Sparse layers read X as it is: their kernels read few of its rows, and the
-    copy would cost more than it saves."""
+    session 21). Sparse kernels read X as it is: they read few of its rows, and the copy would
+    cost more than it saves. A sparse layer's choice times its dense kernel with the copy."""
     m = geometry.out_height * geometry.out_width
     return cols >= COPY_OFF_PAGES_MIN_COLS and im2col_row(m, family) != m
 
@@ -587,6 +585,32 @@ class LayerSite:
         """Kernel `op` for `spec`, built for one core when it has few multiply-adds."""
         cores = _cores(self.num_cores, macs)
         return Kernel(op, self.family, spec, num_cores=cores, avx512=self.avx512)
+
+
+def _layer_site(
+    kind: str,
+    geometry: ConvGeometry | None,
+    x_shape: tuple[int, ...],
+    activation: str,
+    residual: bool,
+    reads_x: bool,
+    family: str,
+    num_cores: int | None,
+    avx512: bool,
+) -> LayerSite:
+    """The site of a conv or Linear layer's matmul kernel. `reads_x`: a plain 1x1 conv's kernel
+    reads the conv's input as it is; else a conv's kernel reads the im2col output, whose rows
+    may be padded (`im2col_row`)."""
+    if kind != "conv":
+        m = math.prod(x_shape[:-1])
+        maps = ((), (), False) if m == 1 and len(x_shape) == 2 else (None, None, False)
+        return LayerSite(1, m, activation, family, num_cores, avx512, maps)
+    m = geometry.out_height * geometry.out_width
+    # the kernels take the conv's 4-D tensors: no reshape calls around them
+    hw = (geometry.out_height, geometry.out_width)
+    maps = (hw if reads_x else None, hw, residual)
+    x_row = 0 if reads_x or im2col_row(m, family) == m else im2col_row(m, family)
+    return LayerSite(geometry.batch, m, activation, family, num_cores, avx512, maps, x_row)
 
 
 def _dense_candidate(matrix: np.ndarray, bias: np.ndarray, site: LayerSite) -> KernelCandidate:

@@ -623,14 +623,24 @@ class PageRowsNet(nn.Module):
         return self.sparse(y)
 
 
-@pytest.mark.parametrize(("size", "copied"), [(32, {"wide", "same"}), (16, set())])
-def test_dense_1x1_convs_read_page_rows_through_a_padded_copy(size, copied):
+@pytest.mark.parametrize(
+    ("size", "kernel_choice", "copied"),
+    [
+        (32, "sparse", {"wide", "same"}),
+        (32, "dense", {"wide", "same", "sparse"}),
+        (16, "dense", set()),
+    ],
+)
+def test_dense_1x1_convs_read_page_rows_through_a_padded_copy(size, kernel_choice, copied):
     """A dense 1x1 conv from 16 or more channels whose input planes are whole 4 KB pages
-    reads them through im2col (a copy, rows of 1040 floats); from fewer channels, sparse, or
-    on other maps it reads them as they are. Its residual and ReLU stay fused."""
+    reads them through im2col (a copy, rows of 1040 floats), also a sparse layer that got its
+    dense kernel; from fewer channels, with its sparse kernel, or on other maps it reads them
+    as they are. Its residual and ReLU stay fused."""
     torch.manual_seed(6)
     x = torch.randn(2, 8, size, size)
-    compiled = _check_build(PageRowsNet(), x, ["sparse"], ["few", "wide", "same"])
+    sparse = ["sparse"] if kernel_choice == "sparse" else []
+    dense = ["few", "wide", "same"] + (["sparse"] if kernel_choice == "dense" else [])
+    compiled = _check_build(PageRowsNet(), x, sparse, dense, kernel_choice)
     assert {name for name, info in compiled.kernels.items() if info["im2col"]} == copied
     plans = {plan.name: plan for plan in compiled.layer_plans}
     m = size * size
@@ -1072,10 +1082,15 @@ def test_auto_choice_times_both_kernels_and_caches_them(tmp_path, monkeypatch):
     assert again.kernels["0"] == info
 
 
-def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [8, 32])
+def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(
+    size, tmp_path, monkeypatch
+):
     """The kernel choice times a 1x1 conv's kernels alone; when its dense kernel wins, the fused
     kernel (the conv sparse, inside the depthwise conv) is timed against the two calls, and the
-    faster way is kept. The cached times are edited to make each way the faster one."""
+    faster way is kept. The cached times are edited to make each way the faster one. At 32x32
+    the dense kernel reads a padded copy of X (`_copies_off_pages`), timed with it; the fused
+    kernel reads X as it is."""
     monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
     torch.manual_seed(8)
     model = nn.Sequential(
@@ -1083,16 +1098,22 @@ def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(tmp_
         nn.ReLU6(),
         nn.Conv2d(48, 48, 3, 1, 1, groups=48),
     ).eval()
-    x = torch.randn(1, 16, 8, 8)
+    x = torch.randn(1, 16, size, size)
     hw_compile.build(model, x, HOST)
     path = tmp_path / "kernel_times.json"
     table = json.loads(path.read_text())
     (choice_key,) = table
-    table[choice_key] = {"sparse_ms": 1.0, "dense_ms": 0.5}  # dense faster alone
+    copied = size == 32
+    assert choice_key.endswith("|copied") == copied
+    assert ("copy_ms" in table[choice_key]) == copied
+    # dense faster alone, 0.5 ms with the copy
+    times = {"sparse_ms": 1.0, "dense_ms": 0.4, "copy_ms": 0.1} if copied else {}
+    table[choice_key] = times or {"sparse_ms": 1.0, "dense_ms": 0.5}
     path.write_text(json.dumps(table))
     hw_compile.build(model, x, HOST)  # times the fused kernel and the depthwise conv alone
     (fused_key,) = (key for key in json.loads(path.read_text()) if "|fused|" in key)
-    assert "|1x16x8x8x48|" in fused_key  # the layer's sizes: a CPU kernel's key has none
+    # the layer's sizes: a CPU kernel's key has none
+    assert f"|1x16x{size}x{size}x48|" in fused_key
     for fused_ms, depthwise_ms, fuses in ((0.6, 0.2, True), (0.8, 0.2, False)):
         table = json.loads(path.read_text())
         table[fused_key] = {"fused_ms": fused_ms, "depthwise_ms": depthwise_ms}
@@ -1104,8 +1125,11 @@ def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(tmp_
             assert info["impl"] == "sparse" and info["fused_into"] == "2"
             assert (dw["fused_ms"], dw["unfused_ms"]) == (0.6, 0.7)
             assert compiled.sparse_layers == ["0"] and "0" not in compiled.dense_reasons
+            assert not info["im2col"]
         else:  # 0.8 ms against 0.7
             assert info["impl"] == "dense" and "fused_into" not in info
+            assert info["im2col"] == copied
+            assert ("(its input copied)" in compiled.dense_reasons["0"]) == copied
             assert "fused_expand" not in dw and "fused_ms" not in dw
             assert compiled.sparse_layers == [] and "0" in compiled.dense_reasons
 
