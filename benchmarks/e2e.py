@@ -114,14 +114,17 @@ MOBILENETV2 = (
 )
 
 
-def mobilenetv2(sparse: bool) -> torch.nn.Module:
+def mobilenetv2(sparse: bool, pattern: dict | None = None) -> torch.nn.Module:
     """The CIFAR MobileNetV2; `sparse`: every 1x1 conv 90% with 16x1 blocks and the
-    classifier 90% with 1x4 blocks, as `arch` makes the `mbv2-sparse` net."""
+    classifier 90% with 1x4 blocks, as `arch` makes the `mbv2-sparse` net, or all of them
+    with `pattern` (SparseConv2d's sparsity keywords, e.g. {"pattern": "unstructured",
+    "sparsity": 0.5})."""
     nn = torch.nn
 
     def pointwise(in_ch: int, out_ch: int) -> nn.Module:
         if sparse:
-            return SparseConv2d(in_ch, out_ch, 1, bias=False, sparsity=0.9, block=(16, 1))
+            kw = pattern or {"sparsity": 0.9, "block": (16, 1)}
+            return SparseConv2d(in_ch, out_ch, 1, bias=False, **kw)
         return nn.Conv2d(in_ch, out_ch, 1, bias=False)
 
     def depthwise(channels: int, stride: int) -> nn.Module:
@@ -140,7 +143,7 @@ def mobilenetv2(sparse: bool) -> torch.nn.Module:
     layers += [pointwise(in_ch, 1280), nn.BatchNorm2d(1280), nn.ReLU6()]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if sparse:
-        layers.append(SparseLinear(1280, 10, sparsity=0.9, block=(1, 4)))
+        layers.append(SparseLinear(1280, 10, **(pattern or {"sparsity": 0.9, "block": (1, 4)})))
     else:
         layers.append(nn.Linear(1280, 10))
     return nn.Sequential(*layers)

@@ -440,10 +440,16 @@ def _fuse_expand_depthwise(
     """Give each depthwise conv fed only by a sparse plain 1x1 conv one kernel that computes
     both (`expand_depthwise_cpu`, `expand_depthwise_cuda`): the expanded tensor never goes to
     memory and a call goes away. Only sparse ones: a dense 1x1 conv reuses each input load
-    across a tile of rows, which the fused kernel's channel-by-channel expansion cannot. A
-    sparse 1x1 conv that got its dense kernel (faster alone) is fused when the fused kernel,
-    timed here, takes no longer than the two calls: the call saved can outweigh the slower
-    1x1 conv (small layers on a GPU, where every launch costs a few microseconds)."""
+    across a tile of rows, which the fused kernel's channel-by-channel expansion cannot. Where
+    the 1x1 conv's kernels were timed, the fused kernel is timed too, in turns with the two
+    calls it would replace, and kept when it takes no longer:
+    - a sparse 1x1 conv that got its dense kernel (faster alone) can still be fused: the call
+      saved can outweigh the slower 1x1 conv (small layers on a GPU, where every launch costs
+      a few microseconds);
+    - one that got its sparse kernel can stay apart: at low sparsity the fused kernel's
+      expansion row by row loses (CIFAR MobileNetV2, 1x1 convs 30% unstructured: 2.85 ms
+      fused by rule, 2.76 ms not fused; docs/kernel-notes.md, session 22).
+    Untimed (a forced choice, or the density rule), a sparse 1x1 conv is fused."""
     by_output = {plan.output_var: plan for plan in plans}
     for dw in plans:
         ex = by_output.get(dw.input_var)
@@ -473,24 +479,31 @@ def _fuse_expand_depthwise(
         constants = [blocks.data.reshape(-1), blocks.indices, blocks.indptr, bias, *dw.constants]
         macs = _depthwise_macs(dw.geometry) + spec.batch * blocks.data.size * spec.m
         kernel = replace(dw.kernel, expand=spec, num_cores=_cores(num_cores, macs))
-        if ex.impl != "sparse":
-            if not ex.times_ms:  # dense by a rule or by request, not by timing
-                continue
+        if ex.times_ms:  # its kernels were timed: so is the fused kernel, against both calls
             geo = dw.geometry
             mid = (geo.batch, geo.channels, geo.height, geo.width)
             out = (geo.batch, geo.channels, geo.out_height, geo.out_width)
             density = blocks.data.size / (ex.bsr.rows * ex.bsr.cols)
+            copy = None
+            if ex.im2col is not None:  # the dense kernel reads a padded copy of X
+                copy = (ex.im2col, [], ex.input_shape, ex.spec.x_shape)
             times = chooser.time_fusion(
-                (kernel, constants), (dw.kernel, dw.constants), (ex.input_shape, mid, out), density
+                (kernel, constants),
+                (dw.kernel, dw.constants),
+                (ex.input_shape, mid, out),
+                density,
+                KernelCandidate(ex.kernel, ex.constants, ex.spec),
+                copy,
             )
-            if times is None:
-                continue
-            fused_ms, unfused_ms = times[0], ex.times_ms["dense"] + times[1]
-            if fused_ms > unfused_ms:
+            if times is not None:
+                if times[0] > times[1]:
+                    continue
+                dw.fusion_ms = {"fused": times[0], "unfused": times[1]}
+        if ex.impl != "sparse":
+            if not dw.fusion_ms:  # dense by a rule or by request, or the fusion not timed
                 continue
             ex.impl = "sparse"
             dense_reasons.pop(ex.name, None)
-            dw.fusion_ms = {"fused": fused_ms, "unfused": unfused_ms}
         dw.constants, dw.kernel = constants, kernel
         dw.input_var, dw.input_shape = ex.input_var, ex.input_shape
         dw.expand, ex.fused_into, ex.im2col = ex, dw.name, None

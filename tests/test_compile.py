@@ -1082,15 +1082,13 @@ def test_auto_choice_times_both_kernels_and_caches_them(tmp_path, monkeypatch):
     assert again.kernels["0"] == info
 
 
-@pytest.mark.parametrize("size", [8, 32])
-def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(
-    size, tmp_path, monkeypatch
-):
-    """The kernel choice times a 1x1 conv's kernels alone; when its dense kernel wins, the fused
-    kernel (the conv sparse, inside the depthwise conv) is timed against the two calls, and the
-    faster way is kept. The cached times are edited to make each way the faster one. At 32x32
-    the dense kernel reads a padded copy of X (`_copies_off_pages`), timed with it; the fused
-    kernel reads X as it is."""
+@pytest.mark.parametrize(("size", "alone"), [(8, "dense"), (32, "dense"), (8, "sparse")])
+def test_an_expand_conv_is_fused_when_the_pair_is_faster(size, alone, tmp_path, monkeypatch):
+    """The kernel choice times a 1x1 conv's kernels alone; the fused kernel (the conv sparse,
+    inside the depthwise conv) is then timed against the two calls (the conv's chosen kernel,
+    sparse or dense, then the depthwise conv), and the faster way is kept. The cached times are
+    edited to make each way the faster one. At 32x32 the dense kernel reads a padded copy of X
+    (`_copies_off_pages`), timed with it; the fused kernel reads X as it is."""
     monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
     torch.manual_seed(8)
     model = nn.Sequential(
@@ -1101,37 +1099,43 @@ def test_an_expand_conv_faster_dense_alone_is_fused_when_the_pair_is_faster(
     x = torch.randn(1, 16, size, size)
     hw_compile.build(model, x, HOST)
     path = tmp_path / "kernel_times.json"
-    table = json.loads(path.read_text())
+    table = {key: v for key, v in json.loads(path.read_text()).items() if "|fused|" not in key}
     (choice_key,) = table
     copied = size == 32
     assert choice_key.endswith("|copied") == copied
     assert ("copy_ms" in table[choice_key]) == copied
-    # dense faster alone, 0.5 ms with the copy
-    times = {"sparse_ms": 1.0, "dense_ms": 0.4, "copy_ms": 0.1} if copied else {}
-    table[choice_key] = times or {"sparse_ms": 1.0, "dense_ms": 0.5}
+    # The conv alone: 0.5 ms on its faster kernel (the dense one 0.4 after a copy of 0.1 at
+    # 32x32), 1.0 on the other.
+    copy = {"copy_ms": 0.1} if copied else {}
+    fast = 0.5 - sum(copy.values())
+    table[choice_key] = {"sparse_ms": 1.0, "dense_ms": 1.0, f"{alone}_ms": fast, **copy}
+    conv = {"conv_ms": fast, **copy}
     path.write_text(json.dumps(table))
-    hw_compile.build(model, x, HOST)  # times the fused kernel and the depthwise conv alone
+    hw_compile.build(model, x, HOST)  # times the fused kernel and the two calls, in turns
     (fused_key,) = (key for key in json.loads(path.read_text()) if "|fused|" in key)
     # the layer's sizes: a CPU kernel's key has none
     assert f"|1x16x{size}x{size}x48|" in fused_key
+    assert fused_key.endswith("|copied") == copied
+    assert json.loads(path.read_text())[fused_key].keys() == {"fused_ms", "depthwise_ms", *conv}
     for fused_ms, depthwise_ms, fuses in ((0.6, 0.2, True), (0.8, 0.2, False)):
         table = json.loads(path.read_text())
-        table[fused_key] = {"fused_ms": fused_ms, "depthwise_ms": depthwise_ms}
+        table[fused_key] = {"fused_ms": fused_ms, "depthwise_ms": depthwise_ms, **conv}
         path.write_text(json.dumps(table))
         compiled = hw_compile.build(model, x, HOST)  # checked against torch either way
         info, dw = compiled.kernels["0"], compiled.kernels["2"]
-        assert (info["sparse_ms"], info["dense_ms"]) == (1.0, 0.5)
+        assert info["sparse_ms"] + info["dense_ms"] == 1.5
         if fuses:  # 0.6 ms against 0.5 + 0.2
             assert info["impl"] == "sparse" and info["fused_into"] == "2"
             assert (dw["fused_ms"], dw["unfused_ms"]) == (0.6, 0.7)
             assert compiled.sparse_layers == ["0"] and "0" not in compiled.dense_reasons
             assert not info["im2col"]
-        else:  # 0.8 ms against 0.7
-            assert info["impl"] == "dense" and "fused_into" not in info
+        else:  # 0.8 ms against 0.7: the conv on its own kernel
+            assert info["impl"] == alone and "fused_into" not in info
             assert info["im2col"] == copied
-            assert ("(its input copied)" in compiled.dense_reasons["0"]) == copied
             assert "fused_expand" not in dw and "fused_ms" not in dw
-            assert compiled.sparse_layers == [] and "0" in compiled.dense_reasons
+            assert (compiled.sparse_layers == ["0"]) == (alone == "sparse")
+            if alone == "dense":
+                assert ("(its input copied)" in compiled.dense_reasons["0"]) == copied
 
 
 def test_untimed_target_goes_sparse_above_the_threshold(tmp_path):
