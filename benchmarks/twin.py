@@ -96,7 +96,9 @@ def main() -> None:
         f"Taken on {m['cpu']} ({m['cores']} cores, load average {load_avg:.2f} when the run "
         f"started, {m['date']}), one thread, the nets timed in turns, {args.repeats} rounds: "
         "the CIFAR MobileNetV2 with every 1x1 conv and the classifier sparse as the row says, "
-        "its kernels chosen per layer by timing them here, against the same net dense.\n\n"
+        "its kernels chosen per layer by timing them here, against the same net dense. A "
+        "net none of whose layers got its sparse kernel runs the twin's kernels: its ratio "
+        "is the run's noise.\n\n"
         f"{table}\n",
     )
 

@@ -33,6 +33,12 @@ SPARSE_ABOVE = 0.7
 # Layers whose density falls in the same bucket of this width share a cached timing.
 DENSITY_BUCKET = 0.05
 CACHE_FILE = "kernel_times.json"
+# What a call costs in the Relax VM beyond its kernel's time alone (ms): the fused expand
+# kernel saves one, or two with a copy of X (`time_fusion`). The CIFAR MobileNetV2's sparse
+# net took 0.64-0.80 us a call more than its 47 calls timed alone (with its pooling and
+# reshapes); two expand convs of the `mbv2-sparse` net left apart, each timed 0.2 us faster
+# so, made the net 0.6-0.9 us slower (docs/kernel-notes.md, session 22).
+CALL_MS = 0.0005
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,8 @@ class KernelChooser:
         """For a sparse 1x1 conv that feeds only a depthwise conv: the times (ms) of the kernel
         that computes both (the 1x1 conv sparse, inside the depthwise conv) and of the calls it
         replaces (the 1x1 conv's kernel `alone`, after its `copy` of X if it reads one, then
-        the depthwise conv), timed in turns, as (fused, unfused); None when not timed.
+        the depthwise conv), timed in turns, as (fused, unfused); unfused counts the calls
+        saved (`CALL_MS`). None when not timed.
         `fused` and `depthwise`: (Kernel, constants); `shapes`: the 1x1 conv's input, the
         depthwise conv's input and its output; `density`: the 1x1 conv's. None also while the
         times are pending for the device."""
@@ -160,7 +167,7 @@ class KernelChooser:
         if entry is None:
             return None
         unfused = entry["conv_ms"] + entry.get("copy_ms", 0.0) + entry["depthwise_ms"]
-        return entry["fused_ms"], unfused
+        return entry["fused_ms"], unfused + CALL_MS * (len(jobs) - 2)
 
     def time_pending(self) -> bool:
         """Time the pending jobs on the device, all in one call of `on_device`, into the table.
@@ -221,9 +228,9 @@ class KernelChooser:
     def _time_in_turns(self, jobs: dict[str, TimingJob]) -> dict[str, float]:
         """ms per call of each job, the best of `repeats` rounds in which each job is timed
         once. In turns, so that a burst of outside load (seconds long on a shared machine)
-        slows the kernels alike: timed one after the other, a layer's dense kernel once read
-        0.167 ms against 0.050 timed alone, its fused kernel 0.102 against 0.172, and the
-        fused kernel was kept (docs/kernel-notes.md, session 22)."""
+        slows the kernels alike: timed one after the other, a 1x1 conv's dense kernel once
+        read 0.167 ms (0.078 timed alone), and the fused kernel (0.10 ms) was kept against it
+        and its depthwise conv (0.091 ms; docs/kernel-notes.md, session 22)."""
         timers = {name: self._timer(*job) for name, job in jobs.items()}
         best = dict.fromkeys(jobs, float("inf"))
         for _ in range(self.repeats):
