@@ -229,8 +229,8 @@ class KernelChooser:
         """ms per call of each job, the best of `repeats` rounds in which each job is timed
         once. In turns, so that a burst of outside load (seconds long on a shared machine)
         slows the kernels alike: timed one after the other, a 1x1 conv's dense kernel once
-        read 0.167 ms (0.078 timed alone), and the fused kernel (0.10 ms) was kept against it
-        and its depthwise conv (0.091 ms; docs/kernel-notes.md, session 22)."""
+        read 0.167 ms (0.078 timed alone), and its fused kernel (0.10 ms) was kept, though
+        the two calls it replaced take 0.091 (docs/kernel-notes.md, session 22)."""
         timers = {name: self._timer(*job) for name, job in jobs.items()}
         best = dict.fromkeys(jobs, float("inf"))
         for _ in range(self.repeats):
