@@ -13,6 +13,7 @@ sparsity on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -254,9 +255,12 @@ class KernelChooser:
         x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
         args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (x, *constants)]
         out = tvm.runtime.tensor(np.empty(y_shape, np.float32), dev)
-        timer = lib.time_evaluator(
-            symbol, dev, number=1, repeat=1, min_repeat_ms=self.min_repeat_ms
-        )
+        # `number` fixed once from two calls (the first cold): with `min_repeat_ms`, each
+        # call of a time_evaluator calibrates it again, which doubled a round's time.
+        probe = lib.time_evaluator(symbol, dev, number=1, repeat=2)
+        once_ms = max(min(probe(*args, out).results) * 1e3, 1e-6)
+        number = max(1, math.ceil(self.min_repeat_ms / once_ms))
+        timer = lib.time_evaluator(symbol, dev, number=number, repeat=1)
         return lambda: float(timer(*args, out).results[0]) * 1e3
 
     def _load(self) -> dict[str, dict[str, float]]:
