@@ -149,10 +149,13 @@ def mobilenetv2(sparse: bool, pattern: dict | None = None) -> torch.nn.Module:
     return nn.Sequential(*layers)
 
 
-def build_model(sparse: bool, size: int = 32, net: str = "mbv2-sparse") -> torch.nn.Module:
+def build_model(
+    sparse: bool, size: int = 32, net: str = "mbv2-sparse", pattern: dict | None = None
+) -> torch.nn.Module:
+    """`net` with its masks made (seeded); `pattern`: the sparse layers' (`mobilenetv2` only)."""
     torch.manual_seed(0)
     if net == "mobilenetv2":
-        model = mobilenetv2(sparse)
+        model = mobilenetv2(sparse, pattern)
     else:
         model = get_space("mbv2-sparse").build(arch(sparse), 10, 3, size)
     for module in model.modules():

@@ -20,7 +20,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from e2e import OUT, HostProfile, in_turns, linked, machine, mobilenetv2, vm_timer  # noqa: E402
+from e2e import OUT, HostProfile, build_model, in_turns, linked, machine, vm_timer  # noqa: E402
 from kernels import replace_section  # noqa: E402
 
 import compile as hw_compile  # noqa: E402
@@ -43,16 +43,6 @@ PATTERNS = (
 )
 
 
-def net(pattern: dict | None) -> torch.nn.Module:
-    """The CIFAR MobileNetV2 with its masks made (seeded), or dense for `pattern` None."""
-    torch.manual_seed(0)
-    model = mobilenetv2(pattern is not None, pattern)
-    for module in model.modules():
-        if hasattr(module, "update_mask"):
-            module.update_mask()
-    return model.eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=15, help="rounds of the timing in turns")
@@ -63,7 +53,7 @@ def main() -> None:
     rows, timers = [], {}
     load_avg = os.getloadavg()[0]
     for label, pattern in (("dense twin", None), *PATTERNS):
-        model = net(pattern)
+        model = build_model(pattern is not None, net="mobilenetv2", pattern=pattern)
         start = time.perf_counter()
         compiled = hw_compile.build(model, x, HostProfile())
         compile_s = time.perf_counter() - start

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,18 +107,15 @@ class KernelChooser:
         sparse: KernelCandidate,
         dense: KernelCandidate,
         density: float,
-        copy: TimingJob | None = None,
+        copy: Kernel | None = None,
     ) -> Choice:
-        """The faster of the two kernels for one layer (see the module docstring). `copy`: a
-        call the dense kernel reads its input from (a 1x1 conv's input copied with padded rows,
-        `compile.rewrite._copies_off_pages`), timed with it."""
+        """The faster of the two kernels for one layer (see the module docstring). `copy`: the
+        im2col kernel the dense kernel reads its input through (a 1x1 conv's input copied with
+        padded rows, `compile.rewrite._copies_off_pages`), timed with it."""
         if self.mode != "auto":
             return Choice(self.mode, reason=f"kernel_choice={self.mode!r}")
         jobs = {"sparse_ms": self._job(sparse), "dense_ms": self._job(dense)}
-        key = self._key(sparse.spec, density)
-        if copy is not None:
-            jobs["copy_ms"] = copy
-            key += "|copied"
+        key = self._with_copy(jobs, self._key(sparse.spec, density), copy, dense.spec)
         entry = self._entry(key, jobs)
         if entry is None:
             impl = "sparse" if 1.0 - density >= SPARSE_ABOVE - 1e-9 else "dense"
@@ -137,7 +134,7 @@ class KernelChooser:
         shapes,
         density: float,
         alone: KernelCandidate,
-        copy: TimingJob | None = None,
+        copy: Kernel | None = None,
     ):
         """For a sparse 1x1 conv that feeds only a depthwise conv: the times (ms) of the kernel
         that computes both (the 1x1 conv sparse, inside the depthwise conv) and of the calls it
@@ -161,10 +158,7 @@ class KernelChooser:
             "conv_ms": self._job(alone),
             "depthwise_ms": (*depthwise, mid_shape, y_shape),
         }
-        if copy is not None:
-            jobs["copy_ms"] = copy
-            key += "|copied"
-        entry = self._entry(key, jobs)
+        entry = self._entry(self._with_copy(jobs, key, copy, alone.spec), jobs)
         if entry is None:
             return None
         unfused = entry["conv_ms"] + entry.get("copy_ms", 0.0) + entry["depthwise_ms"]
@@ -219,6 +213,18 @@ class KernelChooser:
         bucket = round(round(density / DENSITY_BUCKET) * DENSITY_BUCKET, 4)
         shape = f"{spec.batch}x{spec.rows}x{spec.cols}x{spec.m}"
         return f"v{KERNEL_VERSION}|{target_key(self.target)}|{shape}|{_block_name(spec)}|{bucket}"
+
+    @staticmethod
+    def _with_copy(
+        jobs: dict[str, TimingJob], key: str, copy: Kernel | None, spec: KernelSpec
+    ) -> str:
+        """`key`, marked when the kernel of `spec` (a plain 1x1 conv's) reads its input through
+        `copy`, whose job then joins `jobs` as "copy_ms"."""
+        if copy is None:
+            return key
+        x_shape = replace(spec, in_hw=spec.out_hw, x_row=0).x_shape  # the conv's input
+        jobs["copy_ms"] = (copy, [], x_shape, spec.x_shape)
+        return key + "|copied"
 
     @staticmethod
     def _job(candidate: KernelCandidate) -> TimingJob:

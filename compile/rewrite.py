@@ -407,8 +407,8 @@ def plan_rewrite(
                 if sparse_candidate is None:
                     sparse_candidate = _sparse_candidate(matrix, bsr, bias, as_is)
                 density = float(np.count_nonzero(matrix)) / matrix.size
-                copy_job = (im2col, [], x_shape, dense.spec.x_shape) if copies else None
-                choice = chooser.choose(sparse_candidate, dense, density, copy_job)
+                copy = im2col if copies else None
+                choice = chooser.choose(sparse_candidate, dense, density, copy)
                 if choice.impl == "sparse":
                     impl, dense = "sparse", sparse_candidate
                     im2col = None if copies else im2col
@@ -484,16 +484,13 @@ def _fuse_expand_depthwise(
             mid = (geo.batch, geo.channels, geo.height, geo.width)
             out = (geo.batch, geo.channels, geo.out_height, geo.out_width)
             density = blocks.data.size / (ex.bsr.rows * ex.bsr.cols)
-            copy = None
-            if ex.im2col is not None:  # the dense kernel reads a padded copy of X
-                copy = (ex.im2col, [], ex.input_shape, ex.spec.x_shape)
             times = chooser.time_fusion(
                 (kernel, constants),
                 (dw.kernel, dw.constants),
                 (ex.input_shape, mid, out),
                 density,
                 KernelCandidate(ex.kernel, ex.constants, ex.spec),
-                copy,
+                ex.im2col,  # the padded copy of X its dense kernel reads, if any
             )
             if times is not None:
                 if times[0] > times[1]:
