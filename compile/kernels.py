@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from tvm import tirx
@@ -2181,6 +2182,16 @@ class Kernel:
 
 @functools.lru_cache(maxsize=1024)
 def _make(kernel: Kernel) -> tirx.PrimFunc:
+    """`kernel`'s function, parsed on a thread of its own. TVM 0.27's `T.prim_func` calls
+    `inspect.stack()` (twice a kernel), which reads the source lines of every frame on the
+    caller's stack and, for a frame whose file is no module's (`<frozen runpy>` under
+    `python -m`), goes through all of `sys.modules`: 0.1-0.3 s a call in a search. A new
+    thread's stack is a few frames deep."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_parse, kernel).result()
+
+
+def _parse(kernel: Kernel) -> tirx.PrimFunc:
     if kernel.op in ("sparse", "dense"):
         return matmul_kernel(
             kernel.shape,

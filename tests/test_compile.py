@@ -44,7 +44,7 @@ from compile.kernels import (
     takes_columns,
 )
 from compile.layers import layer_output, run_layer_calls
-from compile.objects import load_kernel, prune
+from compile.objects import SKIPPED_CPU_PASSES, build_kernels, load_kernel, prune
 from compile.rewrite import (
     LayerSite,
     RewritePlan,
@@ -338,10 +338,9 @@ def test_by_column_kernel_matches_numpy(block, sparsity, batch, hw, activation, 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def _llvm_ir(func) -> str:
+def _llvm_ir(kernel: Kernel) -> str:
     """The LLVM IR of one kernel, compiled for this host as a build compiles it."""
-    with tvm.transform.PassContext(config=BUILD_CONFIG):
-        return tvm.compile(func, target=HOST.target).mod.inspect_source("ll")
+    return build_kernels({kernel: "kernel"}, HOST.target).mod.inspect_source("ll")
 
 
 @pytest.mark.parametrize(
@@ -358,7 +357,7 @@ def test_by_column_scratch_is_aligned_to_a_vector(avx512, vector):
     cand = _sparse_candidate(w, to_bsr(w, (1, 4)), np.zeros(53, np.float32), site)
     assert cand.spec.by_column
     # 53 rows x 2 vectors of the M tile
-    assert f"alloca [106 x {vector}" in _llvm_ir(cand.kernel.func())
+    assert f"alloca [106 x {vector}" in _llvm_ir(cand.kernel)
 
 
 @pytest.mark.parametrize(
@@ -377,10 +376,86 @@ def test_kernel_buffers_reach_llvm_as_noalias(kernel):
     LLVM codegen then gives the body a function of its own with `noalias` pointers."""
     body = [
         line
-        for line in _llvm_ir(kernel.func()).splitlines()
+        for line in _llvm_ir(kernel).splitlines()
         if line.startswith("define") and "_compute_(" in line
     ]
     assert len(body) == 1 and "ptr noalias" in body[0]
+
+
+_AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
+_NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+
+
+def _skip_check_kernels(family: str, avx512: bool) -> list[Kernel]:
+    """One kernel of each kind a build makes (at 32x32, the rows padded off 4 KB pages)."""
+    hw = (32, 32)
+    spec = KernelSpec(1, 0, 0, 1024, (4, 1), 0, "relu6", in_hw=hw, out_hw=hw)
+    geometry = ConvGeometry(1, 0, 32, 32, (3, 3), (1, 1), (1, 1), 32, 32)
+    expand = replace(spec, block=(1, 1))
+    kernels = [
+        Kernel("sparse", family, spec, avx512=avx512),
+        Kernel("sparse", family, replace(spec, block=(16, 1), residual=True), avx512=avx512),
+        Kernel(
+            "sparse", family, replace(spec, rows=32, block=(1, 4), by_column=True), avx512=avx512
+        ),
+        Kernel("dense", family, replace(spec, in_hw=None, x_row=1040), avx512=avx512),
+        Kernel(
+            "sparse",
+            family,
+            KernelSpec(1, 0, 0, 1, (1, 8), 0, narrow_indices=True, chains=1),
+            avx512=avx512,
+        ),
+        Kernel("depthwise", family, geometry, "relu6", avx512=avx512),
+        Kernel("depthwise", family, geometry, "relu6", avx512=avx512, expand=expand),
+        Kernel("im2col", family, geometry, avx512=avx512),
+    ]
+    return kernels
+
+
+@pytest.mark.parametrize(
+    ("family", "target", "avx512"),
+    [("x86", None, False), ("x86", _AVX512, True), ("arm", _NEON, False)],
+    ids=["host", "avx512", "neon"],
+)
+def test_skipped_passes_change_no_kernel(family, target, avx512):
+    """The lowering passes a kernel build skips (`SKIPPED_CPU_PASSES`, to build faster) leave
+    every kind of kernel's assembly as it is, byte for byte, on each CPU target family."""
+    target = HOST.target if target is None else tvm.target.Target(target)
+    for kernel in _skip_check_kernels(family, avx512):
+        funcs = tvm.IRModule({"kernel": kernel.func().with_attr("global_symbol", "kernel")})
+        with tvm.transform.PassContext(config=BUILD_CONFIG):
+            full = tvm.compile(funcs, target=target).mod.inspect_source("asm")
+        skipped = build_kernels({kernel: "kernel"}, target).mod.inspect_source("asm")
+        assert skipped == full, kernel
+
+
+def test_a_kernel_is_parsed_on_a_shallow_stack(monkeypatch):
+    """TVM's `T.prim_func` calls `inspect.stack()`, which reads the source of every frame on
+    the stack (0.1-0.3 s a call in a search process); our kernels are parsed on a thread of
+    their own, so the stack it reads is a few frames deep wherever the build was called."""
+    import inspect
+
+    from compile import kernels
+
+    depths = []
+
+    def stack(*args, **kwargs):
+        frames = stack.wrapped(*args, **kwargs)
+        depths.append(len(frames))
+        return frames
+
+    stack.wrapped = inspect.stack
+    monkeypatch.setattr(inspect, "stack", stack)
+
+    def deep(n: int):
+        if n:
+            return deep(n - 1)
+        return kernels._make.__wrapped__(
+            Kernel("sparse", "x86", KernelSpec(1, 24, 40, 7, (4, 1), 6))
+        )
+
+    deep(200)
+    assert depths and max(depths) < 100, depths
 
 
 def test_by_column_rule():
