@@ -380,29 +380,34 @@ def _time_layers(
     layers: Mapping[str, Sequence[KernelCall]],
     protocol: Protocol,
 ) -> dict[str, float]:
-    """Each layer's time: the sum over its calls of the median ms per call."""
+    """Each layer's time: the sum over its calls of the median ms per call. Every call is
+    warmed up and its `number` calibrated first; then the calls are timed in rounds, each once a
+    round, so that a burst of other work on the device slows every layer alike instead of the
+    one being timed then (as in `compile.choose.KernelChooser._time_in_turns`)."""
     from tvm import runtime
 
-    repeats = min(protocol.repeats, LAYER_REPEATS)
-    times: dict[str, float] = {}
+    timers: list[tuple[str, str, Timer, int]] = []  # layer, step name, timer, number
     for name, calls in layers.items():
-        total_ms = 0.0
         for call in calls:
             where = f"layer {name!r} ({call.symbol})"
             enter(f"inputs {where}")
             args = [runtime.tensor(np.ascontiguousarray(a), device) for a in call.inputs]
             args.append(runtime.tensor(np.zeros(call.output_shape, np.float32), device))
             timer = _evaluator(module, call.symbol, device, args)
-            timed = _time_by_protocol(
-                timer,
-                protocol,
-                "",
-                lambda step, where=where: enter(f"{step} {where}"),
-                repeats=repeats,
-                remeasure=0,
-            )
-            total_ms += timed.median_ms
-        times[name] = total_ms
+            if protocol.warmup > 0:
+                enter(f"warmup {where}")
+                timer(protocol.warmup, 1, 0.0)
+            enter(f"calibrate {where}")
+            timers.append((name, where, timer, _calibrate_number(timer, protocol)))
+    seconds: list[list[float]] = [[] for _ in timers]
+    for _ in range(min(protocol.repeats, LAYER_REPEATS)):
+        for (_, where, timer, number), taken in zip(timers, seconds, strict=True):
+            enter(f"time {where}")
+            taken.append(float(timer(number, 1, 0.0)[0]))
+            time.sleep(protocol.cooldown_ms / 1e3)
+    times = dict.fromkeys(layers, 0.0)
+    for (name, *_), taken in zip(timers, seconds, strict=True):
+        times[name] += float(np.median(taken)) * 1e3
     return times
 
 
@@ -416,10 +421,10 @@ def measure_layers(
 ) -> LayerTimes:
     """Per-layer times on the device registered under `profile.key`: the library (a plain
     shared library of kernels, no Relax VM) is uploaded once, and in one session each layer's
-    calls are timed alone, each with the protocol's warm-up and calibrated `number` but at most
-    `LAYER_REPEATS` repeats and no re-measurement; a layer's time is the sum of its calls'
-    medians. Never raises for a device failure (see `LayerTimes.error`, which names the step
-    and the layer)."""
+    calls are warmed up and their `number` calibrated by the protocol, then timed in rounds
+    (each call once a round; `LAYER_REPEATS` rounds at most, no re-measurement); a layer's time
+    is the sum of its calls' medians. Never raises for a device failure (see `LayerTimes.error`,
+    which names the step and the layer)."""
     lib_path = Path(lib_path)
     if not lib_path.is_file():
         return LayerTimes(key=profile.key, error=f"upload: library not found: {lib_path}")

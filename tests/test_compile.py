@@ -44,7 +44,7 @@ from compile.kernels import (
     takes_columns,
 )
 from compile.layers import layer_output, run_layer_calls
-from compile.objects import SKIPPED_CPU_PASSES, build_kernels, load_kernel, prune
+from compile.objects import build_kernels, load_kernel, prune
 from compile.rewrite import (
     LayerSite,
     RewritePlan,

@@ -129,6 +129,37 @@ def test_every_layer_is_timed_on_the_device(built, tracker: Tracker, tmp_path: P
     assert tracker_summary(tracker)[KEY]["free"] >= 1
 
 
+def test_layers_are_timed_in_rounds(built, tracker: Tracker, tmp_path: Path, monkeypatch) -> None:
+    """After every call's warm-up and calibration, the calls are timed one round after another,
+    each once a round, so that a burst of load on the device falls on every layer alike."""
+    from hw_profiles import measure
+
+    _, _, compiled = built
+    profile = _quick(load_profile("x86/local"), KEY)
+    path = tmp_path / "layers.so"
+    calls = compiled.export_layer_library(path)
+    symbols = [call.symbol for layer in calls.values() for call in layer]
+    timed: list[tuple[str, int]] = []
+    evaluator = measure._evaluator
+
+    def recording(module, name, device, args):
+        timer = evaluator(module, name, device, args)
+
+        def call(number: int, repeat: int, cooldown_ms: float):
+            timed.append((name, repeat))
+            return timer(number, repeat, cooldown_ms)
+
+        return call
+
+    monkeypatch.setattr(measure, "_evaluator", recording)
+    times = measure_layers(path, calls, profile, tracker)
+    assert times.ok, times.error
+    assert times.repeats == 3
+    rounds = timed[-3 * len(symbols) :]
+    assert rounds == [(symbol, 1) for symbol in symbols] * 3
+    assert all(math.isfinite(ms) and ms > 0 for ms in times.ms.values())
+
+
 def test_layer_failures_come_back_as_data(built, tracker: Tracker, tmp_path: Path) -> None:
     _, _, compiled = built
     profile = _quick(load_profile("x86/local"), KEY)
