@@ -475,7 +475,7 @@ def test_kernel_macros_find_their_parser_without_reading_source_lines(monkeypatc
     """Our kernels' macros find the TVMScript parser by walking the frames alone
     (`kernels._find_parser`), not through `inspect.getouterframes`, which reads the source
     lines of the whole stack at every macro call (80-90% of the time to make a kernel; TVM's
-    `T.prim_func` still calls it, once per kernel)."""
+    `T.prim_func` still calls it, on a stack of its own)."""
     import inspect
 
     from tvm.script.parser.core.parser import ScriptMacro
