@@ -383,7 +383,8 @@ def _time_layers(
     """Each layer's time: the sum over its calls of the median ms per call. Every call is
     warmed up and its `number` calibrated first; then the calls are timed in rounds, each once a
     round, so that a burst of other work on the device slows every layer alike instead of the
-    one being timed then (as in `compile.choose.KernelChooser._time_in_turns`)."""
+    one being timed then (as in `compile.choose.KernelChooser._time_in_turns`). So every
+    call's arrays (its weights, input and output) stay on the device until the last round."""
     from tvm import runtime
 
     timers: list[tuple[str, str, Timer, int]] = []  # layer, step name, timer, number
