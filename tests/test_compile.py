@@ -387,12 +387,12 @@ _NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 
 
 def _skip_check_kernels(family: str, avx512: bool) -> list[Kernel]:
-    """One kernel of each kind a build makes (at 32x32, the rows padded off 4 KB pages)."""
+    """One kernel of each kind a build makes, at 32x32 (the dense one's rows padded off 4 KB)."""
     hw = (32, 32)
     spec = KernelSpec(1, 0, 0, 1024, (4, 1), 0, "relu6", in_hw=hw, out_hw=hw)
     geometry = ConvGeometry(1, 0, 32, 32, (3, 3), (1, 1), (1, 1), 32, 32)
     expand = replace(spec, block=(1, 1))
-    kernels = [
+    return [
         Kernel("sparse", family, spec, avx512=avx512),
         Kernel("sparse", family, replace(spec, block=(16, 1), residual=True), avx512=avx512),
         Kernel(
@@ -409,7 +409,6 @@ def _skip_check_kernels(family: str, avx512: bool) -> list[Kernel]:
         Kernel("depthwise", family, geometry, "relu6", avx512=avx512, expand=expand),
         Kernel("im2col", family, geometry, avx512=avx512),
     ]
-    return kernels
 
 
 @pytest.mark.parametrize(
@@ -431,8 +430,9 @@ def test_skipped_passes_change_no_kernel(family, target, avx512):
 
 def test_a_kernel_is_parsed_on_a_shallow_stack(monkeypatch):
     """TVM's `T.prim_func` calls `inspect.stack()`, which reads the source of every frame on
-    the stack (0.1-0.3 s a call in a search process); our kernels are parsed on a thread of
-    their own, so the stack it reads is a few frames deep wherever the build was called."""
+    the stack (25-90 ms a call 40 frames deep under `python -m`); our kernels are parsed on a
+    thread of their own, so the stack it reads is a few frames deep wherever the build was
+    called."""
     import inspect
 
     from compile import kernels
