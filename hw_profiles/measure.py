@@ -260,27 +260,25 @@ def _summarise(seconds: np.ndarray, number: int, key: str) -> Measurement:
     )
 
 
-def _time_by_protocol(
-    timer: Timer,
-    protocol: Protocol,
-    key: str,
-    enter: Callable[[str], None],
-    *,
-    repeats: int | None = None,
-    remeasure: int | None = None,
-) -> Measurement:
-    """Warm up, calibrate `number`, time `repeats` repeats (default the protocol's) and
-    re-measure (at most `remeasure` times) while CV > max_cv, keeping the tightest."""
-    repeats = protocol.repeats if repeats is None else repeats
-    remeasure = protocol.remeasure if remeasure is None else remeasure
+def _warm_and_calibrate(timer: Timer, protocol: Protocol, enter: Callable[[str], None]) -> int:
+    """Run the protocol's warm-up calls, then return the calibrated `number`."""
     if protocol.warmup > 0:
         enter("warmup")
         timer(protocol.warmup, 1, 0.0)
     enter("calibrate")
-    number = _calibrate_number(timer, protocol)
+    return _calibrate_number(timer, protocol)
+
+
+def _time_by_protocol(
+    timer: Timer, protocol: Protocol, key: str, enter: Callable[[str], None]
+) -> Measurement:
+    """Warm up, calibrate `number`, time the protocol's repeats and re-measure (at most
+    `remeasure` times) while CV > max_cv, keeping the tightest."""
+    repeats = protocol.repeats
+    number = _warm_and_calibrate(timer, protocol, enter)
     enter("time")
     best = _summarise(timer(number, repeats, protocol.cooldown_ms), number, key)
-    for attempt in range(remeasure):
+    for attempt in range(protocol.remeasure):
         if best.cv is not None and best.cv <= protocol.max_cv:
             break
         enter(f"remeasure {attempt + 1}")
@@ -395,11 +393,10 @@ def _time_layers(
             args = [runtime.tensor(np.ascontiguousarray(a), device) for a in call.inputs]
             args.append(runtime.tensor(np.zeros(call.output_shape, np.float32), device))
             timer = _evaluator(module, call.symbol, device, args)
-            if protocol.warmup > 0:
-                enter(f"warmup {where}")
-                timer(protocol.warmup, 1, 0.0)
-            enter(f"calibrate {where}")
-            timers.append((name, where, timer, _calibrate_number(timer, protocol)))
+            number = _warm_and_calibrate(
+                timer, protocol, lambda step, where=where: enter(f"{step} {where}")
+            )
+            timers.append((name, where, timer, number))
     seconds: list[list[float]] = [[] for _ in timers]
     for _ in range(min(protocol.repeats, LAYER_REPEATS)):
         for (_, where, timer, number), taken in zip(timers, seconds, strict=True):
