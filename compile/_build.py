@@ -157,10 +157,11 @@ class CompiledModel:
         layout, e.g. captured with a forward hook), else on random data of its input shape
         (`seed` fixes it).
 
-        A conv computed by im2col + matmul is two calls, timed as their sum. Layers left to
-        TVM's default build (`kernels[...]["impl"] == "tvm-default"`) have no kernel of ours and
-        are left out. On a CPU target the library links the kernels' cached object files; on
-        a CUDA target the kernels are built together into one module (host and device code).
+        A conv computed by a copy of its input (im2col, or a direct conv's padded planes) and
+        the matmul is two calls, timed as their sum. Layers left to TVM's default build
+        (`kernels[...]["impl"] == "tvm-default"`) have no kernel of ours and are left out. On a
+        CPU target the library links the kernels' cached object files; on a CUDA target the
+        kernels are built together into one module (host and device code).
         """
         if not self.layer_plans:
             raise CompileError("no layer of this model runs on our kernels: nothing to time")
@@ -514,8 +515,10 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         "activation": layer.activation,
         "fused_bias": layer.fused_bias,
         "fused_residual": layer.residual_var is not None,
-        "im2col": layer.im2col is not None,
+        "im2col": layer.x_copy is not None and layer.x_copy.op == "im2col",
     }
+    if layer.spec is not None and layer.spec.direct:  # a k x k conv without im2col
+        info["direct"] = True
     if layer.fused_into is not None:
         info["fused_into"] = layer.fused_into
     if layer.expand is not None:
@@ -568,8 +571,8 @@ def _layer_reference(module: nn.Module, x: torch.Tensor, plan: LayerPlan) -> np.
 def run_layer_kernel(plan: LayerPlan, x: np.ndarray, target) -> np.ndarray:
     """Build and run one layer's kernel(s) alone on the layer's input `x` (for diagnostics)."""
     symbols = {plan.kernel: kernel_symbol(plan.name, plan.impl)}
-    if plan.im2col is not None:
-        symbols[plan.im2col] = kernel_symbol(plan.name, "im2col")
+    if plan.x_copy is not None:
+        symbols[plan.x_copy] = kernel_symbol(plan.name, plan.x_copy.op)
     lib = build_kernels(symbols, target)
     calls = layer_calls(plan, x, symbols.__getitem__, np.random.default_rng(0))
     return layer_output(plan, run_layer_calls(lib, local_device(target), calls))

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,13 @@ CALL_MS = 0.0005
 @dataclass(frozen=True)
 class KernelCandidate:
     """One way to compute a layer: a kernel taking (X, *constants, Y), its constants and the
-    layer's matmul spec."""
+    layer's matmul spec; `copy`: the kernel that writes the X it reads from the layer's input
+    (im2col, a copy with padded rows, a direct conv's padded planes), if any."""
 
     kernel: Kernel
     constants: list[np.ndarray]
     spec: KernelSpec
+    copy: Kernel | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ TimingJob = tuple[Kernel, list[np.ndarray], tuple[int, ...], tuple[int, ...]]
 def _block_name(spec: KernelSpec) -> str:
     """A matmul kernel's blocks and how it walks them, for the table's keys."""
     block = f"{spec.block[0]}x{spec.block[1]}" + ("-kept-rows" if spec.kept_rows else "")
-    return block + ("-by-column" if spec.by_column else "")
+    return block + ("-by-column" if spec.by_column else "") + ("-direct" if spec.direct else "")
 
 
 class DeviceTimingFailed(Exception):
@@ -107,24 +109,29 @@ class KernelChooser:
         sparse: KernelCandidate,
         dense: KernelCandidate,
         density: float,
-        copy: Kernel | None = None,
+        x_shape: tuple[int, ...] = (),
     ) -> Choice:
-        """The faster of the two kernels for one layer (see the module docstring). `copy`: the
-        im2col kernel the dense kernel reads its input through (a 1x1 conv's input copied with
-        padded rows, `compile.rewrite._copies_off_pages`), timed with it."""
+        """The faster of the two kernels for one layer (see the module docstring). Where the
+        two read X through different copies (`KernelCandidate.copy`: a 1x1 conv's dense kernel
+        reads a copy with padded rows, `compile.rewrite._copies_off_pages`; a direct conv's
+        sparse kernel reads padded planes, its dense kernel im2col), each is timed with its
+        copy, made from random input of the layer's `x_shape`."""
         if self.mode != "auto":
             return Choice(self.mode, reason=f"kernel_choice={self.mode!r}")
         jobs = {"sparse_ms": self._job(sparse), "dense_ms": self._job(dense)}
-        key = self._with_copy(jobs, self._key(sparse.spec, density), copy, dense.spec)
+        key = self._key(sparse.spec, density)
+        if sparse.copy != dense.copy:
+            key = self._with_copies(jobs, key, {"sparse": sparse, "dense": dense}, x_shape)
         entry = self._entry(key, jobs)
         if entry is None:
             impl = "sparse" if 1.0 - density >= SPARSE_ABOVE - 1e-9 else "dense"
             return Choice(impl, reason=f"density {density:.2f}, {self._untimed()}")
-        sparse_ms, dense_ms = entry["sparse_ms"], entry["dense_ms"] + entry.get("copy_ms", 0.0)
+        sparse_ms = entry["sparse_ms"] + entry.get("sparse_copy_ms", 0.0)
+        dense_ms = entry["dense_ms"] + entry.get("dense_copy_ms", 0.0)
         impl = "sparse" if sparse_ms <= dense_ms else "dense"
         reason = f"sparse {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms"
-        if copy is not None:
-            reason += " (its input copied)"
+        if sparse.copy != dense.copy:
+            reason += " (each with the copy of its input it reads)"
         return Choice(impl, sparse_ms, dense_ms, reason)
 
     def time_fusion(
@@ -134,11 +141,10 @@ class KernelChooser:
         shapes,
         density: float,
         alone: KernelCandidate,
-        copy: Kernel | None = None,
     ):
         """For a sparse 1x1 conv that feeds only a depthwise conv: the times (ms) of the kernel
         that computes both (the 1x1 conv sparse, inside the depthwise conv) and of the calls it
-        replaces (the 1x1 conv's kernel `alone`, after its `copy` of X if it reads one, then
+        replaces (the 1x1 conv's kernel `alone`, after its copy of X if it reads one, then
         the depthwise conv), timed in turns, as (fused, unfused); unfused counts the calls
         saved (`CALL_MS`). None when not timed.
         `fused` and `depthwise`: (Kernel, constants); `shapes`: the 1x1 conv's input, the
@@ -158,10 +164,12 @@ class KernelChooser:
             "conv_ms": self._job(alone),
             "depthwise_ms": (*depthwise, mid_shape, y_shape),
         }
-        entry = self._entry(self._with_copy(jobs, key, copy, alone.spec), jobs)
+        if alone.copy is not None:
+            key = self._with_copies(jobs, key, {"conv": alone}, x_shape)
+        entry = self._entry(key, jobs)
         if entry is None:
             return None
-        unfused = entry["conv_ms"] + entry.get("copy_ms", 0.0) + entry["depthwise_ms"]
+        unfused = entry["conv_ms"] + entry.get("conv_copy_ms", 0.0) + entry["depthwise_ms"]
         return entry["fused_ms"], unfused + CALL_MS * (len(jobs) - 2)
 
     def time_pending(self) -> bool:
@@ -215,15 +223,17 @@ class KernelChooser:
         return f"v{KERNEL_VERSION}|{target_key(self.target)}|{shape}|{_block_name(spec)}|{bucket}"
 
     @staticmethod
-    def _with_copy(
-        jobs: dict[str, TimingJob], key: str, copy: Kernel | None, spec: KernelSpec
+    def _with_copies(
+        jobs: dict[str, TimingJob],
+        key: str,
+        candidates: dict[str, KernelCandidate],
+        x_shape: tuple[int, ...],
     ) -> str:
-        """`key`, marked when the kernel of `spec` (a plain 1x1 conv's) reads its input through
-        `copy`, whose job then joins `jobs` as "copy_ms"."""
-        if copy is None:
-            return key
-        x_shape = replace(spec, in_hw=spec.out_hw, x_row=0).x_shape  # the conv's input
-        jobs["copy_ms"] = (copy, [], x_shape, spec.x_shape)
+        """`key`, marked as timing copies of X: the copy each of `candidates` reads (its
+        `copy`, from the layer's input of `x_shape`) joins `jobs` as "<name>_copy_ms"."""
+        for name, candidate in candidates.items():
+            if candidate.copy is not None:
+                jobs[f"{name}_copy_ms"] = (candidate.copy, [], x_shape, candidate.spec.x_shape)
         return key + "|copied"
 
     @staticmethod

@@ -55,7 +55,7 @@ BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 38
+KERNEL_VERSION = 39
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,12 @@ class KernelSpec:
     # X's row length when it is longer than m: an im2col output whose rows are padded off
     # whole 4 KB pages (`im2col_row`); the columns past m are never read. 0: m.
     x_row: int = 0
+    # A stride-1 k x k conv computed from its zero-padded input (`pad_cpu`), without im2col:
+    # (taps, out_width, padded_width). X is then (batch, channels, x_row), each channel's
+    # padded plane; W's columns are the im2col rows (channel, kh, kw), and a block's index is
+    # where its column's rows start in X: channel * x_row + kh * padded_width + kw
+    # (`direct_offsets`). Y's row oh reads X from oh * padded_width on.
+    direct: tuple[int, int, int] | None = None
 
     @property
     def x_width(self) -> int:
@@ -102,7 +108,8 @@ class KernelSpec:
 
     @property
     def x_shape(self) -> tuple[int, ...]:
-        return (self.batch, self.cols, *_spatial(self.in_hw, self.x_width))
+        cols = self.cols // self.direct[0] if self.direct else self.cols
+        return (self.batch, cols, *_spatial(self.in_hw, self.x_width))
 
     @property
     def y_shape(self) -> tuple[int, ...]:
@@ -463,7 +470,9 @@ def bsr_func(name, spec, K, N, data_shape, n_pointers, body, index="int32") -> t
         Y4: T.Buffer(ys, "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
-        X = T.decl_buffer((B, K, spec.x_width), "float32", data=X4.data)
+        # A direct conv's blocks index X's channel planes as one row (`KernelSpec.direct`).
+        xv = (B, 1, K * spec.x_width) if spec.direct is not None else (B, K, spec.x_width)
+        X = T.decl_buffer(xv, "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
         body(X, data, indices, indptr, bias, R, Y)
@@ -482,9 +491,16 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     NNZB, NRB = stored_blocks(), NP - 1
     MT, L = tiling.tile_m, tiling.lanes
     SR = tiling.sub_rows or BR
-    n_full = M // MT
-    tail = M % MT
-    n_mt = n_full + (1 if tail else 0)
+    direct = spec.direct is not None
+    if direct:  # tiles within an output row; a work item is a row (`KernelSpec.direct`)
+        _, OW, WP = spec.direct
+        MT = direct_tile(OW, MT, L)
+        n_full, tail, n_mt = OW // MT, OW % MT, M // OW
+    else:
+        OW = WP = 0
+        n_full = M // MT
+        tail = M % MT
+        n_mt = n_full + (1 if tail else 0)
     work = B * NRB * n_mt
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     chunk_loop = _chunk_loop(tiling.parallel)
@@ -504,7 +520,8 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     @T.macro
     def block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, ch, index, h):
         """Block `index`'s FMAs into copy h of the accumulators (its column c into copy c % ch
-        when ch divides the block's columns)."""
+        when ch divides the block's columns). `m0`: the tile's first column of X (a direct
+        conv's: its offset in a channel plane)."""
         p = T.bind(index)
         k0 = T.bind(w_indices[p])
         for c in T.unroll(BC):
@@ -517,8 +534,8 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         w_data[p, s * SR + i, c],
                         x_buf,
                         tb,
-                        k0 + c,
-                        m0,
+                        0 if direct else k0 + c,
+                        k0 + m0 if direct else m0,
                     ),
                     width,
                     L,
@@ -538,10 +555,12 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         s,
         blocks,
         m0,
+        xm0,
         width,
         ch,
     ):
-        """One SR x width tile at (row0, m0); `blocks`: the block row's (first, count); `ch`
+        """One SR x width tile at (row0, m0), reading X from column `xm0` (m0, or a direct
+        conv's offset in a channel plane); `blocks`: the block row's (first, count); `ch`
         copies of its accumulators (rows h * SR + i of acc_buf)."""
         p_lo, n_p = blocks
         _init_tile(acc_buf, bias_buf, row0, SR, width, L, N, None)
@@ -549,18 +568,18 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
             # A zero-based loop plus an offset: a non-zero range start inside a parallel body
             # miscompiled once (TVM_NOTES.md).
             for p0 in range(n_p):
-                block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, 1, p_lo + p0, 0)
+                block_fmas(acc_buf, x_buf, w_data, w_indices, tb, s, xm0, width, 1, p_lo + p0, 0)
         else:
             _zero_copies(acc_buf, SR, ch, width, L)
             if BC % ch == 0:
                 for p0 in range(n_p):
                     block_fmas(
-                        acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, ch, p_lo + p0, 0
+                        acc_buf, x_buf, w_data, w_indices, tb, s, xm0, width, ch, p_lo + p0, 0
                     )
             else:
                 _over_copies(
                     block_fmas,
-                    (acc_buf, x_buf, w_data, w_indices, tb, s, m0, width, ch),
+                    (acc_buf, x_buf, w_data, w_indices, tb, s, xm0, width, ch),
                     p_lo,
                     n_p,
                     ch,
@@ -578,21 +597,34 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         for s in range(BR // SR):  # passes over the block's rows, SR at a time
             row0 = T.bind(trb * BR + s * SR)
             if not guard or row0 < N:  # a pass wholly past the last row has nothing to do
-                for mt0 in range(T.min(mt_hi, n_full) - mt_lo):
-                    tile(*bufs, tb, row0, s, (p_lo, n_p), (mt_lo + mt0) * MT, MT, CH)
-                if has_tail:
-                    if mt_hi == n_mt:
-                        tile(
-                            acc_tail,
-                            *bufs[1:],
-                            tb,
-                            row0,
-                            s,
-                            (p_lo, n_p),
-                            n_full * MT,
-                            tail,
-                            1,
-                        )
+                if direct:  # [mt_lo, mt_hi) are output rows, each n_full tiles and the tail
+                    for oh0 in range(mt_hi - mt_lo):
+                        y0 = T.bind((mt_lo + oh0) * OW)
+                        x0 = T.bind((mt_lo + oh0) * WP)
+                        for i in range(n_full):
+                            tile(*bufs, tb, row0, s, (p_lo, n_p), y0 + i * MT, x0 + i * MT, MT, CH)
+                        if has_tail:
+                            at = n_full * MT
+                            tile(
+                                acc_tail,
+                                *bufs[1:],
+                                tb,
+                                row0,
+                                s,
+                                (p_lo, n_p),
+                                y0 + at,
+                                x0 + at,
+                                tail,
+                                1,
+                            )
+                else:
+                    for mt0 in range(T.min(mt_hi, n_full) - mt_lo):
+                        m0 = T.bind((mt_lo + mt0) * MT)
+                        tile(*bufs, tb, row0, s, (p_lo, n_p), m0, m0, MT, CH)
+                    if has_tail:
+                        if mt_hi == n_mt:
+                            at = n_full * MT
+                            tile(acc_tail, *bufs[1:], tb, row0, s, (p_lo, n_p), at, at, tail, 1)
 
     @T.macro
     def body(X, data, indices, indptr, bias, R, Y):
@@ -620,6 +652,18 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                     )
 
     return bsr_func("bsr_matmul", spec, K, N, (NNZB, BR, BC), NP, body)
+
+
+def direct_tile(out_width: int, tile: int, lanes: int) -> int:
+    """A direct conv's M tile (`KernelSpec.direct`), within an output row of `out_width`: the
+    whole row when it is at most `tile` wide, else the widest whole number of vectors up to
+    `tile` that divides the row, else `tile` (and a tail)."""
+    if out_width <= tile:
+        return out_width
+    for width in range(tile - tile % lanes, lanes - 1, -lanes):
+        if out_width % width == 0:
+            return width
+    return tile
 
 
 def dense_block_rows(family: str, avx512: bool = True) -> int:
@@ -2059,6 +2103,64 @@ def im2col_cpu(
     return im2col
 
 
+def padded_plane(geo: ConvGeometry) -> int:
+    """Floats in one channel's zero-padded input plane, as `pad_cpu` writes it."""
+    return geo.padded_height * geo.padded_width
+
+
+@T.macro
+def _zeros(buf, tb, tc, start, count: int):
+    if count > 0:
+        for j in T.vectorized(count):
+            buf[tb, tc, start + j] = T.float32(0)
+
+
+def pad_cpu(geo: ConvGeometry, num_cores: int | None = None) -> tirx.PrimFunc:
+    """Copy an NCHW input into zero-padded planes, (B, C, padded_height * padded_width): what
+    a direct conv's sparse kernel reads (`KernelSpec.direct`). Each plane is written once,
+    its rows and the zeros around and between them in order. The channel count is read from
+    the arrays."""
+    B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
+    PT, PL = geo.pad
+    WP, PLANE = geo.padded_width, padded_plane(geo)
+    rows, cols = min(H, geo.padded_height - PT), min(W, WP - PL)
+    first = PT * WP + PL  # where the first input row goes
+    last = (PT + rows - 1) * WP + PL + cols  # and where the last one ends
+    n_chunks, per_chunk = _chunks(B * C, num_cores)
+    chunk_loop = _chunk_loop(num_cores != 1)
+
+    @T.prim_func(s_tir=True)
+    def pad(X: T.Buffer((B, C, H, W), "float32"), Y: T.Buffer((B, C, PLANE), "float32")):
+        T.func_attr(KERNEL_ATTRS)
+        # One input, one output: Relax checks such calls for a reshape pattern, which needs
+        # the body to be a block.
+        with T.sblock("root"):
+            for t in chunk_loop(n_chunks):
+                for w0 in range(per_chunk):
+                    w = T.bind(t * per_chunk + w0)
+                    if w < B * C:
+                        b = T.bind(_outer(w, C, B))
+                        c = T.bind(_inner(w, C, B))
+                        _zeros(Y, b, c, 0, first)
+                        for r in range(rows):
+                            for q in T.vectorized(cols):
+                                Y[b, c, first + r * WP + q] = X[b, c, r, q]
+                            if r + 1 < rows:
+                                _zeros(Y, b, c, first + r * WP + cols, WP - cols)
+                        _zeros(Y, b, c, last, PLANE - last)
+
+    return pad
+
+
+def direct_offsets(bsr_indices, geo: ConvGeometry):
+    """A direct conv's block indices (`KernelSpec.direct`): for each block's column of W, an
+    im2col row (channel, kh, kw), where that row's values start in the padded planes of X."""
+    kh, kw = geo.kernel
+    channel, tap = divmod(bsr_indices.astype("int64"), kh * kw)
+    offsets = channel * padded_plane(geo) + (tap // kw) * geo.padded_width + tap % kw
+    return offsets.astype("int32")
+
+
 FAMILIES = ("x86", "arm", "cuda")
 
 
@@ -2139,7 +2241,7 @@ def im2col_kernel(
     return im2col_cpu(geo, num_cores, vector_unit(family, avx512).lanes, row)
 
 
-KERNEL_OPS = ("sparse", "dense", "depthwise", "im2col")
+KERNEL_OPS = ("sparse", "dense", "depthwise", "im2col", "pad")
 
 
 @dataclass(frozen=True)
@@ -2209,4 +2311,6 @@ def _parse(kernel: Kernel) -> tirx.PrimFunc:
             kernel.avx512,
             kernel.expand,
         )
+    if kernel.op == "pad":
+        return pad_cpu(kernel.shape, kernel.num_cores)
     return im2col_kernel(kernel.shape, kernel.family, kernel.num_cores, kernel.avx512)

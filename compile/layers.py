@@ -25,11 +25,11 @@ def layer_calls(
     graph makes them (see `compile.rewrite._LayerRewriter._layer`), each calling its kernel
     by `symbol_of(kernel)`.
 
-    A conv that is not a plain 1x1 is two calls, im2col then the matmul: the matmul's first
-    input is then random data of the im2col output's shape (what it is timed on), and
-    `run_layer_calls` feeds it the im2col output instead. The reshapes and transposes the graph
-    does around a kernel (views, or a transpose for a Linear over several rows) are done here on
-    `x`; they are not calls."""
+    A conv that is not a plain 1x1 is two calls, a copy of its input (im2col, or a direct
+    conv's padded planes) then the matmul: the matmul's first input is then random data of the
+    copy's shape (what it is timed on), and `run_layer_calls` feeds it the copy instead. The
+    reshapes and transposes the graph does around a kernel (views, or a transpose for a Linear
+    over several rows) are done here on `x`; they are not calls."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     consts = tuple(np.ascontiguousarray(c) for c in plan.constants)
     geo, spec = plan.geometry, plan.spec
@@ -40,12 +40,12 @@ def layer_calls(
     if plan.kind == "conv":
         if spec.residual:  # zeros: the layer's own output, with the residual's read timed
             consts = (*consts, np.zeros(spec.y_shape, np.float32))
-        if plan.im2col is None:
+        if plan.x_copy is None:
             x3 = x.reshape(spec.x_shape)
             return [KernelCall(symbol_of(plan.kernel), (x3, *consts), matmul_out)]
         x3 = rng.standard_normal(spec.x_shape).astype(np.float32)
         return [
-            KernelCall(symbol_of(plan.im2col), (x,), spec.x_shape),
+            KernelCall(symbol_of(plan.x_copy), (x,), spec.x_shape),
             KernelCall(symbol_of(plan.kernel), (x3, *consts), matmul_out),
         ]
     x3 = np.ascontiguousarray(x.reshape(spec.m, spec.cols).T.reshape(spec.x_shape))

@@ -32,11 +32,13 @@ from compile.kernels import (
     KernelSpec,
     dense_block_rows,
     dense_matvec_rows,
+    direct_offsets,
     expand_group,
     im2col_row,
     matvec_row_blocks,
     matvec_row_chains,
     matvec_row_group,
+    padded_plane,
     takes_by_column,
     takes_narrow_indices,
 )
@@ -157,7 +159,10 @@ class LayerPlan:
     bsr: BsrWeight | None = None  # sparse layers, whichever kernel they got
     times_ms: dict[str, float] = field(default_factory=dict)  # sparse / dense, when timed
     kernel: Kernel | None = field(repr=False, default=None)
-    im2col: Kernel | None = field(repr=False, default=None)  # convs that are not plain 1x1
+    # The kernel that writes the X the matmul kernel reads from the conv's input: im2col (a
+    # conv that is not a plain 1x1, or a 1x1 conv's dense kernel reading rows padded off
+    # pages), or a direct conv's padded planes (`pad`).
+    x_copy: Kernel | None = field(repr=False, default=None)
     # A depthwise conv that computes the sparse 1x1 conv feeding it (`expand`) in its own kernel
     # takes that conv's input; the 1x1 conv's plan names it in `fused_into` and has no call.
     expand: LayerPlan | None = field(repr=False, default=None)
@@ -388,11 +393,11 @@ def plan_rewrite(
         copies = plain and _copies_off_pages(geometry, matrix.shape[1], family)
         args = (kind, geometry, x_shape, activation, residual_var is not None)
         site = _layer_site(*args, plain and not copies, family, num_cores, avx512)
-        dense = _dense_candidate(matrix, bias, site)
         im2col = None
         if (kind == "conv" and not plain) or copies:
             cores = _cores(num_cores, 3 * _depthwise_macs(geometry))  # per copied element
             im2col = Kernel("im2col", family, geometry, num_cores=cores, avx512=avx512)
+        dense = replace(_dense_candidate(matrix, bias, site), copy=im2col)
         impl, choice, bsr = "dense", None, None
         if name in sparse:
             if not np.any(matrix == 0):
@@ -404,14 +409,19 @@ def plan_rewrite(
                     as_is = _layer_site(*args, True, family, num_cores, avx512)
                     dense_as_is = _dense_candidate(matrix, bias, as_is)
                 sparse_candidate = _kept_rows_candidate(matrix, dense_as_is, num_cores)
-                if sparse_candidate is None:
+                if (
+                    sparse_candidate is None
+                    and kind == "conv"
+                    and takes_direct(geometry, site, bsr)
+                ):
+                    sparse_candidate = _direct_candidate(bsr, bias, site, geometry)
+                elif sparse_candidate is None:
                     sparse_candidate = _sparse_candidate(matrix, bsr, bias, as_is)
+                    sparse_candidate = replace(sparse_candidate, copy=dense_as_is.copy)
                 density = float(np.count_nonzero(matrix)) / matrix.size
-                copy = im2col if copies else None
-                choice = chooser.choose(sparse_candidate, dense, density, copy)
+                choice = chooser.choose(sparse_candidate, dense, density, x_shape)
                 if choice.impl == "sparse":
                     impl, dense = "sparse", sparse_candidate
-                    im2col = None if copies else im2col
                 else:
                     dense_reasons[name] = f"dense kernel chosen: {choice.reason}"
         plan = LayerPlan(
@@ -420,7 +430,7 @@ def plan_rewrite(
             constants=dense.constants,
             bsr=bsr,
             kernel=dense.kernel,
-            im2col=im2col,
+            x_copy=dense.copy,
             **common,
         )
         if choice is not None and choice.sparse_ms is not None:
@@ -489,8 +499,8 @@ def _fuse_expand_depthwise(
                 (dw.kernel, dw.constants),
                 (ex.input_shape, mid, out),
                 density,
-                KernelCandidate(ex.kernel, ex.constants, ex.spec),
-                ex.im2col,  # the padded copy of X its dense kernel reads, if any
+                # after the padded copy of X its dense kernel reads, if any
+                KernelCandidate(ex.kernel, ex.constants, ex.spec, ex.x_copy),
             )
             if times is not None:
                 if times[0] > times[1]:
@@ -503,7 +513,7 @@ def _fuse_expand_depthwise(
             dense_reasons.pop(ex.name, None)
         dw.constants, dw.kernel = constants, kernel
         dw.input_var, dw.input_shape = ex.input_var, ex.input_shape
-        dw.expand, ex.fused_into, ex.im2col = ex, dw.name, None
+        dw.expand, ex.fused_into, ex.x_copy = ex, dw.name, None
 
 
 def _residual(graph: _Graph, out_var: str, shape: tuple[int, ...]) -> tuple[str, str] | None:
@@ -680,6 +690,39 @@ def _sparse_candidate(
     return KernelCandidate(kernel, consts, spec)
 
 
+def takes_direct(geometry: ConvGeometry, site: LayerSite, bsr: BsrWeight) -> bool:
+    """Whether a sparse conv that is not a plain 1x1 gets a direct kernel (`KernelSpec.direct`)
+    instead of im2col and our sparse kernel: on a CPU, at stride 1, in r x 1 blocks (a block's
+    column is one im2col row), with the output wide enough for the M-tiled kernel. The im2col
+    output, kernel-size times the input, made our sparse kernel read X from L3 (3x3 convs at
+    90%, 64->64 at 32x32: 2.4 MB): the direct kernel reads the padded input, and the pair was
+    1.4-2.0x faster (docs/kernel-notes.md, session 24)."""
+    return (
+        site.family != "cuda"
+        and not _is_plain_1x1(geometry)  # its kernels read X as it is
+        and geometry.stride == (1, 1)
+        and bsr.block[1] == 1
+        and site.m > MAX_COLUMNS
+    )
+
+
+def _direct_candidate(
+    bsr: BsrWeight, bias: np.ndarray, site: LayerSite, geometry: ConvGeometry
+) -> KernelCandidate:
+    """The direct sparse kernel of a conv (`takes_direct`), reading the input's padded planes
+    (the `pad` kernel's copy): W's block indices as offsets in those planes."""
+    spec = site.spec(bsr.rows, bsr.cols, bsr.block, bsr.block_rows)
+    taps = geometry.kernel[0] * geometry.kernel[1]
+    direct = (taps, geometry.out_width, geometry.padded_width)
+    spec = replace(spec, in_hw=None, x_row=padded_plane(geometry), direct=direct)
+    offsets = direct_offsets(bsr.indices, geometry)
+    kernel = site.kernel("sparse", spec, site.batch * bsr.data.size * site.m)
+    g = geometry
+    cores = _cores(site.num_cores, 3 * g.batch * g.channels * g.height * g.width)
+    pad = Kernel("pad", site.family, geometry, num_cores=cores, avx512=site.avx512)
+    return KernelCandidate(kernel, [bsr.data, offsets, bsr.indptr, bias], spec, pad)
+
+
 def _kept_rows_candidate(
     matrix: np.ndarray, dense: KernelCandidate, num_cores: int | None
 ) -> KernelCandidate | None:
@@ -700,7 +743,8 @@ def _kept_rows_candidate(
     spec = replace(dense.spec, block=(nr, 1), block_rows=-(-kept.size // nr), kept_rows=True)
     cores = _cores(num_cores, spec.batch * kept.size * cols * spec.m)
     kernel = replace(dense.kernel, shape=spec, num_cores=cores)
-    return KernelCandidate(kernel, [pack_dense(matrix[kept], nr), kept, pruned, bias], spec)
+    constants = [pack_dense(matrix[kept], nr), kept, pruned, bias]
+    return KernelCandidate(kernel, constants, spec, dense.copy)
 
 
 def _find_layer_call(graph: _Graph, weight_var: str) -> tuple[str, relax.Call] | None:
@@ -788,8 +832,9 @@ class _LayerRewriter(relax.PyExprMutator):
             return self._call(plan.kernel, symbol, [x, *consts], shape)
         spec = plan.spec
         if plan.kind == "conv":
-            if plan.im2col is not None:
-                x3 = self._call(plan.im2col, kernel_symbol(plan.name, "im2col"), [x], spec.x_shape)
+            if plan.x_copy is not None:
+                copy_symbol = kernel_symbol(plan.name, plan.x_copy.op)
+                x3 = self._call(plan.x_copy, copy_symbol, [x], spec.x_shape)
             elif spec.in_hw is None:
                 x3 = emit(relax.op.reshape(x, spec.x_shape))
             else:  # the kernel reads the conv's input as it is: no reshape call

@@ -37,6 +37,7 @@ from compile.kernels import (
     Kernel,
     KernelSpec,
     choose_tiling,
+    direct_tile,
     expand_group,
     im2col_row,
     sparse_matmul_kernel,
@@ -408,6 +409,13 @@ def _skip_check_kernels(family: str, avx512: bool) -> list[Kernel]:
         Kernel("depthwise", family, geometry, "relu6", avx512=avx512),
         Kernel("depthwise", family, geometry, "relu6", avx512=avx512, expand=expand),
         Kernel("im2col", family, geometry, avx512=avx512),
+        Kernel("pad", family, geometry, avx512=avx512),
+        Kernel(
+            "sparse",
+            family,
+            replace(spec, in_hw=None, x_row=34 * 34, direct=(9, 32, 34)),
+            avx512=avx512,
+        ),
     ]
 
 
@@ -640,6 +648,108 @@ def test_strided_and_kxk_sparse_convs_go_through_im2col():
     )
     compiled = _check_build(model, torch.randn(2, 8, 11, 11), ["0", "1"], [])
     assert compiled.kernels["0"]["im2col"] and compiled.kernels["1"]["im2col"]
+    assert not any("direct" in info for info in compiled.kernels.values())
+
+
+class DirectConvNet(nn.Module):
+    """A sparse k x k conv at stride 1, ReLU6, then a residual add when the shapes allow."""
+
+    def __init__(self, cin, cout, kernel, pad, block, sparsity):
+        super().__init__()
+        self.conv = MaskedConv2d(
+            cin, cout, kernel, padding=pad, sparsity=sparsity, block=block, seed=3
+        )
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.conv(x))
+        return y + x if y.shape == x.shape else y
+
+
+@pytest.mark.parametrize(
+    ("batch", "size", "cin", "cout", "kernel", "pad", "block", "sparsity"),
+    [
+        (1, (32, 32), 16, 16, 3, 1, (4, 1), 0.9),  # 32-wide rows: two 16-wide tiles each
+        (2, (9, 12), 5, 24, 5, 2, (16, 1), 0.7),  # 16x1 over 24 rows: a half block row
+        (1, (7, 28), 6, 6, (3, 1), (1, 0), (1, 1), 0.99),  # 28: 24 wide and a tail of 4
+        (1, (13, 10), 8, 12, 3, (0, 1), (4, 1), 0.5),  # no top and bottom padding
+        (2, (5, 6), 7, 7, 1, 1, (4, 1), 0.6),  # a 1x1 conv with padding
+    ],
+)
+def test_sparse_kxk_convs_in_row_blocks_are_direct(
+    batch, size, cin, cout, kernel, pad, block, sparsity
+):
+    """A sparse conv at stride 1 that is not a plain 1x1, in r x 1 blocks, reads its input's
+    zero-padded planes (`pad`) with W's block indices as offsets in them, without im2col: odd
+    sizes, rows wider than a tile, a tail tile, a half block row, asymmetric padding, a fused
+    residual add, batch 2, empty block rows at 99%."""
+    torch.manual_seed(9)
+    model = DirectConvNet(cin, cout, kernel, pad, block, sparsity)
+    x = torch.randn(batch, cin, *size)
+    compiled = _check_build(model, x, ["conv"], [])
+    info = compiled.kernels["conv"]
+    assert info["direct"] and not info["im2col"]
+    residual = model.eval()(x).shape == x.shape
+    assert info["activation"] == "relu6" and info["fused_residual"] == residual
+    (plan,) = compiled.layer_plans
+    assert plan.x_copy.op == "pad" and plan.spec.direct is not None
+
+
+def test_direct_tiles_stay_within_an_output_row():
+    """A direct conv's M tile: the whole row, or whole vectors that divide it, else the
+    widest tile and a tail."""
+    assert direct_tile(14, 24, 8) == 14
+    assert direct_tile(32, 24, 8) == 16  # 24 and a tail of 8 were 1.3-1.5x slower
+    assert direct_tile(48, 24, 8) == 24
+    assert direct_tile(28, 24, 8) == 24
+    assert direct_tile(32, 16, 4) == 16  # NEON
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "pad"),
+    [((32, 32), (3, 3), (1, 1)), ((5, 7), (5, 3), (2, 0)), ((4, 4), (3, 3), (0, 1))],
+)
+def test_pad_kernel_writes_zero_padded_planes(size, kernel, pad):
+    """The direct conv's copy: each channel's plane, zero-padded to the rows and columns the
+    conv reads, every element written (the output starts as NaN)."""
+    rng = np.random.default_rng(4)
+    geo = _geometry(2, 3, size, kernel, (1, 1), pad)
+    x = rng.standard_normal((2, 3, *size)).astype(np.float32)
+    lib, symbol = load_kernel(Kernel("pad", "x86", geo, num_cores=2), HOST.target)
+    dev = tvm.cpu()
+    hp, wp = geo.padded_height, geo.padded_width
+    out = tvm.runtime.tensor(np.full((2, 3, hp * wp), np.nan, np.float32), dev)
+    lib[symbol](tvm.runtime.tensor(x, dev), out)
+    (pt, pl), (h, w) = pad, size
+    want = np.pad(x, ((0, 0), (0, 0), (pt, hp - h - pt), (pl, wp - w - pl)))
+    np.testing.assert_array_equal(out.numpy().reshape(2, 3, hp, wp), want)
+
+
+def test_a_direct_convs_choice_times_each_kernel_with_its_copy(tmp_path, monkeypatch):
+    """The direct kernel reads the padded planes, its dense twin the im2col output: each is
+    timed with its copy, and the cached times decide (edited to make the copies decide)."""
+    monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
+    torch.manual_seed(10)
+    model = nn.Sequential(MaskedConv2d(16, 16, 3, padding=1, sparsity=0.9, block=(4, 1)))
+    x = torch.randn(1, 16, 12, 12)
+    hw_compile.build(model, x, HOST)
+    path = tmp_path / "kernel_times.json"
+    (key,) = json.loads(path.read_text())
+    assert key.endswith("|4x1-direct|0.1|copied")
+    entry = json.loads(path.read_text())[key]
+    assert entry.keys() == {"sparse_ms", "sparse_copy_ms", "dense_ms", "dense_copy_ms"}
+    for sparse_copy, impl in ((0.1, "sparse"), (0.3, "dense")):
+        times = {"sparse_ms": 0.1, "sparse_copy_ms": sparse_copy}
+        times |= {"dense_ms": 0.2, "dense_copy_ms": 0.1}
+        path.write_text(json.dumps({key: times}))
+        compiled = _check_build(
+            model, x, *((["0"], []) if impl == "sparse" else ([], ["0"])), "auto"
+        )
+        info = compiled.kernels["0"]
+        assert info["sparse_ms"] == pytest.approx(0.1 + sparse_copy)
+        assert info["dense_ms"] == pytest.approx(0.3)
+        assert info.get("direct", False) == (impl == "sparse") and info["im2col"] == (
+            impl == "dense"
+        )
 
 
 def test_im2col_rows_are_padded_off_whole_pages():
@@ -656,10 +766,11 @@ def test_kxk_convs_on_a_32x32_map_read_padded_im2col_rows(tmp_path):
     """A 3x3 conv with a 32x32 output: the im2col rows are 1040 floats, the matmul (sparse or
     dense) reads the first 1024 of each, and the network and its layers one by one (the
     layer library, as a device times it) give torch's output. The dense conv's X (144 x 1040
-    floats) is over `TILE_MAJOR_X_BYTES`: its kernel walks it tile by tile."""
+    floats) is over `TILE_MAJOR_X_BYTES`: its kernel walks it tile by tile. (1 x 4 blocks: a
+    sparse conv in r x 1 blocks is direct, without im2col.)"""
     torch.manual_seed(4)
     model = nn.Sequential(
-        MaskedConv2d(4, 16, 3, padding=1, sparsity=0.75, block=(4, 1)),
+        MaskedConv2d(4, 16, 3, padding=1, sparsity=0.75, block=(1, 4)),
         nn.ReLU(),
         nn.Conv2d(16, 8, 3, padding=1),
     ).eval()
@@ -1178,13 +1289,15 @@ def test_an_expand_conv_is_fused_when_the_pair_is_faster(size, alone, tmp_path, 
     (choice_key,) = table
     copied = size == 32
     assert choice_key.endswith("|copied") == copied
-    assert ("copy_ms" in table[choice_key]) == copied
+    assert ("dense_copy_ms" in table[choice_key]) == copied
+    assert "sparse_copy_ms" not in table[choice_key]  # the sparse kernel reads X as it is
     # The conv alone: 0.5 ms on its faster kernel (the dense one 0.4 after a copy of 0.1 at
     # 32x32), 1.0 on the other.
-    copy = {"copy_ms": 0.1} if copied else {}
-    fast = 0.5 - sum(copy.values())
-    table[choice_key] = {"sparse_ms": 1.0, "dense_ms": 1.0, f"{alone}_ms": fast, **copy}
-    conv = {"conv_ms": fast, **copy}
+    copy = 0.1 if copied else 0.0
+    fast = 0.5 - copy
+    dense_copy = {"dense_copy_ms": copy} if copied else {}
+    table[choice_key] = {"sparse_ms": 1.0, "dense_ms": 1.0, f"{alone}_ms": fast, **dense_copy}
+    conv = {"conv_ms": fast, **({"conv_copy_ms": copy} if copied else {})}
     path.write_text(json.dumps(table))
     hw_compile.build(model, x, HOST)  # times the fused kernel and the two calls, in turns
     (fused_key,) = (key for key in json.loads(path.read_text()) if "|fused|" in key)
@@ -1211,7 +1324,8 @@ def test_an_expand_conv_is_fused_when_the_pair_is_faster(size, alone, tmp_path, 
             assert "fused_expand" not in dw and "fused_ms" not in dw
             assert (compiled.sparse_layers == ["0"]) == (alone == "sparse")
             if alone == "dense":
-                assert ("(its input copied)" in compiled.dense_reasons["0"]) == copied
+                reason = compiled.dense_reasons["0"]
+                assert ("(each with the copy of its input it reads)" in reason) == copied
 
 
 def test_untimed_target_goes_sparse_above_the_threshold(tmp_path):
