@@ -1,8 +1,9 @@
-"""k x k convolutions through hwnas (im2col, then our dense or sparse matmul kernel, with the
-bias and ReLU fused), each a one-layer model built whole and timed in the Relax VM, against
-torch and onnxruntime on the dense conv. One thread. The shapes: 3x3 convs on a 32x32 map
-(whose im2col rows, 1024 floats, are padded off 4 KB: `compile.kernels.im2col_row`) and on a
-16x16 map, and a stem (3 -> 32 channels); dense, and 90% sparse in 4x1 and 16x1 blocks.
+"""k x k convolutions through hwnas (a dense conv as im2col and our dense matmul kernel, a
+sparse one direct, from its input's zero-padded planes; the bias and ReLU fused), each a
+one-layer model built whole and timed in the Relax VM, against torch and onnxruntime on the
+dense conv. One thread. The shapes: 3x3 convs on a 32x32 map (whose im2col rows, 1024 floats,
+are padded off 4 KB: `compile.kernels.im2col_row`) and on a 16x16 map, and a stem (3 -> 32
+channels); dense, and 90% sparse in 4x1 and 16x1 blocks.
 Writes benchmarks/out/convs.json and the `## k x k convolutions` section of RESULTS.md. Run
 alone: ``python benchmarks/convs.py [--repeats 10]``.
 """
@@ -91,9 +92,11 @@ def markdown(result: dict) -> str:
         f"Taken on {m['cpu']} ({m['cores']} cores, {m['threads']} thread), {m['date']}, "
         f"KERNEL_VERSION {result['kernel_version']}: each "
         "conv (3x3, padding 1, then ReLU) a one-layer model, timed in turns "
-        f"({result['repeats']} rounds; ms per call, median and best round). hwnas builds it "
-        "as im2col and our matmul kernel (the sparse kernel forced for the sparse convs); "
-        "torch and onnxruntime run the dense conv.",
+        f"({result['repeats']} rounds; ms per call, median and best round). hwnas builds a "
+        "dense conv as im2col and our dense kernel, a sparse one (its sparse kernel forced) "
+        "direct: a copy of the input with zero-padded planes and our sparse kernel reading it "
+        "(`KernelSpec.direct`, from KERNEL_VERSION 39); torch and onnxruntime run the dense "
+        "conv.",
         "",
         "| shape | conv | runtime | ms (median) | ms (best round) |",
         "| --- | --- | --- | ---: | ---: |",
