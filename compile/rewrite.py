@@ -39,8 +39,10 @@ from compile.kernels import (
     matvec_row_chains,
     matvec_row_group,
     padded_plane,
+    phase_shape,
     takes_by_column,
     takes_narrow_indices,
+    vector_unit,
 )
 from compile.objects import kernel_object
 
@@ -692,15 +694,24 @@ def _sparse_candidate(
 
 def takes_direct(geometry: ConvGeometry, site: LayerSite, bsr: BsrWeight) -> bool:
     """Whether a sparse conv that is not a plain 1x1 gets a direct kernel (`KernelSpec.direct`)
-    instead of im2col and our sparse kernel: on a CPU, at stride 1, in r x 1 blocks (a block's
-    column is one im2col row), with the output wide enough for the M-tiled kernel. The im2col
-    output, kernel-size times the input, made our sparse kernel read X from L3 (3x3 convs at
-    90%, 64->64 at 32x32: 2.4 MB): the direct kernel reads the padded input, and the pair was
-    1.4-2.0x faster (docs/kernel-notes.md, session 24)."""
+    instead of im2col and our sparse kernel: on a CPU, at strides up to 2 (the `pad` kernel's
+    stride phases), in r x 1 blocks (a block's column is one im2col row), with at least as
+    many taps as stride phases (a strided 1x1 conv's im2col output is smaller than its input),
+    and with output rows of at least a vector (two when strided).
+    The im2col output, taps / strides times the input, made our sparse kernel read X from L3
+    (64->64 at 32x32, 3x3, 2.4 MB): the direct kernel reads the padded input instead, 1.5-2.3x
+    faster at 16- to 56-wide output rows. Its tiles stay within an output row, and narrow rows
+    lose (AVX2, 3x3 at 90%, direct against im2col): stride 1, 8-wide 1.04-1.14x, 7-wide 0.98x,
+    4-wide 0.46x; stride 2, 16-wide 1.29x, 12-wide 1.10x, 8-wide 0.92-1.06x, 4-wide 0.46x
+    (docs/kernel-notes.md, session 24)."""
+    (kh, kw), (sh, sw) = geometry.kernel, geometry.stride
+    lanes = vector_unit(site.family, site.avx512).lanes if site.family != "cuda" else 0
     return (
-        site.family != "cuda"
+        lanes > 0
         and not _is_plain_1x1(geometry)  # its kernels read X as it is
-        and geometry.stride == (1, 1)
+        and max(sh, sw) <= 2
+        and kh * kw >= sh * sw
+        and geometry.out_width >= lanes * (1 if sh * sw == 1 else 2)
         and bsr.block[1] == 1
         and site.m > MAX_COLUMNS
     )
@@ -713,7 +724,7 @@ def _direct_candidate(
     (the `pad` kernel's copy): W's block indices as offsets in those planes."""
     spec = site.spec(bsr.rows, bsr.cols, bsr.block, bsr.block_rows)
     taps = geometry.kernel[0] * geometry.kernel[1]
-    direct = (taps, geometry.out_width, geometry.padded_width)
+    direct = (taps, geometry.out_width, phase_shape(geometry)[1])
     spec = replace(spec, in_hw=None, x_row=padded_plane(geometry), direct=direct)
     offsets = direct_offsets(bsr.indices, geometry)
     kernel = site.kernel("sparse", spec, site.batch * bsr.data.size * site.m)

@@ -40,6 +40,8 @@ from compile.kernels import (
     direct_tile,
     expand_group,
     im2col_row,
+    padded_plane,
+    phase_shape,
     sparse_matmul_kernel,
     takes_by_column,
     takes_columns,
@@ -410,6 +412,7 @@ def _skip_check_kernels(family: str, avx512: bool) -> list[Kernel]:
         Kernel("depthwise", family, geometry, "relu6", avx512=avx512, expand=expand),
         Kernel("im2col", family, geometry, avx512=avx512),
         Kernel("pad", family, geometry, avx512=avx512),
+        Kernel("pad", family, replace(geometry, stride=(2, 2), out_height=16, out_width=16)),
         Kernel(
             "sparse",
             family,
@@ -640,24 +643,30 @@ def test_tiny_net_builds_exports_and_reloads(tmp_path):
     np.testing.assert_array_equal(reloaded, compiled.run(x.numpy()))
 
 
-def test_strided_and_kxk_sparse_convs_go_through_im2col():
+def test_some_sparse_convs_go_through_im2col():
+    """A strided 1x1 conv (its im2col output is smaller than its input), 1 x c blocks (a
+    block's columns are not one offset apart in the padded planes), stride 3 (more stride
+    phases than the pad kernel writes) and output rows narrower than a vector go through
+    im2col, not direct."""
     torch.manual_seed(3)
     model = nn.Sequential(
         MaskedConv2d(8, 8, 1, stride=2, sparsity=0.5),
-        MaskedConv2d(8, 16, 3, stride=2, padding=1, sparsity=0.8, block=(4, 1)),
+        MaskedConv2d(8, 16, 3, stride=2, padding=1, sparsity=0.8, block=(1, 4)),
+        MaskedConv2d(16, 16, 3, stride=3, padding=1, sparsity=0.8, block=(4, 1)),
+        MaskedConv2d(16, 16, 3, padding=1, sparsity=0.8, block=(4, 1)),  # 4x4
     )
-    compiled = _check_build(model, torch.randn(2, 8, 11, 11), ["0", "1"], [])
-    assert compiled.kernels["0"]["im2col"] and compiled.kernels["1"]["im2col"]
+    compiled = _check_build(model, torch.randn(2, 8, 37, 37), ["0", "1", "2", "3"], [])
+    assert all(info["im2col"] for info in compiled.kernels.values())
     assert not any("direct" in info for info in compiled.kernels.values())
 
 
 class DirectConvNet(nn.Module):
     """A sparse k x k conv at stride 1, ReLU6, then a residual add when the shapes allow."""
 
-    def __init__(self, cin, cout, kernel, pad, block, sparsity):
+    def __init__(self, cin, cout, kernel, pad, block, sparsity, stride=1):
         super().__init__()
         self.conv = MaskedConv2d(
-            cin, cout, kernel, padding=pad, sparsity=sparsity, block=block, seed=3
+            cin, cout, kernel, stride, pad, sparsity=sparsity, block=block, seed=3
         )
 
     def forward(self, x):
@@ -666,24 +675,27 @@ class DirectConvNet(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("batch", "size", "cin", "cout", "kernel", "pad", "block", "sparsity"),
+    ("batch", "size", "cin", "cout", "kernel", "pad", "block", "sparsity", "stride"),
     [
-        (1, (32, 32), 16, 16, 3, 1, (4, 1), 0.9),  # 32-wide rows: two 16-wide tiles each
-        (2, (9, 12), 5, 24, 5, 2, (16, 1), 0.7),  # 16x1 over 24 rows: a half block row
-        (1, (7, 28), 6, 6, (3, 1), (1, 0), (1, 1), 0.99),  # 28: 24 wide and a tail of 4
-        (1, (13, 10), 8, 12, 3, (0, 1), (4, 1), 0.5),  # no top and bottom padding
-        (2, (5, 6), 7, 7, 1, 1, (4, 1), 0.6),  # a 1x1 conv with padding
+        (1, (32, 32), 16, 16, 3, 1, (4, 1), 0.9, 1),  # 32-wide rows: two 16-wide tiles each
+        (2, (9, 12), 5, 24, 5, 2, (16, 1), 0.7, 1),  # 16x1 over 24 rows: a half block row
+        (1, (7, 28), 6, 6, (3, 1), (1, 0), (1, 1), 0.99, 1),  # 28: 24 wide and a tail of 4
+        (1, (13, 10), 8, 12, 3, (0, 1), (4, 1), 0.5, 1),  # no top and bottom padding
+        (2, (5, 6), 7, 7, 1, 1, (4, 1), 0.6, 1),  # a 1x1 conv with padding
+        (1, (32, 32), 16, 32, 3, 1, (4, 1), 0.9, 2),  # stride 2: four phases of 17 x 17
+        (2, (15, 21), 6, 8, 5, 2, (8, 1), 0.6, (2, 1)),  # row phases only, odd sizes
+        (1, (8, 40), 4, 8, (2, 4), (0, 1), (1, 1), 0.7, (1, 2)),  # column phases, even taps
     ],
 )
 def test_sparse_kxk_convs_in_row_blocks_are_direct(
-    batch, size, cin, cout, kernel, pad, block, sparsity
+    batch, size, cin, cout, kernel, pad, block, sparsity, stride
 ):
-    """A sparse conv at stride 1 that is not a plain 1x1, in r x 1 blocks, reads its input's
-    zero-padded planes (`pad`) with W's block indices as offsets in them, without im2col: odd
-    sizes, rows wider than a tile, a tail tile, a half block row, asymmetric padding, a fused
-    residual add, batch 2, empty block rows at 99%."""
+    """A sparse conv at strides up to 2 that is not a plain 1x1, in r x 1 blocks, reads its
+    input's zero-padded planes, split by stride phase (`pad`), with W's block indices as
+    offsets in them, without im2col: odd sizes, rows wider than a tile, a tail tile, a half
+    block row, asymmetric padding, a fused residual add, batch 2, empty block rows at 99%."""
     torch.manual_seed(9)
-    model = DirectConvNet(cin, cout, kernel, pad, block, sparsity)
+    model = DirectConvNet(cin, cout, kernel, pad, block, sparsity, stride)
     x = torch.randn(batch, cin, *size)
     compiled = _check_build(model, x, ["conv"], [])
     info = compiled.kernels["conv"]
@@ -705,23 +717,34 @@ def test_direct_tiles_stay_within_an_output_row():
 
 
 @pytest.mark.parametrize(
-    ("size", "kernel", "pad"),
-    [((32, 32), (3, 3), (1, 1)), ((5, 7), (5, 3), (2, 0)), ((4, 4), (3, 3), (0, 1))],
+    ("size", "kernel", "stride", "pad"),
+    [
+        ((32, 32), (3, 3), (1, 1), (1, 1)),
+        ((5, 7), (5, 3), (1, 1), (2, 0)),
+        ((4, 4), (3, 3), (1, 1), (0, 1)),
+        ((32, 32), (3, 3), (2, 2), (1, 1)),
+        ((9, 12), (5, 5), (2, 1), (2, 2)),
+        ((7, 5), (3, 3), (1, 2), (0, 0)),  # input rows and columns the conv never reads
+        ((2, 3), (3, 3), (2, 2), (1, 1)),  # a phase of one column, one with no input
+    ],
 )
-def test_pad_kernel_writes_zero_padded_planes(size, kernel, pad):
+def test_pad_kernel_writes_zero_padded_phase_planes(size, kernel, stride, pad):
     """The direct conv's copy: each channel's plane, zero-padded to the rows and columns the
-    conv reads, every element written (the output starts as NaN)."""
+    conv reads and split by stride phase, every element written (the output starts as NaN)."""
     rng = np.random.default_rng(4)
-    geo = _geometry(2, 3, size, kernel, (1, 1), pad)
+    geo = _geometry(2, 3, size, kernel, stride, pad)
     x = rng.standard_normal((2, 3, *size)).astype(np.float32)
     lib, symbol = load_kernel(Kernel("pad", "x86", geo, num_cores=2), HOST.target)
     dev = tvm.cpu()
-    hp, wp = geo.padded_height, geo.padded_width
-    out = tvm.runtime.tensor(np.full((2, 3, hp * wp), np.nan, np.float32), dev)
+    (sh, sw), (rows, cols) = stride, phase_shape(geo)
+    out = tvm.runtime.tensor(np.full((2, 3, padded_plane(geo)), np.nan, np.float32), dev)
     lib[symbol](tvm.runtime.tensor(x, dev), out)
     (pt, pl), (h, w) = pad, size
-    want = np.pad(x, ((0, 0), (0, 0), (pt, hp - h - pt), (pl, wp - w - pl)))
-    np.testing.assert_array_equal(out.numpy().reshape(2, 3, hp, wp), want)
+    padded = np.zeros((2, 3, sh * rows + h + pt, sw * cols + w + pl), np.float32)
+    padded[:, :, pt : pt + h, pl : pl + w] = x
+    want = [padded[:, :, r::sh, q::sw][:, :, :rows, :cols] for r in range(sh) for q in range(sw)]
+    got = out.numpy().reshape(2, 3, sh * sw, rows, cols)
+    np.testing.assert_array_equal(got, np.stack(want, axis=2))
 
 
 def test_a_direct_convs_choice_times_each_kernel_with_its_copy(tmp_path, monkeypatch):

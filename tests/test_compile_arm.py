@@ -123,26 +123,28 @@ def test_a_dense_conv_with_a_large_im2col_output_runs_on_the_emulated_board(
 
 @pytest.mark.arm
 def test_direct_sparse_convs_run_on_the_emulated_board(tmp_path, emulated_board):
-    """Sparse 3x3 convs at stride 1 in r x 1 blocks read their input's padded planes, not
-    im2col (`KernelSpec.direct`): 4x1 blocks in NEON tiles of 16 on 32-wide rows, 16x1 blocks
-    in two passes of 8 rows on 11-wide rows (a tile of 8 and a tail of 3), a residual add fused."""
+    """Sparse 3x3 convs in r x 1 blocks read their input's padded planes, not im2col
+    (`KernelSpec.direct`): 4x1 blocks in NEON tiles of 16 on 32-wide rows, then at stride 2
+    (four phase planes) on 16-wide rows, and 16x1 blocks in two passes of 8 rows on 6-wide
+    rows (a tile of 4 lanes and 2), a residual add fused."""
     torch.manual_seed(8)
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = SparseConv2d(8, 16, 3, padding=1, sparsity=0.8, block=(4, 1))
+            self.s = SparseConv2d(16, 16, 3, stride=2, padding=1, sparsity=0.8, block=(4, 1))
             self.b = SparseConv2d(16, 16, 3, padding=1, sparsity=0.7, block=(16, 1))
 
         def forward(self, x):
-            y = torch.relu(self.a(x))
+            y = torch.relu(self.s(torch.relu(self.a(x))))
             y = nn.functional.max_pool2d(y, 3, 3, 1)
             return torch.relu(self.b(y)) + y
 
     model = Net().eval()
     profile = load_profile("arm/qemu-aarch64")
     compiled = hw_compile.build(model, torch.randn(1, 8, 32, 32), profile, kernel_choice="sparse")
-    assert compiled.kernels["a"]["direct"] and compiled.kernels["b"]["direct"]
+    assert all(compiled.kernels[name]["direct"] for name in ("a", "s", "b"))
     assert compiled.kernels["b"]["fused_residual"]
     lib = compiled.export_library(tmp_path / "direct.so")
     remote_profile = dataclasses.replace(profile, key=EMULATED_KEY)
