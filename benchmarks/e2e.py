@@ -4,7 +4,9 @@ onnxruntime.
 
 The net (``--net``): `mbv2-sparse`, the search space's MobileNetV2 (16-64 channels, 2.9 M
 MACs), or `mobilenetv2`, the CIFAR-size MobileNetV2 that issue 4's goals were set on (channels
-32-1280, 89 M MACs, 92% of them in 1x1 convs). One thread each, or N with ``--threads N``
+32-1280, 89 M MACs, 92% of them in 1x1 convs), or `resnet20`, the CIFAR ResNet-20 (16-64
+channels, 41 M MACs, nearly all in 3x3 convs), whose 3x3 convs after the stem are sparse
+instead (90%, 4x1 blocks). One thread each, or N with ``--threads N``
 (TVM_NUM_THREADS is set before TVM starts its pool; hwnas builds for N cores). The input is
 32x32, or S x S with ``--size S`` (56 gives the feature maps of an ImageNet-size MobileNet's
 later stages: 28, 14 and 7). Writes benchmarks/out/e2e.json (e2e-mobilenetv2.json,
@@ -24,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="threads for every runtime")
     parser.add_argument("--size", type=int, default=32, help="input height and width")
-    parser.add_argument("--net", choices=("mbv2-sparse", "mobilenetv2"), default="mbv2-sparse")
+    parser.add_argument(
+        "--net", choices=("mbv2-sparse", "mobilenetv2", "resnet20"), default="mbv2-sparse"
+    )
     return parser
 
 
@@ -149,6 +153,51 @@ def mobilenetv2(sparse: bool, pattern: dict | None = None) -> torch.nn.Module:
     return nn.Sequential(*layers)
 
 
+class BasicBlock(torch.nn.Module):
+    """ResNet's two 3x3 convs with batch norm, and a shortcut: the input, or a strided 1x1
+    conv where the shape changes; ReLU after the sum."""
+
+    def __init__(self, conv3x3, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.a = nn.Sequential(conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch), nn.ReLU())
+        self.b = nn.Sequential(conv3x3(out_ch, out_ch, 1), nn.BatchNorm2d(out_ch))
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.b(self.a(x)) + self.shortcut(x))
+
+
+def resnet20(sparse: bool) -> torch.nn.Module:
+    """The CIFAR ResNet-20: a 3x3 stem of 16 channels, three stages of three blocks (16, 32,
+    64 channels; the second and third start at stride 2), pooling and a Linear. `sparse`:
+    every 3x3 conv after the stem 90% in 4x1 blocks, the classifier 90% in 1x4 blocks."""
+    nn = torch.nn
+
+    def conv3x3(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+        if sparse:
+            kw = {"sparsity": 0.9, "block": (4, 1)}
+            return SparseConv2d(in_ch, out_ch, 3, stride, 1, bias=False, **kw)
+        return nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+
+    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    in_ch = 16
+    for channels, stride in ((16, 1), (32, 2), (64, 2)):
+        for j in range(3):
+            layers.append(BasicBlock(conv3x3, in_ch, channels, stride if j == 0 else 1))
+            in_ch = channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if sparse:
+        layers.append(SparseLinear(64, 10, sparsity=0.9, block=(1, 4)))
+    else:
+        layers.append(nn.Linear(64, 10))
+    return nn.Sequential(*layers)
+
+
 def build_model(
     sparse: bool, size: int = 32, net: str = "mbv2-sparse", pattern: dict | None = None
 ) -> torch.nn.Module:
@@ -156,6 +205,8 @@ def build_model(
     torch.manual_seed(0)
     if net == "mobilenetv2":
         model = mobilenetv2(sparse, pattern)
+    elif net == "resnet20":
+        model = resnet20(sparse)
     else:
         model = get_space("mbv2-sparse").build(arch(sparse), 10, 3, size)
     for module in model.modules():
@@ -221,14 +272,17 @@ def linked(compiled):
         return tvm.runtime.load_module(str(compiled.export_library(Path(tmp) / "model.so")))
 
 
+KINDS = ("depthwise (+ fused expand)", "1x1 convs + classifier", "k x k convs")
+
+
 def layer_breakdown(compiled, model: torch.nn.Module, repeats: int) -> dict:
     """Each layer's kernel call(s) timed alone (300 calls x `repeats`, median), summed by kind:
     depthwise convs (with the sparse expand convs computed inside them), the other 1x1 convs
-    (some dense ones read a padded copy of X: an im2col call) and the classifier, the stem
-    (the one kxk conv of `model`)."""
+    (some read a copy of X: an im2col call) and the classifier, the k x k convs (the stem of
+    the MobileNets; with their copy of X: im2col, or a direct conv's padded planes)."""
     modules = dict(model.named_modules())
     dev = tvm.cpu()
-    by_kind = {"depthwise (+ fused expand)": 0.0, "1x1 convs + classifier": 0.0, "stem": 0.0}
+    by_kind = dict.fromkeys(KINDS, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         calls = compiled.export_layer_library(Path(tmp) / "layers.so")
         lib = tvm.runtime.load_module(str(Path(tmp) / "layers.so"))
@@ -241,11 +295,11 @@ def layer_breakdown(compiled, model: torch.nn.Module, repeats: int) -> dict:
                 ms += float(np.median(timer(*args).results)) * 1e3
             info = compiled.kernels[name]
             if info["impl"] == "depthwise":
-                by_kind["depthwise (+ fused expand)"] += ms
-            elif getattr(modules[name], "kernel_size", (1, 1)) != (1, 1):  # the one kxk conv
-                by_kind["stem"] += ms
+                by_kind[KINDS[0]] += ms
+            elif getattr(modules[name], "kernel_size", (1, 1)) != (1, 1):
+                by_kind[KINDS[2]] += ms
             else:
-                by_kind["1x1 convs + classifier"] += ms
+                by_kind[KINDS[1]] += ms
     return {"sum_ms": sum(by_kind.values()), **by_kind}
 
 
@@ -256,7 +310,8 @@ def main() -> None:
     xn = x.numpy()
     rows, timers = [], {}
 
-    for label, sparse in (("sparse 90% 16x1", True), ("dense twin", False)):
+    sparse_label = "sparse 90% 4x1" if args.net == "resnet20" else "sparse 90% 16x1"
+    for label, sparse in ((sparse_label, True), ("dense twin", False)):
         model = build_model(sparse, args.size, args.net)
         start = time.perf_counter()
         compiled = hw_compile.build(model, x, HostProfile())
@@ -329,7 +384,7 @@ def markdown(result: dict) -> str:
         ms = f"{row['ms']:.3f} | {row['best_ms']:.3f}" if "ms" in row else row.get("error", "?")
         compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else ""
         lines.append(f"| {row['net']} | {row['runtime']} | {ms} | {compile_s} |")
-    kinds = ["depthwise (+ fused expand)", "1x1 convs + classifier", "stem"]
+    kinds = list(KINDS)
     lines += [
         "",
         f"| net | model (ms) | sum of layers (ms) | {' | '.join(kinds)} |",

@@ -519,6 +519,8 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
     }
     if layer.spec is not None and layer.spec.direct:  # a k x k conv without im2col
         info["direct"] = True
+    if layer.spec is not None and layer.spec.residual_first:  # ReLU after the residual add
+        info["residual_first"] = True
     if layer.fused_into is not None:
         info["fused_into"] = layer.fused_into
     if layer.expand is not None:

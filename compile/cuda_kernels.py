@@ -23,6 +23,7 @@ from compile.kernels import (
     KernelSpec,
     _activate,
     _drop_unused_inputs,
+    _epilogue,
     _finish,
     bsr_func,
     stored_blocks,
@@ -127,7 +128,7 @@ def bsr_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     NNZB, NRB = stored_blocks(), spec.block_rows
     grid = _thread_grid(spec)
     RT = grid.rows_per_thread
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
 
     @T.macro
     def block_row(x_buf, w_data, w_indices, w_indptr, acc_buf, tb, trb, r0, m):
@@ -156,7 +157,7 @@ def bsr_matvec_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     work = B * NRB
     warps = min(WARPS_PER_BLOCK, work)
     n_blocks = -(-work // warps)
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
     full = T.uint32(0xFFFFFFFF)
 
     @T.macro
@@ -198,7 +199,7 @@ def dense_matmul_cuda(spec: KernelSpec) -> tirx.PrimFunc:
     NRB = spec.block_rows
     grid = _thread_grid(spec)
     RT = grid.rows_per_thread
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
 
     @T.macro
     def row_block(x_buf, w_data, acc_buf, tb, trb, r0, m):

@@ -55,7 +55,7 @@ BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 39
+KERNEL_VERSION = 40
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,9 @@ class KernelSpec:
     # and a block's index is where its column's values for output row 0 start in X
     # (`direct_offsets`). Output row oh's values start phase_width * oh further on.
     direct: tuple[int, int, int] | None = None
+    # The residual is added before the activation, which applies to the sum (a ResNet block's
+    # ReLU after its add), not after it.
+    residual_first: bool = False
 
     @property
     def x_width(self) -> int:
@@ -266,11 +269,25 @@ def _activate(value, act: int):
     return value
 
 
-def _finish(value, residual, epilogue: tuple[int, bool]):
-    """An output: `value` through the activation, plus `residual` when there is one.
-    `epilogue`: (activation number, residual or not)."""
-    out = _activate(value, epilogue[0])
-    return out + residual if epilogue[1] else out
+def _epilogue(spec: KernelSpec) -> tuple[int, bool, bool]:
+    """What `_finish` does to a matmul kernel's outputs: (activation number, residual or not,
+    residual before the activation)."""
+    return ACTIVATIONS.index(spec.activation), spec.residual, spec.residual_first
+
+
+# `_finish` passing the values as they are (a dense kernel's partial sums over K blocks).
+NO_EPILOGUE = (0, False, False)
+
+
+def _finish(value, residual, epilogue: tuple[int, bool, bool]):
+    """An output: `value` through the activation, plus `residual` when there is one (or
+    `value` plus `residual` through the activation, see `KernelSpec.residual_first`).
+    `epilogue`: from `_epilogue`."""
+    act, has_residual, first = epilogue
+    if has_residual and first:
+        return _activate(value + residual, act)
+    out = _activate(value, act)
+    return out + residual if has_residual else out
 
 
 def _out_row(row_map, row):
@@ -422,7 +439,7 @@ def _store_tile(
 ):
     """Write `rows` x `width` accumulators (which started at the bias, see `_init_tile`)
     through the activation to Y (to the rows `row_map` names when it is not None); then add
-    `res_buf` when there is a residual. `epilogue`: (activation number, residual or not)."""
+    `res_buf` when there is a residual. `epilogue`: from `_epilogue`."""
     for i in T.unroll(rows):
         if not guard or row0 + i < n_rows:
             r = T.bind(_out_row(row_map, row0 + i))
@@ -507,7 +524,7 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
     guard = BR > 1  # the last block row may overhang the rows
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
 
     # A narrow tile (small M) has few accumulators, each FMA chain waiting on the FMA's
     # latency: it gets copies (`_copies`). The block's columns go to different copies (1 x c
@@ -725,7 +742,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
     per_chunk = (work + n_chunks - 1) // n_chunks
     has_tail = tail > 0
     guard = BR > 1 or spec.kept_rows
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
     n_rows = NK if spec.kept_rows else N
     # Work items go tile by tile (every row block of an M tile, then the next tile), K in
     # blocks, when X outgrows L2 (`TILE_MAJOR_X_BYTES`, `K_BLOCK`).
@@ -762,7 +779,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
 
     @T.macro
     def store(acc_buf, r_buf, y_buf, kept_buf, tb, row0, m0, width, how):
-        """The tile to Y through `how`: the epilogue, or (0, False) for partial sums."""
+        """The tile to Y through `how`: the epilogue, or `NO_EPILOGUE` for partial sums."""
         _store_tile(
             acc_buf,
             r_buf,
@@ -799,7 +816,7 @@ def dense_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         if ks[3]:
             store(acc_buf, io[2], io[3], io[4], tb, trb * BR, m0, width, epilogue)
         else:
-            store(acc_buf, io[2], io[3], io[4], tb, trb * BR, m0, width, (0, False))
+            store(acc_buf, io[2], io[3], io[4], tb, trb * BR, m0, width, NO_EPILOGUE)
 
     @T.macro
     def by_rows(acc, acc_tail, x_buf, io, t, ks):
@@ -1053,7 +1070,7 @@ def bsr_matvec_cpu(
     chunk_loop = _chunk_loop(tiling.parallel)
     per_chunk = (work + n_chunks - 1) // n_chunks
     guard = BR > 1
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
 
     E = BR * BC
     # P blocks per vector (their x values are shuffled into one vector, `x_vector`).
@@ -1274,7 +1291,7 @@ def bsr_matvec_columns_cpu(spec: KernelSpec, tiling: Tiling, unit: VectorUnit) -
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     chunk_loop = _chunk_loop(tiling.parallel)
     per_chunk = (work + n_chunks - 1) // n_chunks
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
     # Copy h of column c is accumulator row h * MC + c; the copies fill the registers given to
     # accumulators, at most 4 (8 FMA chains or more with two or more vectors per block).
     CH = max(1, min(4, unit.acc_budget // (MC * BR)))
@@ -1384,7 +1401,7 @@ def bsc_matmul_cpu(spec: KernelSpec, tiling: Tiling, tile: int) -> tirx.PrimFunc
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     chunk_loop = _chunk_loop(tiling.parallel)
     per_chunk = (work + n_chunks - 1) // n_chunks
-    epilogue = (ACTIVATIONS.index(spec.activation), spec.residual)
+    epilogue = _epilogue(spec)
 
     @T.macro
     def x_piece(xr_buf, x_buf, tb, k, c, m0, off, lanes):

@@ -292,13 +292,20 @@ def _epilogue(
             bias = tensors[bias_name].astype(np.float32).reshape(rows)
             out_var, fused_bias = nxt[0], True
             nxt = graph.only_consumer(out_var)
+    out_var, activation = _activation(graph, out_var)
+    return out_var, activation, bias, fused_bias
+
+
+def _activation(graph: _Graph, var: str) -> tuple[str, str]:
+    """The ReLU or ReLU6 that alone reads `var`, as (its var, its name), else (var, "none")."""
+    nxt = graph.only_consumer(var)
     if nxt is not None and nxt[1].op.same_as(_RELU):
-        out_var, activation = nxt[0], "relu"
-    elif nxt is not None and nxt[1].op.same_as(_CLIP):
+        return nxt[0], "relu"
+    if nxt is not None and nxt[1].op.same_as(_CLIP):
         lo, hi = (float(v.value) for v in nxt[1].args[1:3])
         if (lo, hi) == (0.0, 6.0):
-            out_var, activation = nxt[0], "relu6"
-    return out_var, activation, bias, fused_bias
+            return nxt[0], "relu6"
+    return var, "none"
 
 
 def plan_rewrite(
@@ -320,6 +327,7 @@ def plan_rewrite(
     """
     graph = _Graph(func)
     plans: list[LayerPlan] = []
+    fused_adds: set[str] = set()  # residual adds a layer's kernel computes
     dense_reasons: dict[str, str] = {}
     untuned: dict[str, str] = {}
     for name in layers:
@@ -358,12 +366,18 @@ def plan_rewrite(
         out_var, activation, bias, fused_bias = _epilogue(
             graph, call_var, f"{name}.bias", weight_vars, tensors, rows
         )
-        residual_var = None
+        residual_var, residual_first = None, False
         if kind == "conv":
             out_shape = (geometry.batch, rows, geometry.out_height, geometry.out_width)
             found_residual = _residual(graph, out_var, out_shape)
-            if found_residual is not None:
+            # An add of two convs' outputs (a ResNet block's, with a conv on its shortcut) is
+            # fused into the first of them: the second then reads as it is
+            if found_residual is not None and found_residual[0] not in fused_adds:
                 out_var, residual_var = found_residual
+                fused_adds.add(out_var)
+                if activation == "none":  # one after the add takes the sum (ResNet blocks)
+                    out_var, activation = _activation(graph, out_var)
+                    residual_first = activation != "none"
         common = dict(
             name=name,
             kind=kind,
@@ -393,7 +407,7 @@ def plan_rewrite(
         plain = kind == "conv" and _is_plain_1x1(geometry)
         # its dense kernel reads X through a padded copy; a sparse kernel reads it as it is
         copies = plain and _copies_off_pages(geometry, matrix.shape[1], family)
-        args = (kind, geometry, x_shape, activation, residual_var is not None)
+        args = (kind, geometry, x_shape, activation, residual_var is not None, residual_first)
         site = _layer_site(*args, plain and not copies, family, num_cores, avx512)
         im2col = None
         if (kind == "conv" and not plain) or copies:
@@ -589,6 +603,7 @@ class LayerSite:
     avx512: bool
     maps: tuple = (None, None, False)
     x_row: int = 0  # `KernelSpec.x_row`
+    residual_first: bool = False  # `KernelSpec.residual_first`
 
     def spec(self, rows: int, cols: int, block: tuple[int, int], block_rows: int) -> KernelSpec:
         return KernelSpec(
@@ -601,6 +616,7 @@ class LayerSite:
             self.activation,
             *self.maps,
             x_row=self.x_row,
+            residual_first=self.residual_first,
         )
 
     def kernel(self, op: str, spec: KernelSpec, macs: int) -> Kernel:
@@ -615,14 +631,16 @@ def _layer_site(
     x_shape: tuple[int, ...],
     activation: str,
     residual: bool,
+    residual_first: bool,
     reads_x: bool,
     family: str,
     num_cores: int | None,
     avx512: bool,
 ) -> LayerSite:
-    """The site of a conv or Linear layer's matmul kernel. `reads_x`: a plain 1x1 conv's kernel
-    reads the conv's input as it is; else a conv's kernel reads the im2col output, whose rows
-    may be padded (`im2col_row`)."""
+    """The site of a conv or Linear layer's matmul kernel. `residual_first`: the residual is
+    added before the activation. `reads_x`: a plain 1x1 conv's kernel reads the conv's input
+    as it is; else a conv's kernel reads the im2col output, whose rows may be padded
+    (`im2col_row`)."""
     if kind != "conv":
         m = math.prod(x_shape[:-1])
         maps = ((), (), False) if m == 1 and len(x_shape) == 2 else (None, None, False)
@@ -632,7 +650,9 @@ def _layer_site(
     hw = (geometry.out_height, geometry.out_width)
     maps = (hw if reads_x else None, hw, residual)
     x_row = 0 if reads_x or im2col_row(m, family) == m else im2col_row(m, family)
-    return LayerSite(geometry.batch, m, activation, family, num_cores, avx512, maps, x_row)
+    return LayerSite(
+        geometry.batch, m, activation, family, num_cores, avx512, maps, x_row, residual_first
+    )
 
 
 def _dense_candidate(matrix: np.ndarray, bias: np.ndarray, site: LayerSite) -> KernelCandidate:

@@ -312,12 +312,14 @@ def test_columns_kernel_matches_numpy(block, sparsity, batch, m, avx512):
     [
         ((1, 4), 0.3, 2, (7, 7), "relu6", False),  # K = 37: the last column block overhangs
         ((1, 8), 0.0, 1, (5, 6), "none", False),  # M = 30: a 16-wide tile and a 14-wide rest
-        ((1, 4), 0.5, 1, (14, 14), "relu", True),  # 4-D tensors, a residual, two cores
+        ((1, 4), 0.5, 1, (14, 14), "relu", "after"),  # 4-D tensors, a residual, two cores
+        ((1, 4), 0.5, 2, (7, 7), "relu6", "first"),  # the residual added before the ReLU6
     ],
 )
 def test_by_column_kernel_matches_numpy(block, sparsity, batch, hw, activation, residual):
     """1 x c blocks walked by column block (`bsc_matmul_cpu`) on a 53 x 37 W with empty rows
-    and an empty column block, the layer's conv tensors as they are."""
+    and an empty column block, the layer's conv tensors as they are, a residual added after
+    or before the activation."""
     rng = np.random.default_rng(4)
     gen = torch.Generator().manual_seed(5)
     w = rng.standard_normal((53, 37)).astype(np.float32)
@@ -328,14 +330,19 @@ def test_by_column_kernel_matches_numpy(block, sparsity, batch, hw, activation, 
     x = rng.standard_normal((batch, 37, *hw)).astype(np.float32)
     r = rng.standard_normal((batch, 53, *hw)).astype(np.float32)
     bias = rng.standard_normal(53).astype(np.float32)
-    site = LayerSite(batch, m, activation, "x86", 2, False, (hw, hw, residual))
+    maps = (hw, hw, bool(residual))
+    site = LayerSite(
+        batch, m, activation, "x86", 2, False, maps, residual_first=residual == "first"
+    )
     cand = _sparse_candidate(w, to_bsr(w, block), bias, site)
     assert cand.spec.by_column
     inputs = [x, *cand.constants] + ([r] if residual else [])
     out = _call_kernel(cand.kernel.func(), inputs, (batch, 53, *hw))
     want = np.einsum("nk,bkm->bnm", w, x.reshape(batch, 37, m)) + bias[None, :, None]
+    if residual == "first":
+        want = want + r.reshape(batch, 53, m)
     want = {"none": want, "relu": np.maximum(want, 0), "relu6": np.clip(want, 0, 6)}[activation]
-    if residual:
+    if residual == "after":
         want = want + r.reshape(batch, 53, m)
     got = out.reshape(batch, 53, m)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -603,6 +610,59 @@ def test_residual_add_is_fused_into_the_conv_kernel():
     fused = {name: info["fused_residual"] for name, info in compiled.kernels.items()}
     assert fused == {"pw": True, "pw2": True, "k3": True, "tiny": True, "bcast": False}
     assert compiled.kernels["k3"]["activation"] == "relu" and compiled.kernels["k3"]["im2col"]
+
+
+class ResNetBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convs, a strided 1x1 conv on the shortcut, the ReLU (or
+    ReLU6) after the sum of the two branches."""
+
+    def __init__(self, sparse: bool, act):
+        super().__init__()
+        conv = (
+            (lambda *a, **k: MaskedConv2d(*a, sparsity=0.8, block=(4, 1), **k))
+            if sparse
+            else nn.Conv2d
+        )
+        self.a = conv(8, 16, 3, 2, 1)
+        self.b = conv(16, 16, 3, 1, 1)
+        self.shortcut = nn.Conv2d(8, 16, 1, 2)
+        self.act = act
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return self.act(y + self.shortcut(x))
+
+
+def _vm_ops(compiled) -> set[str]:
+    """The functions the compiled model's VM calls besides its builtins and our kernels:
+    what TVM built by default."""
+    text = compiled.executable.as_text()
+    return {n for n in re.findall(r"call\s+(\S+)", text) if not n.startswith(("vm.", "hwnas_"))}
+
+
+@pytest.mark.parametrize(("sparse", "act"), [(True, torch.relu), (False, nn.functional.relu6)])
+def test_a_resnet_block_runs_on_our_kernels_alone(sparse, act):
+    """The add of two convs' outputs (the block's second conv, the shortcut's conv) is fused
+    into one of them; the other conv keeps its own kernel (both claimed the add once, and one
+    conv was left to TVM's default conv2d). The ReLU after the add is fused too: the residual
+    goes in before the activation (`KernelSpec.residual_first`)."""
+    torch.manual_seed(11)
+    model = ResNetBlock(sparse, act)
+    layers = ["a", "b", "shortcut"]
+    compiled = _check_build(
+        model,
+        torch.randn(2, 8, 32, 32),
+        layers[:2] if sparse else [],
+        layers[2:] if sparse else layers,
+    )
+    assert _vm_ops(compiled) == set()
+    info = compiled.kernels
+    assert info["b"]["fused_residual"] and not info["shortcut"]["fused_residual"]
+    assert info["b"]["residual_first"] and info["b"]["activation"] == (
+        "relu" if sparse else "relu6"
+    )
+    assert "residual_first" not in info["a"] and "residual_first" not in info["shortcut"]
+    assert info["a"]["activation"] == "relu" and info["shortcut"]["activation"] == "none"
 
 
 @pytest.mark.parametrize(("sparsity", "batch", "block"), [(0.99, 1, (4, 1)), (0.6, 3, (1, 8))])

@@ -97,14 +97,15 @@ def test_cuda_matmul_kernels_match_numpy(block, batch, m, activation, fill, monk
     _close(dense, want)
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_cuda_matmul_reads_conv_tensors_and_adds_the_residual(dense):
+@pytest.mark.parametrize(("dense", "first"), [(False, False), (True, False), (False, True)])
+def test_cuda_matmul_reads_conv_tensors_and_adds_the_residual(dense, first):
     """A 1x1 conv's (batch, channels, 7, 7) tensors as they are, the residual added after
-    the activation: no reshape or add kernels around ours."""
-    w, x, bias, want = _matmul_case(2, 49, "relu6")
-    residual = np.random.default_rng(1).standard_normal(want.shape).astype(np.float32)
-    maps = {"in_hw": (7, 7), "out_hw": (7, 7), "residual": True}
-    x4, r4, want4 = (a.reshape(2, -1, 7, 7) for a in (x, residual, want + residual))
+    the activation, or before it (`residual_first`): no reshape or add kernels around ours."""
+    w, x, bias, y = _matmul_case(2, 49, "none")
+    residual = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    want = ACTS["relu6"](y + residual) if first else ACTS["relu6"](y) + residual
+    maps = {"in_hw": (7, 7), "out_hw": (7, 7), "residual": True, "residual_first": first}
+    x4, r4, want4 = (a.reshape(2, -1, 7, 7) for a in (x, residual, want))
     if dense:
         spec = KernelSpec(2, 53, 37, 49, (4, 1), 14, "relu6", **maps)
         func, consts = dense_matmul_cuda(spec), [pack_dense(w, 4), bias]
