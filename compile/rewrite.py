@@ -139,7 +139,43 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
                 conv.bias = nn.Parameter(bias * scale + shift)
             setattr(seq, bn_key, nn.Identity())
             folded.append(f"{seq_name}.{conv_key}" if seq_name else conv_key)
+    _batchnorm_as_scale_shift(model)
     return folded
+
+
+class _ScaleShift(nn.Module):
+    """An eval-mode batch norm as what it computes: x * scale + shift along dim 1."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+            shift = -bn.running_mean.float() * scale
+            if bn.affine:
+                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+
+
+def _batchnorm_as_scale_shift(model: nn.Module) -> None:
+    """Replace each eval-mode batch norm (1-D, 2-D, 3-D) that no conv absorbed (after a
+    pooling, a concat, in a Linear head, ...) by `_ScaleShift`. TVM 0.27's torch frontend, run
+    without decompositions (as the build runs it), computes an eval-mode batch norm with the
+    batch's own statistics: a DARTS cell's unfolded BNs made the compiled net's outputs differ
+    from torch's by as much as the outputs themselves."""
+    for parent in list(model.modules()):
+        for key, child in list(parent.named_children()):
+            if (
+                isinstance(child, nn.modules.batchnorm._BatchNorm)
+                and not child.training
+                and child.running_mean is not None
+                and child.running_var is not None
+            ):
+                setattr(parent, key, _ScaleShift(child))
 
 
 @dataclass

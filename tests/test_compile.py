@@ -1320,6 +1320,53 @@ def test_dense_layers_get_our_kernels_and_batchnorm_is_folded():
     assert compiled.kernels["dw3.0"]["activation"] == "relu6"
 
 
+class UnfoldedNormsNet(nn.Module):
+    """Batch norms no conv absorbs: after a pooling, after a concat, in a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool_bn = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.BatchNorm2d(8, affine=False))
+        self.cat_bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 12)
+        self.fc_bn = nn.BatchNorm1d(12)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = self.cat_bn(torch.cat([y, self.pool_bn(y)], 1))
+        return self.fc_bn(self.fc(y.mean((2, 3))))
+
+
+def test_batch_norms_no_conv_absorbs_compute_with_the_running_statistics():
+    """TVM's torch frontend (run without decompositions) computed an eval-mode batch norm with
+    the batch's statistics; each unfolded one is now its scale and shift per channel."""
+    torch.manual_seed(12)
+    model = UnfoldedNormsNet()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    compiled = _check_build(model, torch.randn(2, 3, 9, 9), [], ["conv", "fc"])
+    assert compiled.folded_batchnorm == []
+    assert isinstance(model.cat_bn, nn.BatchNorm2d)  # the user's model is left as it was
+
+
+def test_a_darts_candidate_compiles_to_torchs_output():
+    """A `darts-sparse` candidate on the embedded digits' shape (1 x 8 x 8): its cells have
+    batch norms after poolings and concats, which no conv absorbs."""
+    from search_spaces.spaces import get_space
+
+    space = get_space("darts-sparse")
+    r = random.Random(1)
+    arch = {name: r.choice(values) for name, values in space.choices.items()}
+    torch.manual_seed(13)
+    model = space.build(arch, 10, 1, 8)
+    for module in model.modules():
+        if hasattr(module, "update_mask"):
+            module.update_mask()
+    hw_compile.build(model.eval(), torch.randn(2, 1, 8, 8), HOST)  # OutputMismatch if it differs
+
+
 def test_fold_batchnorm_keeps_the_sparsity_pattern():
     torch.manual_seed(6)
     conv = MaskedConv2d(8, 16, 1, sparsity=0.75, block=(4, 1))
