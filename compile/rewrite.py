@@ -110,7 +110,8 @@ def deploy_copy(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[int, int] 
 
 def fold_batchnorm(model: nn.Module) -> list[str]:
     """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential into
-    that conv's weight and bias (the BN becomes Identity); return the folded convs' names.
+    that conv's weight and bias (the BN becomes Identity); return the folded convs' names. Every
+    other eval-mode batch norm becomes its scale and shift (`_batchnorm_as_scale_shift`).
 
     torch.export keeps BatchNorm as its own op (Relax `nn.batch_norm`), a whole extra pass over
     the activations; folded, it costs nothing. A row scaling keeps the sparsity pattern.
@@ -407,7 +408,7 @@ def plan_rewrite(
             out_shape = (geometry.batch, rows, geometry.out_height, geometry.out_width)
             found_residual = _residual(graph, out_var, out_shape)
             # An add of two convs' outputs (a ResNet block's, with a conv on its shortcut) is
-            # fused into the first of them: the second then reads as it is
+            # fused into the first of them; the second keeps its own output.
             if found_residual is not None and found_residual[0] not in fused_adds:
                 out_var, residual_var = found_residual
                 fused_adds.add(out_var)
