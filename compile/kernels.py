@@ -1560,6 +1560,24 @@ def _phase_interior(phase: int, pad: int, size: int, stride: int, count: int) ->
     return first, max(0, end - first)
 
 
+def _phases(geo: ConvGeometry) -> list[tuple[int, ...]]:
+    """The stride phases of a conv's padded input plane (`phase_shape`), each (index, row
+    phase, column phase, first row holding input, rows, first column holding input, columns)."""
+    (SH, SW), (PT, PL) = geo.stride, geo.pad
+    PR, PW = phase_shape(geo)
+    return [
+        (
+            pr * SW + pc,
+            pr,
+            pc,
+            *_phase_interior(pr, PT, geo.height, SH, PR),
+            *_phase_interior(pc, PL, geo.width, SW, PW),
+        )
+        for pr in range(SH)
+        for pc in range(SW)
+    ]
+
+
 @dataclass(frozen=True)
 class _DepthwiseParts:
     """The per-channel steps of our CPU depthwise kernel, shared by `depthwise_conv_cpu` and
@@ -1605,13 +1623,7 @@ def _depthwise_parts(
     DR = (KH - 1) // SH  # reach of the taps' rows inside one phase
     PR, PW = phase_shape(geo)  # one phase's rows and columns
     PP = PR * PW
-    # Each phase: (index, row phase, column phase, first row, rows, first column, columns).
-    phases = []
-    for pr in range(SH):
-        for pc in range(SW):
-            r0, nr = _phase_interior(pr, PT, H, SH, PR)
-            q0, nq = _phase_interior(pc, PL, W, SW, PW)
-            phases.append((len(phases), pr, pc, r0, nr, q0, nq))
+    phases = _phases(geo)
     # Output rows per register group: about 8 vector registers of accumulators.
     RG = max(1, min(OH, 8 * lanes // max(OW, lanes)))
     n_groups, tail = OH // RG, OH % RG
@@ -2168,20 +2180,9 @@ def pad_cpu(geo: ConvGeometry, num_cores: int | None = None, lanes: int = 8) -> 
     zeros around it (zeroing the whole plane first made the copy 1.4-1.5x slower). The
     channel count is read from the arrays."""
     B, C, H, W = geo.batch, _dim("c"), geo.height, geo.width
-    (SH, SW), (PT, PL) = geo.stride, geo.pad
     PLANE, (PR, PW) = padded_plane(geo), phase_shape(geo)
     load = _depthwise_parts(geo, "none", lanes, plain=False).load
-    phases = [
-        (
-            (pr * SW + pc) * PR * PW,
-            PR,
-            PW,
-            *_phase_interior(pr, PT, H, SH, PR),
-            *_phase_interior(pc, PL, W, SW, PW),
-        )
-        for pr in range(SH)
-        for pc in range(SW)
-    ]
+    phases = [(ph[0] * PR * PW, PR, PW, *ph[3:]) for ph in _phases(geo)]
     P0, P1, P2, P3 = (phases + [phases[0]] * 3)[:4]  # macros take one phase each
     n_chunks, per_chunk = _chunks(B * C, num_cores)
     chunk_loop = _chunk_loop(num_cores != 1)

@@ -131,10 +131,7 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
             ):
                 continue
             with torch.no_grad():
-                scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-                shift = -bn.running_mean.float() * scale
-                if bn.affine:
-                    scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+                scale, shift = _bn_scale_shift(bn)
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
                 conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
                 conv.bias = nn.Parameter(bias * scale + shift)
@@ -144,16 +141,22 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
     return folded
 
 
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an eval-mode batch norm does per channel: x * scale + shift."""
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    shift = -bn.running_mean.float() * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return scale, shift
+
+
 class _ScaleShift(nn.Module):
     """An eval-mode batch norm as what it computes: x * scale + shift along dim 1."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
         with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-            shift = -bn.running_mean.float() * scale
-            if bn.affine:
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            scale, shift = _bn_scale_shift(bn)
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
 
