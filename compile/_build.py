@@ -521,6 +521,8 @@ def _kernel_info(layer: LayerPlan) -> dict[str, Any]:
         info["direct"] = True
     if layer.spec is not None and layer.spec.residual_first:  # ReLU after the residual add
         info["residual_first"] = True
+    if layer.spec is not None and layer.spec.lockstep:  # batch 1, block rows in groups
+        info["lockstep"] = True
     if layer.fused_into is not None:
         info["fused_into"] = layer.fused_into
     if layer.expand is not None:

@@ -164,3 +164,33 @@ def pad_rows(weight: BsrWeight, multiple: int) -> BsrWeight:
     indptr = np.zeros_like(weight.indptr)
     np.cumsum(counts + extra, out=indptr[1:])
     return replace(weight, data=data, indices=indices, indptr=indptr, nnz_blocks=len(data))
+
+
+def lockstep_rows(weight: BsrWeight, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`weight`'s blocks as the lockstep matrix-vector kernel reads them
+    (`compile.kernels.bsr_matvec_lockstep_cpu`): block rows sorted by their block count, most
+    first, in groups of `group`; each row padded with zero blocks to its group's longest; a
+    group's blocks stored step by step (block s of the group's row j at the group's start +
+    s * group + j). A zero block repeats its row's last column start (0 in an empty row).
+    Returns (data, indices, pointers): the groups' starts (groups + 1 entries), then each
+    group's block rows in slot order (-1 past the last)."""
+    counts = np.diff(weight.indptr)
+    n_groups = -(-weight.block_rows // group)
+    order = np.argsort(-counts, kind="stable")
+    rows = np.full(n_groups * group, -1, np.int32)
+    rows[: len(order)] = order
+    steps = np.zeros(n_groups * group, np.int64)
+    steps[: len(order)] = counts[order]
+    steps = steps.reshape(n_groups, group).max(axis=1)
+    starts = np.zeros(n_groups + 1, np.int32)
+    np.cumsum(steps * group, out=starts[1:])
+    data = np.zeros((int(starts[-1]), *weight.data.shape[1:]), weight.data.dtype)
+    indices = np.zeros(int(starts[-1]), weight.indices.dtype)
+    for slot, row in enumerate(order):
+        g, j = divmod(slot, group)
+        lo, hi = weight.indptr[row], weight.indptr[row + 1]
+        at = starts[g] + j + group * np.arange(steps[g])
+        data[at[: hi - lo]] = weight.data[lo:hi]
+        indices[at] = weight.indices[hi - 1] if hi > lo else 0
+        indices[at[: hi - lo]] = weight.indices[lo:hi]
+    return data, indices, np.concatenate([starts, rows])

@@ -55,7 +55,7 @@ BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 40
+KERNEL_VERSION = 41
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,10 @@ class KernelSpec:
     # The residual is added before the activation, which applies to the sum (a ResNet block's
     # ReLU after its add), not after it.
     residual_first: bool = False
+    # The matrix-vector kernel walks r x 1 block rows in groups, in lockstep
+    # (`bsr_matvec_lockstep_cpu`, `compile.bsr.lockstep_rows`): `indptr` then holds the
+    # groups' starts and their rows.
+    lockstep: bool = False
 
     @property
     def x_width(self) -> int:
@@ -1035,7 +1039,8 @@ def matvec_row_group(spec: KernelSpec, family: str) -> int:
 
 
 def _column_start(indices, p, j: int, count: int, narrow: bool):
-    """Block p + j's column start, j < count of blocks read together. Narrow (uint16) indices
+    """Block p + j's column start, j < count of blocks read together (p a multiple of four
+    when count is: the words are aligned). Narrow (uint16) indices
     come in words of up to four, one load each (LLVM keeps the word in a general register and
     shifts the fields out); wide ones one load each."""
     if not narrow:
@@ -1045,7 +1050,13 @@ def _column_start(indices, p, j: int, count: int, narrow: bool):
         return T.Cast("int32", indices[p + j])
     word_type = "int32" if per_word == 2 else "int64"
     word = T.reinterpret(word_type, indices[T.ramp(p + j // 4 * 4, 1, per_word)])
-    shift, mask = tirx.const(16 * (j % 4), word_type), tirx.const(0xFFFF, word_type)
+    # j is a Python int, or an unrolled loop's variable (folded once the loop is unrolled)
+    shift = (
+        tirx.const(16 * (j % 4), word_type)
+        if isinstance(j, int)
+        else T.Cast(word_type, 16 * (j % 4))
+    )
+    mask = tirx.const(0xFFFF, word_type)
     return T.Cast("int32", T.shift_right(word, shift) & mask)
 
 
@@ -1254,6 +1265,112 @@ def bsr_matvec_cpu(
                             )
 
     return bsr_func("bsr_matvec", spec, K, N, (NNZB, BR, BC), NP, body, INDEX)
+
+
+# Vectors of accumulators in a group of the lockstep matrix-vector kernel: one FMA chain each.
+LOCKSTEP_VECTORS = 4
+
+
+def lockstep_group(block: tuple[int, int], lanes: int) -> int:
+    """Block rows in one group of `bsr_matvec_lockstep_cpu`: LOCKSTEP_VECTORS vectors of
+    `_blocks_per_vector` rows each (eight 4x1 rows on AVX2, four on NEON)."""
+    return _blocks_per_vector(block, lanes) * LOCKSTEP_VECTORS
+
+
+def takes_lockstep(spec: KernelSpec, family: str) -> bool:
+    """Whether a sparse layer's matrix-vector kernel walks its block rows in lockstep groups
+    (`bsr_matvec_lockstep_cpu`): r x 1 blocks on a CPU."""
+    return _walks_matvec(spec, family) and spec.block[1] == 1
+
+
+def bsr_matvec_lockstep_cpu(
+    spec: KernelSpec, tiling: Tiling, lanes: int = 8, short: bool = True
+) -> tirx.PrimFunc:
+    """M == 1 with r x 1 blocks, G block rows at a time (`lockstep_group`): each group's rows
+    hold the same number of blocks (`compile.bsr.lockstep_rows` sorts the rows by their
+    count and pads each to its group's longest with zero blocks), stored step by step, so
+    that one step's G blocks, one from each row, are LOCKSTEP_VECTORS vectors of weights
+    (`_blocks_per_vector` rows' blocks in each) and as many FMA chains. A vector's lanes are
+    then its rows' sums: no sum across chains or lanes, and one loop for G rows.
+    `indptr` holds the groups' starts in blocks (groups + 1 entries), then each group's G
+    block rows of W in slot order (-1 past W's last)."""
+    B = spec.batch
+    N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
+    BR, BC = spec.block
+    if BC != 1:
+        raise ValueError(f"{spec.block} blocks: the lockstep kernel takes r x 1 blocks")
+    NNZB = stored_blocks()
+    P = _blocks_per_vector(spec.block, lanes)
+    V = P * BR
+    G = P * LOCKSTEP_VECTORS
+    n_groups = (NP - 1) // (G + 1)
+    work = B * n_groups
+    n_chunks = T.max(T.min(tiling.chunks, work), 1)
+    chunk_loop = _chunk_loop(tiling.parallel)
+    per_chunk = (work + n_chunks - 1) // n_chunks
+    epilogue = _epilogue(spec)
+    INDEX = "uint16" if spec.narrow_indices else "int32"
+
+    def x_vector(x_flat, w_indices, tb, p, v):
+        """x under vector v's blocks of the step at p, lane for lane of their weights. The
+        step's column starts are read in words of four (narrow indices)."""
+        parts = []
+        for j in range(P):
+            k = tb * K + _column_start(w_indices, p, v * P + j, G, spec.narrow_indices)
+            parts.append(tirx.Broadcast(x_flat[k], BR) if BR > 1 else x_flat[k])
+        return tirx.Shuffle(parts, list(range(V)))
+
+    @T.macro
+    def step(acc_buf, w_flat, w_indices, x_flat, tb, p):
+        """The step's G blocks from p on, V weights into each of the chains."""
+        for v in T.unroll(LOCKSTEP_VECTORS):
+            acc_buf[T.ramp(v * V, 1, V)] = acc_buf[T.ramp(v * V, 1, V)] + w_flat[
+                T.ramp((p + v * P) * BR, 1, V)
+            ] * x_vector(x_flat, w_indices, tb, p, v)
+
+    @T.macro
+    def put_rows(acc_buf, bias_buf, r_buf, y_buf, tb, j, rb):
+        """Block row rb's sums, slot j's lanes of the accumulators, to Y."""
+        for e in T.vectorized(BR):
+            y_buf[tb, rb * BR + e, 0] = _finish(
+                acc_buf[j * BR + e] + bias_buf[rb * BR + e], r_buf[tb, rb * BR + e, 0], epilogue
+            )
+
+    @T.macro
+    def put_part(acc_buf, bias_buf, r_buf, y_buf, tb, j, rb):
+        """The rows of block row rb that W has (its last block row overhangs)."""
+        for e in T.unroll(BR):
+            if rb * BR + e < N:
+                y_buf[tb, rb * BR + e, 0] = _finish(
+                    acc_buf[j * BR + e] + bias_buf[rb * BR + e],
+                    r_buf[tb, rb * BR + e, 0],
+                    epilogue,
+                )
+
+    @T.macro
+    def body(X, data, indices, indptr, bias, R, Y):
+        W = T.decl_buffer((NNZB * BR,), "float32", data=data.data)
+        XF = T.decl_buffer((B * K,), "float32", data=X.data)
+        for t in chunk_loop(n_chunks):
+            acc = T.alloc_buffer((G * BR,), "float32", scope="local", annotations=_ON_STACK)
+            for w0 in range(per_chunk):
+                w = T.bind(t * per_chunk + w0)
+                if w < work:
+                    b = T.bind(_outer(w, n_groups, B))
+                    g = T.bind(_inner(w, n_groups, B))
+                    for v in T.unroll(LOCKSTEP_VECTORS):
+                        for e in T.vectorized(V):
+                            acc[v * V + e] = T.float32(0)
+                    _row_loop(step, (acc, W, indices, XF, b), indptr[g], indptr[g + 1], G, short)
+                    for j in T.unroll(G):
+                        rb = T.bind(indptr[n_groups + 1 + g * G + j])
+                        if rb >= 0:
+                            if BR == 1 or rb * BR + BR <= N:
+                                put_rows(acc, bias, R, Y, b, j, rb)
+                            else:
+                                put_part(acc, bias, R, Y, b, j, rb)
+
+    return bsr_func("bsr_matvec_lockstep", spec, K, N, (NNZB, BR, BC), NP, body, INDEX)
 
 
 # The most columns `bsr_matvec_columns_cpu` takes. AVX2, 512x512, interleaved against the
@@ -2257,6 +2374,9 @@ def matmul_kernel(
     if spec.m == 1:
         # Sparse rows as `while` loops on x86 only, where it was measured (`_row_loop`).
         short = not dense and family == "x86"
+        if spec.lockstep:
+            lanes = vector_unit(family, avx512).lanes
+            return bsr_matvec_lockstep_cpu(spec, tiling, lanes, short=short)
         return bsr_matvec_cpu(spec, tiling, vector_unit(family, avx512).lanes, short=short)
     if takes_columns(spec, family, avx512):
         return bsr_matvec_columns_cpu(spec, tiling, vector_unit(family, avx512))

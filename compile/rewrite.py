@@ -19,6 +19,7 @@ from compile.bsr import (
     bsr_to_dense,
     choose_block,
     full_bsr,
+    lockstep_rows,
     pack_dense,
     pad_indptr,
     pad_rows,
@@ -35,12 +36,14 @@ from compile.kernels import (
     direct_offsets,
     expand_group,
     im2col_row,
+    lockstep_group,
     matvec_row_blocks,
     matvec_row_chains,
     matvec_row_group,
     padded_plane,
     phase_shape,
     takes_by_column,
+    takes_lockstep,
     takes_narrow_indices,
     vector_unit,
 )
@@ -706,7 +709,7 @@ def _dense_candidate(matrix: np.ndarray, bias: np.ndarray, site: LayerSite) -> K
         block = (1, 4) if family == "cuda" else (dense_matvec_rows(rows, family, avx512, m), 1)
         bsr = full_bsr(matrix, block)
         spec = site.spec(rows, cols, bsr.block, bsr.block_rows)
-        spec, consts = _bsr_arguments(spec, bsr, bias, family)
+        spec, consts = _bsr_arguments(spec, bsr, bias, family, sparse=False)
     else:
         nr = min(dense_block_rows(family, avx512), rows)
         consts = [pack_dense(matrix, nr), bias]
@@ -716,20 +719,27 @@ def _dense_candidate(matrix: np.ndarray, bias: np.ndarray, site: LayerSite) -> K
 
 
 def _bsr_arguments(
-    spec: KernelSpec, bsr: BsrWeight, bias: np.ndarray, family: str
+    spec: KernelSpec, bsr: BsrWeight, bias: np.ndarray, family: str, sparse: bool = True
 ) -> tuple[KernelSpec, list[np.ndarray]]:
     """The spec and constants of a kernel walking `bsr` by block row: its indices as uint16
-    where the kernel takes them so (`takes_narrow_indices`), its rows padded with zero blocks
-    to whole vectors (`matvec_row_blocks`) and its row starts to whole groups of rows
-    (`matvec_row_group`) where it takes them so, and the FMA chains for its rows' lengths
-    (`matvec_row_chains`)."""
+    where the kernel takes them so (`takes_narrow_indices`); a sparse W's block rows in
+    lockstep groups where the kernel walks them so (`takes_lockstep`); else its rows padded
+    with zero blocks to whole vectors (`matvec_row_blocks`) and its row starts to whole
+    groups of rows (`matvec_row_group`) where it takes them so, and the FMA chains for its
+    rows' lengths (`matvec_row_chains`)."""
+    narrow = takes_narrow_indices(spec, family)
+    if sparse and takes_lockstep(spec, family):
+        spec = replace(spec, lockstep=True, narrow_indices=narrow)
+        group = lockstep_group(spec.block, vector_unit(family).lanes)
+        data, indices, pointers = lockstep_rows(bsr, group)
+        return spec, [data, indices.astype(np.uint16 if narrow else np.int32), pointers, bias]
     row_blocks = matvec_row_blocks(spec, family)
     if row_blocks > 1:
         bsr = pad_rows(bsr, row_blocks)
         spec = replace(spec, whole_vectors=True)
     spec = replace(spec, chains=matvec_row_chains(spec, family, bsr.nnz_blocks / bsr.block_rows))
     indptr = pad_indptr(bsr.indptr, matvec_row_group(spec, family))
-    if takes_narrow_indices(spec, family):
+    if narrow:
         spec = replace(spec, narrow_indices=True)
         return spec, [bsr.data, bsr.indices.astype(np.uint16), indptr, bias]
     return spec, [bsr.data, bsr.indices, indptr, bias]

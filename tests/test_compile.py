@@ -24,6 +24,7 @@ from compile.bsr import (
     block_fill,
     bsr_to_dense,
     choose_block,
+    lockstep_rows,
     pack_dense,
     pad_rows,
     to_bsr,
@@ -130,6 +131,22 @@ def test_pad_rows_adds_zero_blocks_to_whole_multiples():
     assert pad_rows(padded, 2) is padded
     empty = to_bsr(np.zeros((12, 16), np.float32), (4, 1))
     assert pad_rows(empty, 4) is empty
+
+
+def test_lockstep_rows_sorts_pads_and_interleaves_block_rows():
+    """Block rows in groups of 2, sorted by block count: rows 2 (3 blocks) and 0 (2), then
+    row 3 (1) and row 1 (none), each padded to its group's longest with zero blocks that
+    repeat the row's last column start, stored step by step; then the rows of each slot."""
+    w = np.zeros((16, 16), np.float32)
+    w[0:4, [3, 7]] = 1.0
+    w[8:12, [1, 2, 9]] = 2.0
+    w[12:16, 5] = 3.0
+    data, indices, pointers = lockstep_rows(to_bsr(w, (4, 1)), 2)
+    np.testing.assert_array_equal(pointers, [0, 6, 8, 2, 0, 3, 1])
+    np.testing.assert_array_equal(indices, [1, 3, 2, 7, 9, 7, 5, 0])
+    np.testing.assert_array_equal(data[:, 0, 0], [2, 1, 2, 1, 2, 0, 3, 0])
+    three = lockstep_rows(to_bsr(w, (4, 1)), 3)[2]
+    np.testing.assert_array_equal(three, [0, 9, 9, 2, 0, 3, 1, -1, -1])  # a slot past W's rows
 
 
 def test_choose_block_prefers_declared_then_a_fitting_default():
@@ -246,17 +263,54 @@ def test_matvec_block_indices_as_uint16_while_they_fit(cols, narrow):
     np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize(("keep", "chains"), [(0.04, 1), (0.2, 2), (0.5, 4)])
+@pytest.mark.parametrize(
+    ("block", "batch", "activation", "residual"),
+    [
+        ((4, 1), 1, "relu", "after"),  # 14 block rows: 2 groups of 8, two slots empty
+        ((4, 1), 2, "relu6", "first"),
+        ((16, 1), 1, "none", "after"),  # one block to a vector, 4 rows a group
+        ((1, 1), 3, "relu", False),  # eight to a vector, 32 rows a group
+    ],
+)
+def test_lockstep_matvec_kernel_matches_numpy(block, batch, activation, residual):
+    """At M == 1 a sparse W in r x 1 blocks is walked in groups of block rows, in lockstep
+    (`bsr_matvec_lockstep_cpu`): 53 x 300 with empty block rows and rows of every length up
+    to all blocks, the last block row overhanging, a residual after or before the
+    activation."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((53, 300)).astype(np.float32)
+    w *= rng.random((53, 1)) ** 3 > rng.random((1, 300))  # row densities from 0 to 1
+    w[16:32] = 0
+    x = rng.standard_normal((batch, 300, 1)).astype(np.float32)
+    r = rng.standard_normal((batch, 53, 1)).astype(np.float32)
+    bias = rng.standard_normal(53).astype(np.float32)
+    site = LayerSite(
+        batch, 1, activation, "x86", 2, False, (None, None, bool(residual)), 0, residual == "first"
+    )
+    cand = _sparse_candidate(w, to_bsr(w, block), bias, site)
+    assert cand.spec.lockstep and cand.spec.narrow_indices
+    inputs = [x, *cand.constants] + ([r] if residual else [])
+    got = _call_kernel(cand.kernel.func(), inputs, (batch, 53, 1))
+    want = np.einsum("nk,bkm->bnm", w, x) + bias[None, :, None]
+    if residual == "first":
+        want = want + r
+    want = {"none": want, "relu": np.maximum(want, 0), "relu6": np.clip(want, 0, 6)}[activation]
+    if residual == "after":
+        want = want + r
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(("keep", "chains"), [(0.01, 1), (0.04, 2), (0.2, 4)])
 def test_matvec_rows_get_fma_chains_for_their_length(keep, chains):
-    """At M == 1 a row's vectors of 1x1 blocks (8 to an AVX2 vector) go to up to 4 FMA
-    chains, fewer when the rows are short: 200 columns with 8 nonzeros a row on average take
-    1 chain, 40 take 2, 100 take 4."""
+    """At M == 1 a row's vectors of 2x2 blocks (2 to an AVX2 vector) go to up to 4 FMA
+    chains, fewer when the rows are short: 100 block columns with about 4 blocks a row take
+    1 chain, 15 take 2, 59 take 4."""
     rng = np.random.default_rng(7)
     w = rng.standard_normal((29, 200)).astype(np.float32)
     w *= rng.random(w.shape) < keep
     bias = rng.standard_normal(29).astype(np.float32)
-    cand = _sparse_candidate(w, to_bsr(w, (1, 1)), bias, LayerSite(1, 1, "none", "x86", 2, False))
-    assert cand.spec.chains == chains
+    cand = _sparse_candidate(w, to_bsr(w, (2, 2)), bias, LayerSite(1, 1, "none", "x86", 2, False))
+    assert not cand.spec.lockstep and cand.spec.chains == chains
     x = rng.standard_normal((1, 200, 1)).astype(np.float32)
     got = _call_kernel(cand.kernel.func(), (x, *cand.constants), (1, 29, 1))
     want = w @ x[0, :, 0] + bias

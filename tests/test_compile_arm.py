@@ -76,10 +76,12 @@ def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path, emulated_board):
 
 @pytest.mark.arm
 def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_board):
-    """The matrix-vector kernel takes blocks narrower than a NEON register several to a vector
-    (unstructured 1x1: four; 2x1: two), and sums 1x4 rows four at a time (`_row_sums`); their
-    shuffles are NEON code only the board runs. The dense layers' matrix-vector kernel and its
-    columns variant take blocks of up to four registers."""
+    """The matrix-vector kernel walks r x 1 block rows in lockstep groups
+    (`bsr_matvec_lockstep_cpu`), blocks narrower than a NEON register several to a vector
+    (unstructured 1x1: four, 16 rows a group; 2x1: two), 4x1 blocks one to a vector (4 rows
+    a group, 22 rows: the last block row overhangs); and it sums 1x4 rows four at a time
+    (`_row_sums`). Their shuffles are NEON code only the board runs. The dense layers'
+    matrix-vector kernel and its columns variant take blocks of up to four registers."""
     torch.manual_seed(5)
     model = nn.Sequential(
         SparseLinear(37, 64, sparsity=0.7, pattern="unstructured"),
@@ -87,8 +89,10 @@ def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_
         SparseLinear(64, 20, sparsity=0.6, pattern="block", block=(2, 1)),
         nn.ReLU(),
         SparseLinear(20, 10, sparsity=0.5, pattern="block", block=(1, 4)),  # 2 groups + 2 rows
+        nn.ReLU(),
+        SparseLinear(10, 22, sparsity=0.5, pattern="block", block=(4, 1)),
     )
-    for layer in (model[0], model[2], model[4]):
+    for layer in (model[0], model[2], model[4], model[6]):
         layer.update_mask()
     model.eval()
     profile = load_profile("arm/qemu-aarch64")
@@ -98,7 +102,14 @@ def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_
     for choice, batch in (("sparse", 1), ("dense", 1), ("dense", 3)):
         x = torch.randn(batch, 37)
         compiled = hw_compile.build(model, x, profile, kernel_choice=choice)
-        assert compiled.sparse_layers == (["0", "2", "4"] if choice == "sparse" else [])
+        assert compiled.sparse_layers == (["0", "2", "4", "6"] if choice == "sparse" else [])
+        if choice == "sparse":
+            assert [compiled.kernels[n].get("lockstep", False) for n in "0246"] == [
+                True,
+                True,
+                False,
+                True,
+            ]
         lib = compiled.export_library(tmp_path / f"{choice}{batch}.so")
         compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
 
