@@ -1269,6 +1269,9 @@ def bsr_matvec_cpu(
 
 # Vectors of accumulators in a group of the lockstep matrix-vector kernel: one FMA chain each.
 LOCKSTEP_VECTORS = 4
+# The widest 1 x c blocks the lockstep kernel takes: a wider slot's lanes are summed one by one
+# (1x16 on AVX2, 512x512 at 95%: 0.69x the row-by-row kernel, whose 16 rows' sums are a tree).
+LOCKSTEP_COLUMNS = 8
 
 
 def lockstep_group(block: tuple[int, int], lanes: int) -> int:
@@ -1280,28 +1283,32 @@ def lockstep_group(block: tuple[int, int], lanes: int) -> int:
 def takes_lockstep(spec: KernelSpec, family: str) -> bool:
     """Whether a sparse layer's matrix-vector kernel walks its block rows in lockstep groups
     (`bsr_matvec_lockstep_cpu`): r x 1 blocks on a CPU."""
-    return _walks_matvec(spec, family) and spec.block[1] == 1
+    return _walks_matvec(spec, family) and (
+        spec.block[1] == 1 or spec.block[0] == 1 and spec.block[1] <= LOCKSTEP_COLUMNS
+    )
 
 
 def bsr_matvec_lockstep_cpu(
     spec: KernelSpec, tiling: Tiling, lanes: int = 8, short: bool = True
 ) -> tirx.PrimFunc:
-    """M == 1 with r x 1 blocks, G block rows at a time (`lockstep_group`): each group's rows
-    hold the same number of blocks (`compile.bsr.lockstep_rows` sorts the rows by their
-    count and pads each to its group's longest with zero blocks), stored step by step, so
-    that one step's G blocks, one from each row, are LOCKSTEP_VECTORS vectors of weights
-    (`_blocks_per_vector` rows' blocks in each) and as many FMA chains. A vector's lanes are
-    then its rows' sums: no sum across chains or lanes, and one loop for G rows.
+    """M == 1 with r x 1 or 1 x c blocks, G block rows at a time (`lockstep_group`): each
+    group's rows hold the same number of blocks (`compile.bsr.lockstep_rows` sorts the rows
+    by their count and pads each to its group's longest with zero blocks), stored step by
+    step, so that one step's G blocks, one from each row, are LOCKSTEP_VECTORS vectors of
+    weights (`_blocks_per_vector` rows' blocks in each) and as many FMA chains. One loop
+    for G rows, and no sum across chains: an r x 1 slot's lanes are its rows' sums, a 1 x c
+    slot's lanes are summed into its row's (c slots at a time by `_row_sums`).
     `indptr` holds the groups' starts in blocks (groups + 1 entries), then each group's G
     block rows of W in slot order (-1 past W's last)."""
     B = spec.batch
     N, K, NP = _dim("n"), _dim("k"), _dim("block_rows_plus_one")
     BR, BC = spec.block
-    if BC != 1:
-        raise ValueError(f"{spec.block} blocks: the lockstep kernel takes r x 1 blocks")
+    if BR > 1 and BC > 1:
+        raise ValueError(f"{spec.block} blocks: the lockstep kernel takes r x 1 or 1 x c blocks")
     NNZB = stored_blocks()
+    E = BR * BC
     P = _blocks_per_vector(spec.block, lanes)
-    V = P * BR
+    V = P * E
     G = P * LOCKSTEP_VECTORS
     n_groups = (NP - 1) // (G + 1)
     work = B * n_groups
@@ -1310,6 +1317,8 @@ def bsr_matvec_lockstep_cpu(
     per_chunk = (work + n_chunks - 1) // n_chunks
     epilogue = _epilogue(spec)
     INDEX = "uint16" if spec.narrow_indices else "int32"
+    # 1 x c slots summed c at a time as a tree (c a power of two dividing G), else lane by lane
+    TREE = BC > 1 and BC & (BC - 1) == 0 and G % BC == 0
 
     def x_vector(x_flat, w_indices, tb, p, v):
         """x under vector v's blocks of the step at p, lane for lane of their weights. The
@@ -1317,7 +1326,10 @@ def bsr_matvec_lockstep_cpu(
         parts = []
         for j in range(P):
             k = tb * K + _column_start(w_indices, p, v * P + j, G, spec.narrow_indices)
-            parts.append(tirx.Broadcast(x_flat[k], BR) if BR > 1 else x_flat[k])
+            if BC > 1:
+                parts.append(x_flat[tirx.Ramp(k, 1, BC)])
+            else:
+                parts.append(tirx.Broadcast(x_flat[k], BR) if BR > 1 else x_flat[k])
         return tirx.Shuffle(parts, list(range(V)))
 
     @T.macro
@@ -1325,7 +1337,7 @@ def bsr_matvec_lockstep_cpu(
         """The step's G blocks from p on, V weights into each of the chains."""
         for v in T.unroll(LOCKSTEP_VECTORS):
             acc_buf[T.ramp(v * V, 1, V)] = acc_buf[T.ramp(v * V, 1, V)] + w_flat[
-                T.ramp((p + v * P) * BR, 1, V)
+                T.ramp((p + v * P) * E, 1, V)
             ] * x_vector(x_flat, w_indices, tb, p, v)
 
     @T.macro
@@ -1348,11 +1360,16 @@ def bsr_matvec_lockstep_cpu(
                 )
 
     @T.macro
+    def put_sum(sums_buf, bias_buf, r_buf, y_buf, tb, j, row):
+        y_buf[tb, row, 0] = _finish(sums_buf[j] + bias_buf[row], r_buf[tb, row, 0], epilogue)
+
+    @T.macro
     def body(X, data, indices, indptr, bias, R, Y):
-        W = T.decl_buffer((NNZB * BR,), "float32", data=data.data)
+        W = T.decl_buffer((NNZB * E,), "float32", data=data.data)
         XF = T.decl_buffer((B * K,), "float32", data=X.data)
         for t in chunk_loop(n_chunks):
-            acc = T.alloc_buffer((G * BR,), "float32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((G * E,), "float32", scope="local", annotations=_ON_STACK)
+            sums = T.alloc_buffer((G,), "float32", scope="local", annotations=_ON_STACK)
             for w0 in range(per_chunk):
                 w = T.bind(t * per_chunk + w0)
                 if w < work:
@@ -1362,10 +1379,20 @@ def bsr_matvec_lockstep_cpu(
                         for e in T.vectorized(V):
                             acc[v * V + e] = T.float32(0)
                     _row_loop(step, (acc, W, indices, XF, b), indptr[g], indptr[g + 1], G, short)
+                    if TREE:
+                        for q in T.unroll(G // BC):
+                            sums[T.ramp(q * BC, 1, BC)] = _row_sums(
+                                [acc[T.ramp((q * BC + r) * BC, 1, BC)] for r in range(BC)]
+                            )
+                    elif BC > 1:
+                        for j in T.unroll(G):
+                            sums[j] = _lane_sum(acc, j * BC, BC)
                     for j in T.unroll(G):
                         rb = T.bind(indptr[n_groups + 1 + g * G + j])
                         if rb >= 0:
-                            if BR == 1 or rb * BR + BR <= N:
+                            if BC > 1:
+                                put_sum(sums, bias, R, Y, b, j, rb)
+                            elif BR == 1 or rb * BR + BR <= N:
                                 put_rows(acc, bias, R, Y, b, j, rb)
                             else:
                                 put_part(acc, bias, R, Y, b, j, rb)

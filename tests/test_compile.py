@@ -270,12 +270,15 @@ def test_matvec_block_indices_as_uint16_while_they_fit(cols, narrow):
         ((4, 1), 2, "relu6", "first"),
         ((16, 1), 1, "none", "after"),  # one block to a vector, 4 rows a group
         ((1, 1), 3, "relu", False),  # eight to a vector, 32 rows a group
+        ((1, 4), 1, "relu6", "after"),  # a slot's 4 lanes summed, 4 slots at a time
+        ((1, 8), 2, "none", "first"),  # one block to a vector, lane by lane
+        ((1, 3), 1, "relu", False),  # three lanes a slot, summed lane by lane
     ],
 )
 def test_lockstep_matvec_kernel_matches_numpy(block, batch, activation, residual):
-    """At M == 1 a sparse W in r x 1 blocks is walked in groups of block rows, in lockstep
-    (`bsr_matvec_lockstep_cpu`): 53 x 300 with empty block rows and rows of every length up
-    to all blocks, the last block row overhanging, a residual after or before the
+    """At M == 1 a sparse W in r x 1 or 1 x c blocks is walked in groups of block rows, in
+    lockstep (`bsr_matvec_lockstep_cpu`): 53 x 300 with empty block rows and rows of every
+    length up to all blocks, the last block row overhanging, a residual after or before the
     activation."""
     rng = np.random.default_rng(9)
     w = rng.standard_normal((53, 300)).astype(np.float32)
@@ -317,31 +320,40 @@ def test_matvec_rows_get_fma_chains_for_their_length(keep, chains):
     np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_matvec_rows_come_padded_to_whole_vectors_and_groups():
-    """At M == 1 the kernel takes 1x4 blocks two to an AVX2 vector and rows four to a work
-    item. The build pads each row with zero blocks to whole vectors and `indptr` to whole
-    groups of rows; the kernel reads neither a single block nor a row start past W's rows,
-    and refuses an `indptr` that is not padded."""
+@pytest.mark.parametrize(
+    ("block", "whole", "pointers"), [((2, 2), True, 28), ((1, 16), False, 65)]
+)
+def test_matvec_rows_come_padded_to_whole_vectors_and_groups(block, whole, pointers):
+    """At M == 1 the row-by-row kernel (for blocks the lockstep kernel does not take) takes
+    2x2 blocks two to an AVX2 vector, and 1x16 rows sixteen to a work item. The build pads
+    each row with zero blocks to whole vectors, or `indptr` to whole groups of rows; the
+    kernel reads neither a single block nor a row start past W's rows, and refuses an
+    `indptr` that is not padded."""
     rng = np.random.default_rng(6)
     w = rng.standard_normal((53, 37)).astype(np.float32)
     w[:, 8:] *= rng.random((53, 29)) > 0.7
-    bsr = to_bsr(w, (1, 4))
-    assert np.any(np.diff(bsr.indptr) % 2)  # rows with an odd number of blocks
+    bsr = to_bsr(w, block)
     cand = _sparse_candidate(
         w, bsr, np.zeros(53, np.float32), LayerSite(1, 1, "none", "x86", 2, False)
     )
-    assert cand.spec.whole_vectors
+    assert not cand.spec.lockstep and cand.spec.whole_vectors is whole
     data, indices, indptr = cand.constants[:3]
-    assert len(indptr) == 57 and np.all(indptr[53:] == indptr[53])  # 14 groups of 4 rows
-    assert np.all(np.diff(indptr) % 2 == 0) and len(data) == indptr[-1]
-    padded = BsrWeight(data, indices.astype(np.int32), indptr[:54], 53, 37, (1, 4), len(data))
+    rows = bsr.block_rows
+    assert len(indptr) == pointers and np.all(indptr[rows:] == indptr[rows])
+    if whole:  # rows with an odd number of blocks, padded
+        assert np.any(np.diff(bsr.indptr) % 2) and np.all(np.diff(indptr) % 2 == 0)
+    assert len(data) == indptr[-1]
+    padded = BsrWeight(
+        data, indices.astype(np.int32), indptr[: rows + 1], 53, 37, block, len(data)
+    )
     np.testing.assert_array_equal(bsr_to_dense(padded), w)
     x = rng.standard_normal((1, 37, 1)).astype(np.float32)
     got = _call_kernel(cand.kernel.func(), (x, *cand.constants), (1, 53, 1))
     np.testing.assert_allclose(got[0], w @ x[0], rtol=1e-4, atol=1e-4)
-    unpadded = [*cand.constants[:2], bsr.indptr, *cand.constants[3:]]
-    with pytest.raises(Exception, match="whole groups of rows"):
-        _call_kernel(cand.kernel.func(), (x, *unpadded), (1, 53, 1))
+    if not whole:
+        unpadded = [*cand.constants[:2], bsr.indptr, *cand.constants[3:]]
+        with pytest.raises(Exception, match="whole groups of rows"):
+            _call_kernel(cand.kernel.func(), (x, *unpadded), (1, 53, 1))
 
 
 @pytest.mark.parametrize(

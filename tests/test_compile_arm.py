@@ -76,11 +76,11 @@ def test_mbv2_sparse_runs_on_the_emulated_board(tmp_path, emulated_board):
 
 @pytest.mark.arm
 def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_board):
-    """The matrix-vector kernel walks r x 1 block rows in lockstep groups
+    """The matrix-vector kernel walks block rows in lockstep groups
     (`bsr_matvec_lockstep_cpu`), blocks narrower than a NEON register several to a vector
     (unstructured 1x1: four, 16 rows a group; 2x1: two), 4x1 blocks one to a vector (4 rows
-    a group, 22 rows: the last block row overhangs); and it sums 1x4 rows four at a time
-    (`_row_sums`). Their shuffles are NEON code only the board runs. The dense layers'
+    a group, 22 rows: the last block row overhangs), and 1x4 rows' lanes summed four rows at
+    a time (`_row_sums`). Their shuffles are NEON code only the board runs. The dense layers'
     matrix-vector kernel and its columns variant take blocks of up to four registers."""
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -104,12 +104,7 @@ def test_small_blocks_at_batch_one_run_on_the_emulated_board(tmp_path, emulated_
         compiled = hw_compile.build(model, x, profile, kernel_choice=choice)
         assert compiled.sparse_layers == (["0", "2", "4", "6"] if choice == "sparse" else [])
         if choice == "sparse":
-            assert [compiled.kernels[n].get("lockstep", False) for n in "0246"] == [
-                True,
-                True,
-                False,
-                True,
-            ]
+            assert all(compiled.kernels[n].get("lockstep") for n in "0246")
         lib = compiled.export_library(tmp_path / f"{choice}{batch}.so")
         compiled.check_remote(lib, remote_profile, emulated_board)  # OutputMismatch if it differs
 
