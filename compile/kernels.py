@@ -103,9 +103,9 @@ class KernelSpec:
     # The residual is added before the activation, which applies to the sum (a ResNet block's
     # ReLU after its add), not after it.
     residual_first: bool = False
-    # The matrix-vector kernel walks r x 1 block rows in groups, in lockstep
-    # (`bsr_matvec_lockstep_cpu`, `compile.bsr.lockstep_rows`): `indptr` then holds the
-    # groups' starts and their rows.
+    # The matrix-vector kernel walks the block rows in groups, in lockstep
+    # (`takes_lockstep`, `bsr_matvec_lockstep_cpu`, `compile.bsr.lockstep_rows`): `indptr`
+    # then holds the groups' starts and their rows.
     lockstep: bool = False
 
     @property
@@ -1039,8 +1039,7 @@ def matvec_row_group(spec: KernelSpec, family: str) -> int:
 
 
 def _column_start(indices, p, j: int, count: int, narrow: bool):
-    """Block p + j's column start, j < count of blocks read together (p a multiple of four
-    when count is: the words are aligned). Narrow (uint16) indices
+    """Block p + j's column start, j < count of blocks read together. Narrow (uint16) indices
     come in words of up to four, one load each (LLVM keeps the word in a general register and
     shifts the fields out); wide ones one load each."""
     if not narrow:
@@ -1282,7 +1281,10 @@ def lockstep_group(block: tuple[int, int], lanes: int) -> int:
 
 def takes_lockstep(spec: KernelSpec, family: str) -> bool:
     """Whether a sparse layer's matrix-vector kernel walks its block rows in lockstep groups
-    (`bsr_matvec_lockstep_cpu`): r x 1 blocks on a CPU."""
+    (`bsr_matvec_lockstep_cpu`): r x 1 blocks, and 1 x c up to LOCKSTEP_COLUMNS wide, on a
+    CPU. Against the row-by-row kernel (`bsr_matvec_cpu`), AVX2, 512x512 at 50-95%: 4x1
+    1.10-1.27x, 16x1 1.09-1.23x, 8x1 1.20-1.66x, 1x1 1.09-1.47x, 1x4 1.14-1.32x, 1x2
+    1.06-1.47x, 1x8 1.08-1.21x (docs/kernel-notes.md, session 25)."""
     return _walks_matvec(spec, family) and (
         spec.block[1] == 1 or spec.block[0] == 1 and spec.block[1] <= LOCKSTEP_COLUMNS
     )
