@@ -55,7 +55,7 @@ BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 42
+KERNEL_VERSION = 43
 
 
 @dataclass(frozen=True)
@@ -479,6 +479,11 @@ def bsr_func(name, spec, K, N, data_shape, n_pointers, body, index="int32") -> t
     only as written out, so the kernels share this one signature."""
     B, M = spec.batch, spec.m
     xs, ys = _io_shapes(spec, K, N)
+    # A direct conv's blocks index X's channel planes as one row (`KernelSpec.direct`). Made
+    # here: a tuple assigned in the function's body would be a TIR variable per entry, and
+    # X's row length a variable instead of a constant (the session-24 kernels lost 1.2-1.5x
+    # so on the 1x1 convs of the kernels grid at 95%).
+    xv = (B, 1, K * spec.x_width) if spec.direct is not None else (B, K, spec.x_width)
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -491,8 +496,6 @@ def bsr_func(name, spec, K, N, data_shape, n_pointers, body, index="int32") -> t
         Y4: T.Buffer(ys, "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
-        # A direct conv's blocks index X's channel planes as one row (`KernelSpec.direct`).
-        xv = (B, 1, K * spec.x_width) if spec.direct is not None else (B, K, spec.x_width)
         X = T.decl_buffer(xv, "float32", data=X4.data)
         Y = T.decl_buffer((B, N, M), "float32", data=Y4.data)
         R = T.decl_buffer((B, N, M), "float32", data=R4.data)
@@ -522,6 +525,9 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
         n_full = M // MT
         tail = M % MT
         n_mt = n_full + (1 if tail else 0)
+    # The tail tile's first column in a row. Assigned in a macro, even a Python int is a TIR
+    # variable (its let statement in every tile loop): computed here.
+    TAIL_AT = n_full * MT
     work = B * NRB * n_mt
     n_chunks = T.max(T.min(tiling.chunks, work), 1)
     chunk_loop = _chunk_loop(tiling.parallel)
@@ -625,7 +631,6 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         for i in range(n_full):
                             tile(*bufs, tb, row0, s, (p_lo, n_p), y0 + i * MT, x0 + i * MT, MT, CH)
                         if has_tail:
-                            at = n_full * MT
                             tile(
                                 acc_tail,
                                 *bufs[1:],
@@ -633,8 +638,8 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                                 row0,
                                 s,
                                 (p_lo, n_p),
-                                y0 + at,
-                                x0 + at,
+                                y0 + TAIL_AT,
+                                x0 + TAIL_AT,
                                 tail,
                                 1,
                             )
@@ -644,8 +649,18 @@ def bsr_matmul_cpu(spec: KernelSpec, tiling: Tiling) -> tirx.PrimFunc:
                         tile(*bufs, tb, row0, s, (p_lo, n_p), m0, m0, MT, CH)
                     if has_tail:
                         if mt_hi == n_mt:
-                            at = n_full * MT
-                            tile(acc_tail, *bufs[1:], tb, row0, s, (p_lo, n_p), at, at, tail, 1)
+                            tile(
+                                acc_tail,
+                                *bufs[1:],
+                                tb,
+                                row0,
+                                s,
+                                (p_lo, n_p),
+                                TAIL_AT,
+                                TAIL_AT,
+                                tail,
+                                1,
+                            )
 
     @T.macro
     def body(X, data, indices, indptr, bias, R, Y):
