@@ -512,6 +512,20 @@ def test_skipped_passes_change_no_kernel(family, target, avx512):
         assert skipped == full, kernel
 
 
+def test_kernels_declare_no_variable_for_a_constant():
+    """A Python value assigned in a kernel's TVMScript body is declared a TIR variable: X's
+    view as a tuple there made X's row length a variable, and the sparse kernel on 1x1 convs
+    1.2-1.5x slower (session 24 to 25). Only `_each_channel`'s `size` is one, measured."""
+    lockstep = KernelSpec(1, 0, 0, 1, (4, 1), 0, "relu", narrow_indices=True, lockstep=True)
+    conv = KernelSpec(1, 0, 0, 196, (1, 4), 0, "none", in_hw=(14, 14), out_hw=(14, 14))
+    kernels = [*_skip_check_kernels("x86", False), Kernel("sparse", "x86", lockstep)]
+    kernels += [Kernel(op, "x86", conv) for op in ("sparse", "dense")]
+    constant = re.compile(r"^\s*(\w+): T\.int(?:32|64) = -?\d+$", re.MULTILINE)
+    for kernel in kernels:
+        names = set(constant.findall(kernel.func().script()))
+        assert names <= ({"size"} if kernel.op in ("depthwise", "im2col") else set()), kernel
+
+
 def test_a_kernel_is_parsed_on_a_shallow_stack(monkeypatch):
     """TVM's `T.prim_func` calls `inspect.stack()`, which reads the source of every frame on
     the stack (25-90 ms a call 40 frames deep under `python -m`); our kernels are parsed on a
