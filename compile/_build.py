@@ -379,7 +379,9 @@ def build(
             _time_on_device, profile=profile, tracker=tracker, target=target
         )
     try:
-        chooser = KernelChooser(target, runnable, kernel_choice, on_device=on_device)
+        chooser = KernelChooser(
+            target, runnable, kernel_choice, defer=runnable, on_device=on_device
+        )
     except ValueError as exc:
         raise CompileError(str(exc)) from exc
     avx512 = family == "x86" and "avx512f" in _llvm_features(target)
@@ -423,12 +425,15 @@ def build(
         chooser,
     )
     plan = plan_rewrite(*plan_args)
-    # Kernels to be timed on the device are timed together, then the layers planned again
-    # with their times (which can ask for more: a 1x1 conv found dense may fuse) or, when
-    # the device failed, with the density rule.
+    # Kernels to be timed (on the device, or here: `KernelChooser.defer`) are timed together,
+    # then the layers planned again with their times (which can ask for more: a 1x1 conv
+    # found dense may fuse) or, when the device failed, with the density rule.
     for _ in range(MAX_DEVICE_ROUNDS):
         if not chooser.time_pending():
             break
+        plan = plan_rewrite(*plan_args)
+    if runnable and chooser.pending:  # rounds ran out: time the rest as the plan meets it
+        chooser.defer, chooser.pending = False, {}
         plan = plan_rewrite(*plan_args)
     mod, objects = apply_rewrite(mod, plan, target)
     by_var = {weight_vars[name]: tvm.runtime.tensor(tensors[name]) for name in weight_vars}

@@ -25,7 +25,7 @@ import numpy as np
 import tvm
 
 from compile.kernels import KERNEL_VERSION, Kernel, KernelSpec
-from compile.objects import cache_dir, load_kernel, target_key
+from compile.objects import cache_dir, load_kernel, parse_unbuilt, target_key
 
 CHOICES = ("auto", "sparse", "dense")
 # Without timings (targets this host cannot run, and no device to time on), a layer goes sparse
@@ -91,7 +91,11 @@ class KernelChooser:
     directory: Path | None = None
     # Times jobs on the target's device: {name: job} -> {name: ms}, or DeviceTimingFailed.
     on_device: Callable[[dict[str, TimingJob]], dict[str, float]] | None = None
-    # Table keys whose times `on_device` is to take, with their jobs by entry field.
+    # Host timings left pending too, for `time_pending` to take all at once: their kernels
+    # are then parsed ahead of their builds, across layers (`parse_unbuilt`).
+    defer: bool = False
+    # Table keys whose times `on_device` (or, deferred, this host) is to take, with their jobs
+    # by entry field.
     pending: dict[str, dict[str, TimingJob]] = field(default_factory=dict, repr=False)
     device_error: str | None = None
     _table: dict[str, dict[str, float]] | None = field(default=None, repr=False)
@@ -173,12 +177,18 @@ class KernelChooser:
         return entry["fused_ms"], unfused + CALL_MS * (len(jobs) - 2)
 
     def time_pending(self) -> bool:
-        """Time the pending jobs on the device, all in one call of `on_device`, into the table.
-        True when there were any: plan again, to find their times or, when the device failed,
-        the density rule naming the failure (`device_error`)."""
+        """Time the pending jobs into the table: here (deferred), each key's jobs in turns,
+        every kernel parsed ahead of its build; or on the device, all in one call of
+        `on_device`. True when there were any: plan again, to find their times or, when the
+        device failed, the density rule naming the failure (`device_error`)."""
         if not self.pending:
             return False
         pending, self.pending = self.pending, {}
+        if self.host_runnable:
+            kernels = [job[0] for jobs in pending.values() for job in jobs.values()]
+            parse_unbuilt(kernels, self.target)
+            self._save({key: self._time_in_turns(jobs) for key, jobs in pending.items()})
+            return True
         jobs = {
             f"{i}:{name}": job
             for i, key in enumerate(pending)
@@ -203,14 +213,17 @@ class KernelChooser:
         entry = self._load().get(key)
         if entry is not None and not jobs.keys() <= entry.keys():
             entry = None  # written when the entry had fewer jobs
-        if entry is None and self.host_runnable:
+        if entry is None and self.host_runnable and not self.defer:
             entry = self._time_in_turns(jobs)
             self._save({key: entry})
-        elif entry is None and self.on_device is not None and self.device_error is None:
-            self.pending[key] = jobs
+        elif entry is None and (self.host_runnable or self.on_device is not None):
+            if self.device_error is None:
+                self.pending[key] = jobs
         return entry
 
     def _untimed(self) -> str:
+        if self.host_runnable:
+            return "to be timed on this host"
         if self.device_error is not None:
             return f"timing on the device failed ({self.device_error})"
         if self.on_device is not None:
@@ -248,6 +261,7 @@ class KernelChooser:
         slows the kernels alike: timed one after the other, a 1x1 conv's dense kernel once
         read 0.167 ms (0.078 timed alone), and its fused kernel (0.10 ms) was kept, though
         the two calls it replaced take 0.091 (docs/kernel-notes.md, session 22)."""
+        parse_unbuilt([job[0] for job in jobs.values()], self.target)
         timers = {name: self._timer(*job) for name, job in jobs.items()}
         best = dict.fromkeys(jobs, float("inf"))
         for _ in range(self.repeats):

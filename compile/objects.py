@@ -25,7 +25,7 @@ from typing import Any
 import tvm
 from tvm.support import cc
 
-from compile.kernels import BUILD_CONFIG, KERNEL_VERSION, Kernel
+from compile.kernels import BUILD_CONFIG, KERNEL_VERSION, Kernel, parse_ahead
 
 MAX_CACHE_BYTES = 512 * 2**20
 KEEP_RECENT_S = 24 * 3600
@@ -108,6 +108,18 @@ def build_kernels(symbols: dict[Kernel, str], target: tvm.target.Target | dict) 
     skipped = SKIPPED_CPU_PASSES if target.kind.name == "llvm" else ()
     with tvm.transform.PassContext(config=BUILD_CONFIG, disabled_pass=skipped):
         return tvm.compile(tvm.IRModule(funcs), target=target)
+
+
+def parse_unbuilt(kernels: list[Kernel], target: tvm.target.Target | dict) -> None:
+    """Start parsing, in order and ahead of their builds, those of `kernels` that have no
+    object built for `target` yet (`compile.kernels.parse_ahead`)."""
+    target = tvm.target.Target(target) if isinstance(target, dict) else target
+    unbuilt = []
+    for kernel in kernels:
+        symbol = symbol_for(kernel, target)
+        if symbol not in _known and not (_objects_dir() / f"{symbol}.o").exists():
+            unbuilt.append(kernel)
+    parse_ahead(unbuilt)
 
 
 def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObject:

@@ -47,7 +47,7 @@ from compile.kernels import (
     takes_narrow_indices,
     vector_unit,
 )
-from compile.objects import kernel_object
+from compile.objects import kernel_object, parse_unbuilt
 
 try:
     from search_spaces.ops import SPARSE_LAYERS
@@ -945,6 +945,9 @@ def apply_rewrite(mod, plan: RewritePlan, target) -> tuple[object, list[Path]]:
     kernel object files its library must link (none on a GPU target)."""
     if not plan.layers:
         return mod, []
+    called = [layer for layer in plan.layers if layer.fused_into is None]
+    copies = [layer.x_copy for layer in called if layer.x_copy is not None]
+    parse_unbuilt([*(layer.kernel for layer in called), *copies], target)
     rewriter = _LayerRewriter(mod, plan.layers, target)
     mod = rewriter.transform()
     return relax.transform.DeadCodeElimination(["main"])(mod), list(rewriter.objects.values())

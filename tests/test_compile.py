@@ -548,7 +548,7 @@ def test_a_kernel_is_parsed_on_a_shallow_stack(monkeypatch):
     def deep(n: int):
         if n:
             return deep(n - 1)
-        return kernels._make.__wrapped__(
+        return kernels._parse_on_a_thread(
             Kernel("sparse", "x86", KernelSpec(1, 24, 40, 7, (4, 1), 6))
         )
 
@@ -594,7 +594,7 @@ def test_kernel_macros_find_their_parser_without_reading_source_lines(monkeypatc
     )
     monkeypatch.setattr(ScriptMacro, "__call__", counted("macro", ScriptMacro.__call__))
     spec = KernelSpec(1, 24, 40, 7, (4, 1), 6, "relu6")
-    func = kernels._make.__wrapped__(Kernel("sparse", "x86", spec))
+    func = kernels._parse_on_a_thread(Kernel("sparse", "x86", spec))
     assert "T.float32(6" in func.script()
     assert calls["macro"] >= 10 and calls["getouterframes"] <= 2, calls
 
@@ -1476,6 +1476,46 @@ def test_auto_choice_times_both_kernels_and_caches_them(tmp_path, monkeypatch):
     assert len(table) == 1
     again = hw_compile.build(model, x, HOST)  # from the cache: the same decision and times
     assert again.kernels["0"] == info
+
+
+def test_a_cold_build_parses_every_kernel_ahead_of_its_build(tmp_path, monkeypatch):
+    """With an empty cache the layers are planned once with their timings left pending, then
+    every kernel to time is parsed ahead, in order, on a thread of its own while the one
+    before is built (`KernelChooser.defer`, `parse_unbuilt`), and the layers are planned
+    again with their times. No kernel is parsed on demand; a second build parses nothing."""
+    from compile import kernels, objects
+
+    monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_made", {})
+    on_demand = []
+    parse = kernels._parse_on_a_thread
+    monkeypatch.setattr(
+        kernels, "_parse_on_a_thread", lambda kernel: on_demand.append(kernel) or parse(kernel)
+    )
+    ahead, asked = [], []
+    monkeypatch.setattr(
+        kernels, "_parse", lambda k, parse=kernels._parse: ahead.append(k) or parse(k)
+    )
+    monkeypatch.setattr(
+        objects, "parse_ahead", lambda ks, ask=objects.parse_ahead: asked.append(ks) or ask(ks)
+    )
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        MaskedConv2d(16, 32, 1, sparsity=0.9, block=(16, 1)),
+        nn.ReLU(),
+        MaskedConv2d(32, 24, 1, sparsity=0.8, block=(4, 1)),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(24 * 36, 10),
+    ).eval()
+    compiled = hw_compile.build(model, torch.randn(1, 16, 6, 6), HOST)
+    # the two sparse kernels, the convs' dense one (the same for both), the Linear's
+    assert on_demand == [] and len(set(ahead)) == len(ahead) == 4
+    assert len(asked[0]) == 4  # both layers' timing jobs at once (the dense kernel twice)
+    assert all(compiled.kernels[n]["sparse_ms"] > 0 for n in ("0", "2"))
+    ahead.clear()
+    hw_compile.build(model, torch.randn(1, 16, 6, 6), HOST)
+    assert ahead == [] and on_demand == []
 
 
 @pytest.mark.parametrize(("size", "alone"), [(8, "dense"), (32, "dense"), (8, "sparse")])
