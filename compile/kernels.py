@@ -11,6 +11,7 @@ M = batch rows).
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -2518,6 +2519,17 @@ _made: dict[Kernel, tirx.PrimFunc] = {}
 _ahead: dict[Kernel, Future] = {}
 _lock = threading.Lock()
 _AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwnas-parse")
+
+
+def _after_fork() -> None:
+    """A forked child has none of its parent's threads: a new parse thread, no parses ahead."""
+    global _AHEAD, _lock
+    _AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwnas-parse")
+    _lock = threading.Lock()
+    _ahead.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def parse_ahead(kernels: list[Kernel]) -> None:

@@ -1518,6 +1518,34 @@ def test_a_cold_build_parses_every_kernel_ahead_of_its_build(tmp_path, monkeypat
     assert ahead == [] and on_demand == []
 
 
+def test_a_forked_child_parses_kernels_ahead_too():
+    """A child forked after a parse ahead has no parse thread of its parent's (threads do not
+    survive a fork): it starts its own, and its parses ahead complete instead of waiting for
+    ever."""
+    from compile.kernels import parse_ahead
+
+    first = Kernel("sparse", "x86", KernelSpec(1, 0, 0, 49, (4, 1), 0, "relu"))
+    second = Kernel("sparse", "x86", KernelSpec(1, 0, 0, 47, (4, 1), 0, "relu"))
+    parse_ahead([first])
+    first.func()
+    pid = os.fork()
+    if pid == 0:  # the child: parse ahead, take the parse, leave at once
+        code = 1
+        try:
+            parse_ahead([second])
+            code = 0 if second.func() is not None else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's parse ahead never completed")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 @pytest.mark.parametrize(("size", "alone"), [(8, "dense"), (32, "dense"), (8, "sparse")])
 def test_an_expand_conv_is_fused_when_the_pair_is_faster(size, alone, tmp_path, monkeypatch):
     """The kernel choice times a 1x1 conv's kernels alone; the fused kernel (the conv sparse,
