@@ -3,11 +3,12 @@
 On a target this host runs (its CPU, or its GPU for a CUDA target of at most the GPU's
 architecture) both kernels are built and timed here, in turns (a few quick rounds), and the
 faster one is kept, so a compiled candidate is never slower than its dense twin layer by
-layer. On another target with a device to time on (`on_device`: a board reached through the
-RPC tracker), the kernels a model needs are timed there together (`time_pending`), all in one
-session. Times are cached in a JSON table keyed by (target, shape, block, density bucket)
-under `$HWNAS_CACHE` or `~/.cache/hwnas/`. Untimed, a layer goes sparse from `SPARSE_ABOVE`
-sparsity on.
+layer; a build plans all layers first and times what is not cached together (`defer`), each
+kernel parsed ahead of its build. On another target with a device to time on (`on_device`:
+a board reached through the RPC tracker), the kernels a model needs are timed there together
+(`time_pending`), all in one session. Times are cached in a JSON table keyed by (target,
+shape, block, density bucket) under `$HWNAS_CACHE` or `~/.cache/hwnas/`. Untimed, a layer
+goes sparse from `SPARSE_ABOVE` sparsity on.
 """
 
 from __future__ import annotations
