@@ -191,6 +191,6 @@ def lockstep_rows(weight: BsrWeight, group: int) -> tuple[np.ndarray, np.ndarray
         lo, hi = weight.indptr[row], weight.indptr[row + 1]
         at = starts[g] + j + group * np.arange(steps[g])
         data[at[: hi - lo]] = weight.data[lo:hi]
-        indices[at] = weight.indices[hi - 1] if hi > lo else 0
         indices[at[: hi - lo]] = weight.indices[lo:hi]
+        indices[at[hi - lo :]] = weight.indices[hi - 1] if hi > lo else 0
     return data, indices, np.concatenate([starts, rows])

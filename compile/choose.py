@@ -215,6 +215,7 @@ class KernelChooser:
         if entry is not None and not jobs.keys() <= entry.keys():
             entry = None  # written when the entry had fewer jobs
         if entry is None and self.host_runnable and not self.defer:
+            parse_unbuilt([job[0] for job in jobs.values()], self.target)
             entry = self._time_in_turns(jobs)
             self._save({key: entry})
         elif entry is None and (self.host_runnable or self.on_device is not None):
@@ -262,7 +263,6 @@ class KernelChooser:
         slows the kernels alike: timed one after the other, a 1x1 conv's dense kernel once
         read 0.167 ms (0.078 timed alone), and its fused kernel (0.10 ms) was kept, though
         the two calls it replaced take 0.091 (docs/kernel-notes.md, session 22)."""
-        parse_unbuilt([job[0] for job in jobs.values()], self.target)
         timers = {name: self._timer(*job) for name, job in jobs.items()}
         best = dict.fromkeys(jobs, float("inf"))
         for _ in range(self.repeats):

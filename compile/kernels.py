@@ -1054,7 +1054,7 @@ def matvec_row_group(spec: KernelSpec, family: str) -> int:
     return _row_group(spec.block) if _walks_matvec(spec, family) else 1
 
 
-def _column_start(indices, p, j: int, count: int, narrow: bool):
+def _column_start(indices, p, j: int | tirx.PrimExpr, count: int, narrow: bool):
     """Block p + j's column start, j < count of blocks read together. Narrow (uint16) indices
     come in words of up to four, one load each (LLVM keeps the word in a general register and
     shifts the fields out); wide ones one load each."""
@@ -2419,10 +2419,10 @@ def matmul_kernel(
     if spec.m == 1:
         # Sparse rows as `while` loops on x86 only, where it was measured (`_row_loop`).
         short = not dense and family == "x86"
+        lanes = vector_unit(family, avx512).lanes
         if spec.lockstep:
-            lanes = vector_unit(family, avx512).lanes
             return bsr_matvec_lockstep_cpu(spec, tiling, lanes, short=short)
-        return bsr_matvec_cpu(spec, tiling, vector_unit(family, avx512).lanes, short=short)
+        return bsr_matvec_cpu(spec, tiling, lanes, short=short)
     if takes_columns(spec, family, avx512):
         return bsr_matvec_columns_cpu(spec, tiling, vector_unit(family, avx512))
     if dense:
