@@ -27,7 +27,7 @@ from compile.choose import DeviceTimingFailed, KernelChooser, TimingJob
 from compile.errors import CompileError, OutputMismatch
 from compile.kernels import BUILD_CONFIG
 from compile.layers import layer_calls, layer_output, run_layer_calls
-from compile.objects import build_kernels, kernel_object, symbol_for
+from compile.objects import build_kernels, kernel_object, op_object, symbol_for
 from compile.rewrite import (
     LayerPlan,
     RewritePlan,
@@ -441,6 +441,9 @@ def build(
     mod["main"] = mod["main"].without_attr("params")
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     try:
+        if target.kind.name == "llvm":
+            mod, op_objects = _ops_as_objects(mod, target)
+            objects = [*objects, *op_objects]
         with tvm.transform.PassContext(config=BUILD_CONFIG):
             executable = tvm.compile(mod, target=target, relax_pipeline=_relax_pipeline(target))
     except Exception as exc:
@@ -484,6 +487,56 @@ def build(
             raise OutputMismatch(problem + (f"; worst layer: {worst}" if worst else ""))
     compiled.compile_seconds = time.perf_counter() - start
     return compiled
+
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+@relax.expr_functor.mutator
+class _OpsByObject(relax.PyExprMutator):
+    """Replaces each `call_tir` of a legalized op by a call, by symbol, to that PrimFunc built
+    once into a cached object file (`compile.objects.op_object`), as our kernels are called.
+    Reshapes stay: TVM turns them into views."""
+
+    def __init__(self, mod: tvm.IRModule, target) -> None:
+        super().__init__(mod)
+        self.mod_, self.target = mod, target
+        self.objects: dict[str, Path] = {}
+
+    def transform(self) -> tvm.IRModule:
+        gvar = self.mod_.get_global_var("main")
+        self.builder_.update_func(gvar, self.visit_expr(self.mod_["main"]))
+        return self.builder_.get()
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (call.op.same_as(_CALL_TIR) and len(call.args) == 2):
+            return call  # not a call_tir, or one with symbolic shape arguments
+        func = self.mod_[call.args[0]]
+        out_ty = call.ty_args[0]
+        if relax.analysis.has_reshape_pattern(func) or not isinstance(out_ty, relax.TensorType):
+            return call
+        obj = op_object(func, self.target)
+        self.objects[obj.symbol] = obj.path
+        return relax.call_dps_packed(obj.symbol, call.args[1], out_ty)
+
+
+def _ops_as_objects(mod: tvm.IRModule, target) -> tuple[tvm.IRModule, list[Path]]:
+    """The module with Relax's remaining ops legalized and each of their PrimFuncs called from
+    a cached object file (`_OpsByObject`), and those files. Built with the model, TVM's
+    PrimFuncs for pooling, concats or dilated convs took 40% of a warm build of a
+    `darts-sparse` candidate (LLVM, every build)."""
+    legalize = tvm.transform.Sequential(  # as TVM's pipeline legalizes them (`_relax_pipeline`)
+        [
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),
+        ]
+    )
+    with target:
+        rewriter = _OpsByObject(legalize(mod), target)
+    mod = rewriter.transform()
+    return _drop_uncalled_prim_funcs(mod), list(rewriter.objects.values())
 
 
 @tvm.transform.module_pass(opt_level=0, name="hwnas.DropUncalledPrimFuncs")

@@ -3,12 +3,15 @@ machine instead of once per candidate.
 
 A kernel (`compile.kernels.Kernel`) is built alone into `<cache>/objects/hwnas_<digest>.o`,
 the digest naming the kernel, the target, TVM's version and `KERNEL_VERSION`; the symbol it
-exports is the file's stem. A model's Relax graph calls its kernels by symbol and its library
-links their objects (`CompiledModel.export_library`). The cache is `$HWNAS_CACHE` or
-`~/.cache/hwnas`; several processes may fill it at once (each file is written whole, then
-renamed). It is kept under `MAX_CACHE_BYTES`: after a new kernel is built, the files unused
-longest go first, but never one used in the last `KEEP_RECENT_S` (another process may be
-linking it). Deleting the directory is always safe: it is rebuilt on demand.
+exports is the file's stem. TVM's own PrimFuncs for the ops our kernels do not compute (a
+pooling, a concat, a dilated conv, as Relax legalizes them) are kept the same way
+(`op_object`), named by the function's structure. A model's Relax graph calls all of them by
+symbol and its library links their objects (`CompiledModel.export_library`). The cache is
+`$HWNAS_CACHE` or `~/.cache/hwnas`; several processes may fill it at once (each file is
+written whole, then renamed). It is kept under `MAX_CACHE_BYTES`: after a new kernel is
+built, the files unused longest go first, but never one used in the last `KEEP_RECENT_S`
+(another process may be linking it). Deleting the directory is always safe: it is rebuilt
+on demand.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tvm
+import tvm_ffi
 from tvm.support import cc
 
 from compile.kernels import BUILD_CONFIG, KERNEL_VERSION, Kernel, parse_ahead
@@ -126,12 +131,35 @@ def kernel_object(kernel: Kernel, target: tvm.target.Target | dict) -> KernelObj
     """The object file of `kernel` built for `target`, built now unless cached."""
     target = tvm.target.Target(target) if isinstance(target, dict) else target
     symbol = symbol_for(kernel, target)
+    return _cached_object(symbol, lambda: build_kernels({kernel: symbol}, target))
+
+
+def op_object(func: tvm.tirx.PrimFunc, target: tvm.target.Target | dict) -> KernelObject:
+    """The object file of one of TVM's own PrimFuncs (an op Relax legalized: a pooling, a
+    concat, a conv none of our kernels takes) built alone for `target`, built now unless
+    cached. Its symbol names the function's structure, the target and TVM's version, so
+    every model that legalizes an op to the same function shares one object."""
+    target = tvm.target.Target(target) if isinstance(target, dict) else target
+    digest = tvm_ffi.structural_hash(func.without_attr("global_symbol"))
+    text = f"op|tvm {tvm.__version__}|{target_key(target)}|{digest}"
+    symbol = "hwnas_" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def build() -> Any:
+        with tvm.transform.PassContext(config=BUILD_CONFIG):
+            module = tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)})
+            return tvm.compile(module, target=target)
+
+    return _cached_object(symbol, build)
+
+
+def _cached_object(symbol: str, build: Callable[[], Any]) -> KernelObject:
+    """`<objects>/<symbol>.o`, written from `build()` (a built module) unless it is there."""
     known = _known.get(symbol)
     if known is not None and _touch(known.path):
         return known
     path = _objects_dir() / f"{symbol}.o"
     if not _touch(path):
-        built = build_kernels({kernel: symbol}, target)
+        built = build()
         _write_whole(path, lambda tmp: built.mod.write_to_file(str(tmp)))
         prune(path.parent)
     _known[symbol] = KernelObject(symbol, path)

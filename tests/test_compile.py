@@ -1461,6 +1461,32 @@ def test_fold_batchnorm_keeps_the_sparsity_pattern():
         torch.testing.assert_close(deploy(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_tvms_own_ops_are_built_once_into_cached_objects(tmp_path, monkeypatch):
+    """A dilated conv (none of our kernels takes it), a ReLU and a pooling are TVM's own
+    PrimFuncs. Each is built once into the kernel cache and linked as our kernels are: a second
+    model of the same shapes builds no TIR and links the same files."""
+    monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
+
+    def model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(3, 8, 3, padding=2, dilation=2)
+        return nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(2), nn.Flatten()).eval()
+
+    x = torch.randn(1, 3, 8, 8)
+    first = hw_compile.build(model(1), x, HOST)  # checked against torch
+    assert first.kernels["0"]["impl"] == "tvm-default"
+    assert len(first.objects) >= 3
+    built = sorted((tmp_path / "objects").glob("*.o"))
+    second = hw_compile.build(model(2), x, HOST)
+    assert sorted(second.objects) == sorted(first.objects)
+    assert sorted((tmp_path / "objects").glob("*.o")) == built
+    out = second.export_library(tmp_path / "model.so")  # runs on the TVM runtime alone
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(2)(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_auto_choice_times_both_kernels_and_caches_them(tmp_path, monkeypatch):
     monkeypatch.setenv("HWNAS_CACHE", str(tmp_path))
     torch.manual_seed(7)
