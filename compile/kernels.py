@@ -56,7 +56,7 @@ BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
 # Part of every cache key (kernel timings, built kernels): bump it when a kernel or its tiling
 # changes, so that nothing built or timed before is used.
-KERNEL_VERSION = 43
+KERNEL_VERSION = 44
 
 
 @dataclass(frozen=True)
@@ -1635,7 +1635,8 @@ def _column_sum(w_data, xr_buf, p, col, columns: int):
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """A 2-D convolution's spatial shape: NCHW input, kernel, stride, top/left padding, output."""
+    """A 2-D convolution's spatial shape: NCHW input, kernel, stride, top/left padding, output,
+    and the taps' dilation (dilated convs: depthwise kernels on CPUs only)."""
 
     batch: int
     channels: int
@@ -1646,15 +1647,16 @@ class ConvGeometry:
     pad: tuple[int, int]  # top, left (bottom/right follow from the output size)
     out_height: int
     out_width: int
+    dilation: tuple[int, int] = (1, 1)
 
     @property
     def padded_height(self) -> int:
         """Rows of the zero-padded input plane the output actually reads."""
-        return (self.out_height - 1) * self.stride[0] + self.kernel[0]
+        return (self.out_height - 1) * self.stride[0] + (self.kernel[0] - 1) * self.dilation[0] + 1
 
     @property
     def padded_width(self) -> int:
-        return (self.out_width - 1) * self.stride[1] + self.kernel[1]
+        return (self.out_width - 1) * self.stride[1] + (self.kernel[1] - 1) * self.dilation[1] + 1
 
 
 def _chunks(work, num_cores: int | None) -> tuple:
@@ -1782,7 +1784,8 @@ def _depthwise_parts(
     SH, SW = geo.stride
     PT, PL = geo.pad
     OH, OW = geo.out_height, geo.out_width
-    DR = (KH - 1) // SH  # reach of the taps' rows inside one phase
+    DH, DW = geo.dilation
+    DR = (KH - 1) * DH // SH  # reach of the taps' rows inside one phase
     PR, PW = phase_shape(geo)  # one phase's rows and columns
     PP = PR * PW
     phases = _phases(geo)
@@ -1839,14 +1842,19 @@ def _depthwise_parts(
         """Output rows oh0 .. oh0 + rows - 1: each phase row loaded once for all its taps."""
         for i in T.unroll(rows):
             _in_pieces(_zero_piece, (acc, i), OW, lanes)
+        # Tap (kh, kw) reads the padded input (kh * DH, kw * DW) on from an output position.
         for r in T.unroll(rows + DR):
             for kh in T.unroll(KH):
                 for kw in T.unroll(KW):
-                    if r - kh // SH >= 0 and r - kh // SH < rows:
-                        src = T.bind(((kh % SH) * SW + kw % SW) * PP + (oh0 + r) * PW + kw // SW)
+                    if r - kh * DH // SH >= 0 and r - kh * DH // SH < rows:
+                        src = T.bind(
+                            ((kh * DH % SH) * SW + kw * DW % SW) * PP
+                            + (oh0 + r) * PW
+                            + kw * DW // SW
+                        )
                         _in_pieces(
                             tap_piece,
-                            (acc, r - kh // SH, buf, src, weight[tc, kh, kw]),
+                            (acc, r - kh * DH // SH, buf, src, weight[tc, kh, kw]),
                             OW,
                             lanes,
                         )
@@ -1927,6 +1935,7 @@ def _depthwise_parts(
     if not (
         plain
         and SH == SW == 1
+        and DH == DW == 1
         and (H, W) == (OH, OW)
         and 2 <= W <= lanes // 2
         and RG == OH
@@ -2298,9 +2307,10 @@ def phase_shape(geo: ConvGeometry) -> tuple[int, int]:
     """Rows and columns of one stride phase of a conv's zero-padded input plane (the whole
     padded plane at stride 1): phase (pr, pc) holds the padded input's rows pr, pr + SH, ...
     and columns pc, pc + SW, ..., so that a tap (kh, kw) reads output row oh's inputs as one
-    run, from row oh + kh // SH of phase (kh % SH, kw % SW), column kw // SW on."""
-    (kh, kw), (sh, sw) = geo.kernel, geo.stride
-    return geo.out_height + (kh - 1) // sh, geo.out_width + (kw - 1) // sw
+    run, from row oh + kh * DH // SH of phase (kh * DH % SH, kw * DW % SW), column kw * DW // SW
+    on (DH, DW: the dilation, 1 but in a dilated depthwise conv)."""
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+    return geo.out_height + (kh - 1) * dh // sh, geo.out_width + (kw - 1) * dw // sw
 
 
 def padded_plane(geo: ConvGeometry) -> int:
@@ -2492,6 +2502,9 @@ class Kernel:
     def __post_init__(self) -> None:
         if self.op not in KERNEL_OPS:
             raise ValueError(f"kernel op must be one of {KERNEL_OPS}, got {self.op!r}")
+        dilated = isinstance(self.shape, ConvGeometry) and self.shape.dilation != (1, 1)
+        if dilated and (self.op != "depthwise" or self.family == "cuda"):
+            raise ValueError(f"dilated {self.op} kernels are not written for {self.family}")
         if self.family != "cuda":  # CPU kernels read these sizes from their arrays
             if isinstance(self.shape, KernelSpec):
                 # A by-column kernel's scratch is sized by its rows: they stay.

@@ -336,18 +336,18 @@ def _conv_geometry(
     attrs = call.attrs
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
         return None, "layout other than NCHW/OIHW"
-    if [int(d) for d in attrs.dilation] != [1, 1]:
-        return None, "dilated convolution"
     if len(x_shape) != 4 or len(weight_shape) != 4:
         return None, "input is not NCHW"
     b, c, h, w = x_shape
     kh, kw = int(weight_shape[2]), int(weight_shape[3])
     sh, sw = (int(s) for s in attrs.strides)
+    dh, dw = (int(d) for d in attrs.dilation)
     pt, pl, pb, pr = (int(p) for p in attrs.padding)
-    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if oh < 1 or ow < 1:
         return None, "empty output"
-    return ConvGeometry(b, c, h, w, (kh, kw), (sh, sw), (pt, pl), oh, ow), ""
+    return ConvGeometry(b, c, h, w, (kh, kw), (sh, sw), (pt, pl), oh, ow, (dh, dw)), ""
 
 
 def _epilogue(
@@ -427,6 +427,10 @@ def plan_rewrite(
                 geometry, problem = None, f"grouped convolution (groups={groups})"
             else:
                 kind = "conv"
+            # Dilated taps: our depthwise kernels on a CPU only (DARTS's dil_conv ops).
+            dilated = geometry is not None and geometry.dilation != (1, 1)
+            if dilated and (kind != "depthwise" or family == "cuda"):
+                geometry, problem = None, "dilated convolution"
             if geometry is None:
                 untuned[name] = problem
                 continue

@@ -1212,7 +1212,7 @@ def test_expand_depthwise_kernel_matches_torch(batch, size, kernel, stride, pad,
     _check_expand_depthwise(kern, (oh, ow), x, (ew, csr, eb), (dw, db), stride, pad, acts)
 
 
-def _check_expand_depthwise(kern, out_hw, x, expand, depthwise, stride, pad, acts):
+def _check_expand_depthwise(kern, out_hw, x, expand, depthwise, stride, pad, acts, dilation=1):
     """The fused kernel `kern` on x against torch: `expand` = (its dense weight, the same in the
     kernel's BSR form, its bias), `depthwise` = (weight, bias), `acts` the two activations."""
     ew, blocks, eb = expand
@@ -1229,9 +1229,72 @@ def _check_expand_depthwise(kern, out_hw, x, expand, depthwise, stride, pad, act
     t = torch.from_numpy
     mid = act(nn.functional.conv2d(t(x), t(ew)[:, :, None, None], t(eb)), acts[0])
     want = act(
-        nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, groups=len(ew)), acts[1]
+        nn.functional.conv2d(mid, t(dw)[:, None], t(db), stride, pad, dilation, groups=len(ew)),
+        acts[1],
     )
     np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "dilation", "pad", "fused"),
+    [
+        ((16, 16), (3, 3), (1, 1), (2, 2), (2, 2), False),  # DARTS's dil_conv_3x3
+        ((16, 16), (5, 5), (2, 2), (2, 2), (4, 4), False),  # dil_conv_5x5 in a reduction cell
+        ((9, 12), (3, 3), (2, 2), (2, 2), (2, 2), True),
+        ((7, 5), (3, 3), (2, 1), (3, 2), (1, 2), False),  # odd dilation, narrow pads
+        ((4, 4), (3, 3), (1, 1), (2, 2), (2, 2), True),  # 4x4 without the shifted rows
+        ((32, 32), (5, 5), (2, 2), (2, 2), (4, 4), True),
+    ],
+)
+def test_dilated_depthwise_kernels_match_torch(size, kernel, stride, dilation, pad, fused):
+    """Dilated taps (DARTS's dil_conv ops), alone and with a sparse expand conv fused in: each
+    tap reads its stride phase at its dilated offset."""
+    rng = np.random.default_rng(13)
+    (h, w), (kh, kw), c = size, kernel, 6
+    oh = (h + 2 * pad[0] - (kh - 1) * dilation[0] - 1) // stride[0] + 1
+    ow = (w + 2 * pad[1] - (kw - 1) * dilation[1] - 1) // stride[1] + 1
+    geo = ConvGeometry(2, c, h, w, kernel, stride, pad, oh, ow, dilation)
+    dw, db = (rng.standard_normal(s).astype(np.float32) for s in ((c, kh, kw), c))
+    if fused:
+        k = 5
+        ew = rng.standard_normal((c, k)).astype(np.float32) * (rng.random((c, k)) < 0.5)
+        eb = rng.standard_normal(c).astype(np.float32)
+        x = rng.standard_normal((2, k, h, w)).astype(np.float32)
+        expand = KernelSpec(2, c, k, h * w, (1, 1), c, "relu", (h, w), (h, w))
+        kern = Kernel("depthwise", "x86", geo, "none", 2, expand=expand)
+        args = ((ew, to_bsr(ew, (1, 1)), eb), (dw, db), stride, pad, ("relu", "none"))
+        _check_expand_depthwise(kern, (oh, ow), x, *args, dilation=dilation)
+        return
+    x = rng.standard_normal((2, c, h, w)).astype(np.float32)
+    lib, symbol = load_kernel(Kernel("depthwise", "x86", geo, "relu", 2), HOST.target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((2, c, oh, ow), np.nan, np.float32), dev)
+    lib[symbol](*[tvm.runtime.tensor(a, dev) for a in (x, dw, db)], out)
+    t = torch.from_numpy
+    want = nn.functional.conv2d(t(x), t(dw)[:, None], t(db), stride, pad, dilation, groups=c)
+    np.testing.assert_allclose(out.numpy(), want.relu().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_dilated_depthwise_conv_runs_on_our_kernel():
+    """A DARTS dil_conv (ReLU, dilated depthwise conv, 1x1 conv) builds onto our depthwise
+    kernel; a dilated conv that is not depthwise stays with TVM's own (checked against torch
+    either way)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 5, 2, padding=4, dilation=2, groups=8, bias=False),
+        nn.Conv2d(8, 16, 1, bias=False),
+        nn.Conv2d(16, 16, 3, padding=2, dilation=2),
+    ).eval()
+    compiled = hw_compile.build(model, torch.randn(1, 8, 16, 16), HOST)
+    assert compiled.kernels["1"]["impl"] == "depthwise"
+    assert compiled.kernels["3"] == {"impl": "tvm-default", "reason": "dilated convolution"}
+    with pytest.raises(ValueError, match="dilated"):
+        Kernel(
+            "im2col",
+            "x86",
+            replace(_geometry(1, 2, (8, 8), (3, 3), (1, 1), (2, 2)), dilation=(2, 2)),
+        )
 
 
 @pytest.mark.parametrize(
