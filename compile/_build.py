@@ -523,9 +523,9 @@ class _OpsByObject(relax.PyExprMutator):
 
 def _ops_as_objects(mod: tvm.IRModule, target) -> tuple[tvm.IRModule, list[Path]]:
     """The module with Relax's remaining ops legalized and each of their PrimFuncs called from
-    a cached object file (`_OpsByObject`), and those files. Built with the model, TVM's
-    PrimFuncs for pooling, concats or dilated convs took 40% of a warm build of a
-    `darts-sparse` candidate (LLVM, every build)."""
+    a cached object file (`_OpsByObject`), and those files (the PrimFuncs left uncalled go in
+    `_relax_pipeline`). Built with the model, TVM's PrimFuncs for pooling, concats or dilated
+    convs took 40% of a warm build of a `darts-sparse` candidate (LLVM, every build)."""
     legalize = tvm.transform.Sequential(  # as TVM's pipeline legalizes them (`_relax_pipeline`)
         [
             relax.backend.DispatchSampling(),
@@ -535,8 +535,7 @@ def _ops_as_objects(mod: tvm.IRModule, target) -> tuple[tvm.IRModule, list[Path]
     )
     with target:
         rewriter = _OpsByObject(legalize(mod), target)
-    mod = rewriter.transform()
-    return _drop_uncalled_prim_funcs(mod), list(rewriter.objects.values())
+    return rewriter.transform(), list(rewriter.objects.values())
 
 
 @tvm.transform.module_pass(opt_level=0, name="hwnas.DropUncalledPrimFuncs")

@@ -265,7 +265,6 @@ class _Graph:
     def __init__(self, func: relax.Function):
         self.values: dict[str, relax.Expr] = {}
         self.consumers: dict[str, list[str]] = {}
-        self._layer_calls: dict[str, list[tuple[str, relax.Call]]] | None = None
         for block in func.body.blocks:
             for binding in block.bindings:
                 name = binding.var.name
@@ -276,6 +275,14 @@ class _Graph:
                     self.consumers.setdefault(var.name, []).append(name)
         for var in relax.analysis.free_vars(func.body.body):
             self.consumers.setdefault(var.name, []).append("<output>")
+        # The conv2d(x, W) and matmul(x, permute_dims(W)) bindings, by W's var name (2-D W for
+        # a matmul): searching the bindings once per layer took 0.3 s of a `darts-sparse`
+        # candidate's build.
+        self.layer_calls: dict[str, list[tuple[str, relax.Call]]] = {}
+        for var_name, value in self.values.items():
+            weight = self._layer_weight(value)
+            if weight is not None:
+                self.layer_calls.setdefault(weight.name, []).append((var_name, value))
 
     def only_consumer(self, name: str) -> tuple[str, relax.Call] | None:
         users = self.consumers.get(name, [])
@@ -284,34 +291,25 @@ class _Graph:
         value = self.values[users[0]]
         return (users[0], value) if isinstance(value, relax.Call) else None
 
-    def layer_calls(self) -> dict[str, list[tuple[str, relax.Call]]]:
-        """The conv2d(x, W) and matmul(x, permute_dims(W)) bindings, by W's var name (2-D W
-        for a matmul); made once (a search over the bindings per layer took 0.3 s of a
-        `darts-sparse` candidate's build)."""
-        if self._layer_calls is None:
-            self._layer_calls = {}
-            for var_name, value in self.values.items():
-                if not isinstance(value, relax.Call) or len(value.args) < 2:
-                    continue
-                w = value.args[1]
-                if not isinstance(w, relax.Var):
-                    continue
-                if value.op.same_as(_CONV2D):
-                    weight = w
-                elif value.op.same_as(_MATMUL):
-                    bound = self.values.get(w.name)
-                    if not (
-                        isinstance(bound, relax.Call)
-                        and bound.op.same_as(_PERMUTE)
-                        and isinstance(bound.args[0], relax.Var)
-                        and len(_static_shape(bound.args[0]) or ()) == 2
-                    ):
-                        continue
-                    weight = bound.args[0]
-                else:
-                    continue
-                self._layer_calls.setdefault(weight.name, []).append((var_name, value))
-        return self._layer_calls
+    def _layer_weight(self, value: relax.Expr) -> relax.Var | None:
+        """W's var when `value` is conv2d(x, W) or matmul(x, permute_dims(W)) with a 2-D W."""
+        if not isinstance(value, relax.Call) or len(value.args) < 2:
+            return None
+        w = value.args[1]
+        if not isinstance(w, relax.Var):
+            return None
+        if value.op.same_as(_CONV2D):
+            return w
+        bound = self.values.get(w.name)
+        if (
+            value.op.same_as(_MATMUL)
+            and isinstance(bound, relax.Call)
+            and bound.op.same_as(_PERMUTE)
+            and isinstance(bound.args[0], relax.Var)
+            and len(_static_shape(bound.args[0]) or ()) == 2
+        ):
+            return bound.args[0]
+        return None
 
     def is_var_of(self, expr: relax.Expr, name: str, through: Op | None = None) -> bool:
         """Whether `expr` is the var `name`, or a var bound to `through(name, ...)`."""
@@ -864,7 +862,7 @@ def _kept_rows_candidate(
 
 def _find_layer_call(graph: _Graph, weight_var: str) -> tuple[str, relax.Call] | None:
     """The conv2d(x, W) or matmul(x, permute_dims(W)) binding that uses weight var `weight_var`."""
-    matches = graph.layer_calls().get(weight_var, [])
+    matches = graph.layer_calls.get(weight_var, [])
     if len(matches) != 1 or not isinstance(matches[0][1].args[0], relax.Var):
         return None
     return matches[0]
