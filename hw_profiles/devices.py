@@ -165,7 +165,7 @@ def format_profile_table(profiles: list[Profile]) -> str:
 def format_devices(
     summary: dict[str, dict[str, int]], profiles: list[Profile], tracker: Tracker
 ) -> str:
-    """The tracker's keys with free / pending counts and the profiles that use each key
+    """The tracker's keys with free / busy / pending counts and the profiles that use each key
     (`hwnas devices list`)."""
     if not summary:
         return f"no RPC servers registered at {tracker}"
@@ -173,10 +173,11 @@ def format_devices(
     for p in profiles:
         by_key.setdefault(p.key, []).append(p.name)
     width = max(len("key"), *(len(k) for k in summary))
-    lines = [f"RPC tracker {tracker}", f"{'key':<{width}}  free  pending  profiles"]
+    lines = [f"RPC tracker {tracker}", f"{'key':<{width}}  free  busy  pending  profiles"]
     for key, counts in summary.items():
         names = ", ".join(by_key.get(key, [])) or "-"
-        lines.append(f"{key:<{width}}  {counts['free']:>4}  {counts['pending']:>7}  {names}")
+        line = f"{key:<{width}}  {counts['free']:>4}  {counts['busy']:>4}"
+        lines.append(f"{line}  {counts['pending']:>7}  {names}")
     return "\n".join(lines)
 
 

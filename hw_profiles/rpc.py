@@ -4,6 +4,7 @@ local tracker / server subprocesses (TVM's own `tvm.exec.rpc_tracker` and `rpc_s
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from hw_profiles import _guard
 __all__ = [
     "DeviceError",
     "LocalServer",
+    "ServerGone",
     "Tracker",
     "check_tracker",
     "local_server",
@@ -42,6 +45,11 @@ _UNREACHABLE = (
 
 class DeviceError(RuntimeError):
     """A tracker or device that cannot be reached or used; the message is one line."""
+
+
+class ServerGone(DeviceError):
+    """The server the tracker matched to a request took no session: it stopped after it
+    registered. The tracker has dropped it, so another request may find another server."""
 
 
 @dataclass(frozen=True)
@@ -102,13 +110,26 @@ def _tracker_socket(tracker: Tracker, timeout_s: float) -> socket.socket:
     return sock
 
 
+def _ask(sock: socket.socket, message: list[Any]) -> Any:
+    """Send `message` to a tracker and return its answer (TVM's framing: a length, then JSON).
+    The message goes out in one write, and the answer's first segment is acknowledged at once
+    (TCP_QUICKACK, Linux): TVM writes a length and its body separately, so Nagle's algorithm on
+    the sender held each body until a delayed acknowledgement, about 40 ms a direction."""
+    from tvm.rpc import base
+
+    data = json.dumps(message).encode("utf-8")
+    sock.sendall(struct.pack("<i", len(data)) + data)
+    if hasattr(socket, "TCP_QUICKACK"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    return base.recvjson(sock)
+
+
 def _raw_summary(tracker: Tracker, timeout_s: float) -> dict[str, Any]:
     with contextlib.closing(_tracker_socket(tracker, timeout_s)) as sock:
         from tvm.rpc import base
 
         try:
-            base.sendjson(sock, [base.TrackerCode.SUMMARY])
-            reply = base.recvjson(sock)
+            reply = _ask(sock, [base.TrackerCode.SUMMARY])
         except (OSError, RuntimeError):
             raise DeviceError(_UNREACHABLE.format(tracker=tracker)) from None
     if reply[0] != base.TrackerCode.SUCCESS:
@@ -117,20 +138,29 @@ def _raw_summary(tracker: Tracker, timeout_s: float) -> dict[str, Any]:
 
 
 def tracker_summary(tracker: Tracker, timeout_s: float = 5.0) -> dict[str, dict[str, int]]:
-    """Keys known to the tracker -> {"free": servers idle, "pending": requests waiting}; keys
-    with neither (a server that has gone) are left out."""
-    queue = _raw_summary(tracker, timeout_s).get("queue_info", {})
-    return {
-        key: {"free": int(info["free"]), "pending": int(info["pending"])}
-        for key, info in sorted(queue.items())
-        if info["free"] or info["pending"]
-    }
+    """Keys known to the tracker -> {"free": servers idle, "busy": servers in a session or
+    coming back from one, "pending": requests waiting}; a key with none of these (its servers
+    have gone) is left out."""
+    raw = _raw_summary(tracker, timeout_s)
+    connected = Counter(_server_key(info) for info in raw.get("server_info", []))
+    queue = raw.get("queue_info", {})
+    summary = {}
+    for key in sorted(set(queue) | set(connected)):
+        free = int(queue.get(key, {}).get("free", 0))
+        pending = int(queue.get(key, {}).get("pending", 0))
+        busy = max(0, connected[key] - free)
+        if free or busy or pending:
+            summary[key] = {"free": free, "busy": busy, "pending": pending}
+    return summary
+
+
+def _server_key(info: Mapping[str, Any]) -> str:
+    return str(info.get("key", "")).removeprefix("server:")
 
 
 def registered_keys(tracker: Tracker, timeout_s: float = 5.0) -> set[str]:
     """Keys of the servers connected to the tracker now, busy ones included."""
-    servers = _raw_summary(tracker, timeout_s).get("server_info", [])
-    return {str(info.get("key", "")).removeprefix("server:") for info in servers}
+    return {_server_key(info) for info in _raw_summary(tracker, timeout_s).get("server_info", [])}
 
 
 def check_tracker(tracker: Tracker, timeout_s: float = 3.0) -> None:
@@ -149,8 +179,7 @@ def request_session(
     sock = _tracker_socket(tracker, min(timeout_s, 5.0))
     try:
         sock.settimeout(timeout_s)
-        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
-        reply = base.recvjson(sock)
+        reply = _ask(sock, [base.TrackerCode.REQUEST, key, "", 1])
     except TimeoutError:
         if key in registered_keys(tracker):
             # TVM's server stops serving after a kernel crashes it, yet stays registered.
@@ -177,7 +206,7 @@ def request_session(
     try:
         return rpc.connect(url, port, match_key, session_timeout=session_timeout_s)
     except Exception as err:  # TVM raises its own ffi errors for a refused session
-        raise DeviceError(f"cannot open a session on '{key}' at {url}:{port}: {err}") from None
+        raise ServerGone(f"cannot open a session on '{key}' at {url}:{port}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -219,10 +222,11 @@ def test_an_unwritable_artifacts_directory_is_refused(finished_run: Path, tmp_pa
 
 
 def _busy_server_pid(server_pids: list[int]) -> int | None:
-    """The server whose session worker is running (TVM forks one per session)."""
+    """The server whose session worker is running: TVM's server listens in a popen worker (its
+    child from the start), which forks one process per session."""
     for pid in server_pids:
         try:
-            if psutil.Process(pid).children(recursive=True):
+            if any(worker.children() for worker in psutil.Process(pid).children()):
                 return pid
         except psutil.NoSuchProcess:
             continue
@@ -270,7 +274,51 @@ def test_a_server_killed_mid_measurement_hands_its_work_to_another(
         assert m.error is None, m.error
         assert m.median_ms > 0
         # The survivor is free again, the killed one is gone from the tracker.
-        assert tracker_summary(tracker)[key]["free"] == 1
+        back = {"free": 1, "busy": 0, "pending": 0}
+        wait_for(lambda: tracker_summary(tracker)[key] == back, "the survivor alone", 15)
+
+
+@contextlib.contextmanager
+def _registered_but_gone(tracker: Tracker, key: str) -> Iterator[None]:
+    """A free server under `key` at the tracker, as TVM's server registers one, whose process
+    has stopped: nothing listens at its address."""
+    from tvm.rpc import base
+
+    port = free_port()
+    with socket.create_connection((tracker.connect_host, tracker.port)) as sock:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
+        info = {"key": f"server:{key}", "addr": ["127.0.0.1", port]}
+        for message in (
+            [base.TrackerCode.UPDATE_INFO, info],
+            [base.TrackerCode.PUT, key, [port, "gone"], None],
+        ):
+            base.sendjson(sock, message)
+            assert base.recvjson(sock) == base.TrackerCode.SUCCESS
+        yield
+
+
+def test_a_server_gone_since_it_registered_costs_a_retry_not_the_measurement(
+    tmp_path: Path, user_tracker: Tracker
+) -> None:
+    """The tracker hands out the first free server under a key; if it has stopped since, the
+    measurement asks again (the tracker has dropped it) and another server takes it."""
+    lib = tmp_path / "slow.so"
+    _build_slow_library(lib)
+    x = np.random.default_rng(0).standard_normal((256, 256)).astype("float32")
+    key = "hwnas-test-gone"
+    profile = dataclasses.replace(load_profile("x86-local"), key=key)
+    no_retry = dataclasses.replace(
+        profile, protocol=dataclasses.replace(profile.protocol, retries=0)
+    )
+    # The gone server registered first, so it is first in line.
+    with _registered_but_gone(user_tracker, key), local_server(user_tracker, key):
+        gone = measure_library(lib, [x], no_retry, user_tracker)
+        assert gone.error is not None and gone.error.startswith("request: cannot open a session")
+    with _registered_but_gone(user_tracker, key), local_server(user_tracker, key):
+        m = measure_library(lib, [x], profile, user_tracker)
+        assert m.error is None, m.error
+        assert m.median_ms > 0
 
 
 def test_a_registered_server_that_takes_no_session_is_named_as_such(

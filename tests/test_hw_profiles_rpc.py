@@ -34,6 +34,7 @@ from hw_profiles import (
     request_session,
     tracker_summary,
 )
+from hw_profiles.measure import _calibrate_number
 from hw_profiles.profiles import Profile
 
 KEY = "hwnas-test-cpu"
@@ -117,6 +118,24 @@ def _assert_sane(m: Measurement, profile: Profile) -> None:
     assert m.number * m.median_ms >= 0.5 * profile.protocol.min_repeat_ms or m.number > 10_000
 
 
+@pytest.mark.parametrize("cold", [1.0, 1.1, 1.6, 40.0])
+def test_calibration_makes_a_repeat_last_about_min_repeat_ms(cold: float) -> None:
+    """`number` is scaled by what each calibration round took: a first call slower than the
+    rest (cold caches) costs a round, not a repeat twice as long as asked."""
+    protocol = load_profile("x86-local").protocol
+    per_call_s = 63e-6
+    calls: list[int] = []
+
+    def timer(number: int, repeat: int, cooldown_ms: float) -> np.ndarray:
+        calls.append(number)  # each call's time is per_call_s, the very first `cold` times that
+        first = cold if len(calls) == 1 else 1.0
+        return np.full(repeat, per_call_s * (number - 1 + first) / number)
+
+    number = _calibrate_number(timer, protocol)
+    assert protocol.min_repeat_ms <= number * per_call_s * 1e3 <= 1.15 * protocol.min_repeat_ms
+    assert len(calls) <= 3
+
+
 @pytest.mark.parametrize("text", ["127.0.0.1:9190", "tracker.lab:80", "[::1]:9190"])
 def test_parse_tracker_accepts_host_port(text: str) -> None:
     tracker = parse_tracker(text)
@@ -144,6 +163,21 @@ def test_check_tracker_on_a_closed_port_fails_fast() -> None:
 def test_server_is_listed_free(tracker: Tracker) -> None:
     summary = tracker_summary(tracker)
     assert summary[KEY]["free"] >= 1 and summary[KEY]["pending"] == 0
+
+
+def test_a_server_in_a_session_is_listed_busy(tracker: Tracker, profile: Profile) -> None:
+    """A board that is measuring stays in `hwnas devices list`, as busy (TVM's tracker counts
+    it neither free nor pending until the session ends)."""
+    session = request_session(tracker, KEY, 30.0)
+    try:
+        assert tracker_summary(tracker)[KEY] == {"free": 0, "busy": 1, "pending": 0}
+        listing = format_devices(tracker_summary(tracker), [profile], tracker).splitlines()
+        assert [line.split()[:4] for line in listing if line.startswith(KEY)] == [
+            [KEY, "0", "1", "0"]
+        ]
+    finally:
+        del session
+    assert _wait_for(lambda: tracker_summary(tracker)[KEY] == {"free": 1, "busy": 0, "pending": 0})
 
 
 def test_context_managers_stop_their_processes() -> None:

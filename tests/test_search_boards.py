@@ -8,7 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import hwnas, load_run
+from helpers import hwnas, load_run, wait_for
 
 from hw_profiles.profiles import load_profile
 from hw_profiles.rpc import Tracker, tracker_summary
@@ -95,7 +95,7 @@ def test_search_on_a_device_the_user_attached_with_dense_twin_and_layer_times(
     assert done.returncode == 0, done.stderr[-3000:]
     (trial,) = load_run(run).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     # The device is free again once the search is over: the session was released.
-    assert tracker_summary(x86_device)[key]["free"] == 1
+    wait_for(lambda: tracker_summary(x86_device)[key]["free"] == 1, "the device back", 15)
 
     trial_dir = run / "trials" / str(trial.number)
     config = (run / "config.toml").read_text()
