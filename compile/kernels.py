@@ -2303,6 +2303,12 @@ def im2col_cpu(
     return im2col
 
 
+def takes_dilation(op: str, family: str, geo: ConvGeometry) -> bool:
+    """Whether a kernel `op` for `family` computes `geo`'s dilation: undilated convs always,
+    dilated ones only on the CPU depthwise kernels (DARTS's dil_conv ops)."""
+    return geo.dilation == (1, 1) or op == "depthwise" and family != "cuda"
+
+
 def phase_shape(geo: ConvGeometry) -> tuple[int, int]:
     """Rows and columns of one stride phase of a conv's zero-padded input plane (the whole
     padded plane at stride 1): phase (pr, pc) holds the padded input's rows pr, pr + SH, ...
@@ -2502,8 +2508,9 @@ class Kernel:
     def __post_init__(self) -> None:
         if self.op not in KERNEL_OPS:
             raise ValueError(f"kernel op must be one of {KERNEL_OPS}, got {self.op!r}")
-        dilated = isinstance(self.shape, ConvGeometry) and self.shape.dilation != (1, 1)
-        if dilated and (self.op != "depthwise" or self.family == "cuda"):
+        if isinstance(self.shape, ConvGeometry) and not takes_dilation(
+            self.op, self.family, self.shape
+        ):
             raise ValueError(f"dilated {self.op} kernels are not written for {self.family}")
         if self.family != "cuda":  # CPU kernels read these sizes from their arrays
             if isinstance(self.shape, KernelSpec):

@@ -43,6 +43,7 @@ from compile.kernels import (
     padded_plane,
     phase_shape,
     takes_by_column,
+    takes_dilation,
     takes_lockstep,
     takes_narrow_indices,
     vector_unit,
@@ -425,9 +426,7 @@ def plan_rewrite(
                 geometry, problem = None, f"grouped convolution (groups={groups})"
             else:
                 kind = "conv"
-            # Dilated taps: our depthwise kernels on a CPU only (DARTS's dil_conv ops).
-            dilated = geometry is not None and geometry.dilation != (1, 1)
-            if dilated and (kind != "depthwise" or family == "cuda"):
+            if geometry is not None and not takes_dilation(kind, family, geometry):
                 geometry, problem = None, "dilated convolution"
             if geometry is None:
                 untuned[name] = problem

@@ -146,8 +146,8 @@ def tracker_summary(tracker: Tracker, timeout_s: float = 5.0) -> dict[str, dict[
     queue = raw.get("queue_info", {})
     summary = {}
     for key in sorted(set(queue) | set(connected)):
-        free = int(queue.get(key, {}).get("free", 0))
-        pending = int(queue.get(key, {}).get("pending", 0))
+        info = queue.get(key, {})
+        free, pending = int(info.get("free", 0)), int(info.get("pending", 0))
         busy = max(0, connected[key] - free)
         if free or busy or pending:
             summary[key] = {"free": free, "busy": busy, "pending": pending}

@@ -7,8 +7,6 @@ import dataclasses
 import hashlib
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -38,7 +36,15 @@ from torch import nn
 
 from hw_profiles.measure import measure_library
 from hw_profiles.profiles import load_profile
-from hw_profiles.rpc import DeviceError, Tracker, check_tracker, local_server, tracker_summary
+from hw_profiles.rpc import (
+    DeviceError,
+    Tracker,
+    _ask,
+    _tracker_socket,
+    check_tracker,
+    local_server,
+    tracker_summary,
+)
 from nas.config import SearchConfig
 from nas.search import search
 from search_spaces import spaces
@@ -285,16 +291,13 @@ def _registered_but_gone(tracker: Tracker, key: str) -> Iterator[None]:
     from tvm.rpc import base
 
     port = free_port()
-    with socket.create_connection((tracker.connect_host, tracker.port)) as sock:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
+    with contextlib.closing(_tracker_socket(tracker, 5.0)) as sock:
         info = {"key": f"server:{key}", "addr": ["127.0.0.1", port]}
         for message in (
             [base.TrackerCode.UPDATE_INFO, info],
             [base.TrackerCode.PUT, key, [port, "gone"], None],
         ):
-            base.sendjson(sock, message)
-            assert base.recvjson(sock) == base.TrackerCode.SUCCESS
+            assert _ask(sock, message) == base.TrackerCode.SUCCESS
         yield
 
 
